@@ -1,0 +1,116 @@
+"""One dataclass config per stage. The CLI maps flags and an optional YAML file onto them;
+the Python API takes them directly. Defaults work on a 2-core CPU."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    model: str = "default"            # "default", tiny-llama, a HF directory or a .gguf file
+    output: str = "runs/out"
+    data: str = "sharegpt"             # "sharegpt" or a file (json/jsonl/parquet/csv/save_to_disk dir)
+    max_rows: int | None = None        # use at most this many rows of the data
+    skip_bad_rows: bool = False        # skip (and count) bad rows instead of stopping
+    eval_split: float = 0.05           # fraction of rows held out for evaluation
+    max_eval_rows: int = 64
+    lora_rank: int = 0                 # 0 = full fine-tuning
+    lora_alpha: float | None = None    # default 2 * rank
+    lora_targets: str = "all-linear"   # comma-separated module names, or all-linear (attention + MLP)
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None            # default 2e-4 with LoRA, 2e-5 full
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 50               # 0 = only at the end
+    save_every: int = 50               # 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    dtype: str = "auto"                # auto | bf16 | fp32 (compute dtype; trained weights stay fp32)
+    strategy: str = "naive"            # naive | ddp | fsdp | deepspeed
+    zero_stage: int = 3
+    offload: str = "none"              # none | cpu
+    resume: bool = False
+    trust_remote_code: bool = False
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora_rank else 2e-5)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    output: str = "runs/sft"
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    output: str = "runs/rm"
+    data: str = "prefs.jsonl"
+    loss: str = "logsigmoid"           # logsigmoid | logexp
+    center_coef: float = 0.0           # reward centering: coef * mean((r_c + r_r)^2)
+    eval_split: float = 0.1
+    eval_only: bool = False            # score an existing reward model (--model) on --data
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    output: str = "runs/ppo"
+    reward_model: str = "runs/rm"      # a reward-model artifact directory
+    critic_model: str | None = None    # a separate critic base; default: critic on the shared base
+    critic_init: str = "reward"        # reward (start from the reward adapter+head) | fresh
+    prompts: str = "sharegpt"
+    ptx_data: str | None = None        # demonstrations for the PPO-ptx loss
+    ptx_coef: float = 0.0
+    max_steps: int = 40
+    rollout_batch_size: int = 8        # prompts per PPO step
+    batch_size: int = 4                # mini-batch for the update
+    ppo_epochs: int = 1
+    lr: float | None = None
+    critic_lr: float | None = None
+    max_prompt_length: int = 256
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"           # k1 | k3 (per-token penalty in the reward)
+    kl_target: float | None = None     # adaptive KL controller when set
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 1.0
+    entropy_coef: float = 0.0
+    normalize_reward: bool = False     # running mean/std normalization of the score
+    reward_clip: float | None = 10.0
+    whiten_advantages: bool = True
+    eval_every: int = 0
+    save_every: int = 10
+    eval_prompts: int = 16
+
+
+STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+
+
+def from_dict(cls, data: dict, source: str = "config"):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__}")
+    return cls(**data)
+
+
+def load_yaml(path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of field: value")
+    return data

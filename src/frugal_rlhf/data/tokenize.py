@@ -1,0 +1,122 @@
+"""Chat-template formatting, label masks, truncation and collation.
+
+Label masking works on characters, not on template internals: the conversation is rendered
+with the tokenizer's chat template, the character span of every assistant answer is found by
+rendering the prefix before it (with the generation prompt) and the turn that ends it, and a
+token carries loss iff it lies inside such a span. This works for any template whose
+renderings of shorter conversations are prefixes of longer ones (true of common templates);
+others get a clear error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+def render(tokenizer, messages, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the [start, end) character spans of the assistant answers."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not text.startswith(prefix) or not upto.startswith(prefix):
+            raise ValueError("this chat template does not render conversations as prefixes of each "
+                             "other; label masking needs that property")
+        # The answer ends with the end-of-turn token (the model must learn to stop); what the
+        # template adds after it (a newline) is not something to learn.
+        end = upto.find(tokenizer.eos_token, len(prefix)) if tokenizer.eos_token else -1
+        spans.append((len(prefix), end + len(tokenizer.eos_token) if end >= 0 else len(upto)))
+    return text, spans
+
+
+@dataclass
+class TruncationStats:
+    prompt_truncated: int = 0
+    answer_truncated: int = 0
+
+
+def encode_conversation(tokenizer, messages, max_length: int, stats: TruncationStats | None = None):
+    """input_ids and labels (IGNORE outside assistant answers), at most max_length tokens.
+
+    Too long: first drop tokens from the left of the prompt; only if the final answer alone
+    does not fit is its tail cut. The answer's start is never cut. Both are counted in stats.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tok if any(s <= a and b <= e for s, e in spans) and b > a else IGNORE
+              for tok, (a, b) in zip(ids, offsets)]
+    if len(ids) > max_length:
+        last_start = next((i for i, (a, _) in enumerate(offsets) if a >= spans[-1][0]), len(ids))
+        cut_left = min(len(ids) - max_length, last_start)
+        ids, labels = ids[cut_left:], labels[cut_left:]
+        if stats is not None:
+            stats.prompt_truncated += cut_left > 0
+            stats.answer_truncated += len(ids) > max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_prompt(tokenizer, messages, max_length: int) -> list[int]:
+    """Prompt tokens ending with the assistant's generation prompt, left-truncated."""
+    ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return ids[-max_length:]
+
+
+def encode_response(tokenizer, prompt_ids: list[int], response: str, max_length: int) -> list[int]:
+    """prompt + response + end-of-turn, at most max_length tokens (the prompt is cut on the left)."""
+    resp = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    resp = resp[: max_length - 1]
+    return prompt_ids[-(max_length - len(resp)):] + resp
+
+
+def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if side == "left" else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def attention(seqs: list[list[int]], side: str = "right") -> torch.Tensor:
+    return pad([[1] * len(s) for s in seqs], 0, side)
+
+
+@dataclass
+class SFTCollator:
+    pad_id: int
+
+    def __call__(self, rows):
+        ids = [r["input_ids"] for r in rows]
+        return {"input_ids": pad(ids, self.pad_id), "attention_mask": attention(ids),
+                "labels": pad([r["labels"] for r in rows], IGNORE)}
+
+
+@dataclass
+class PairCollator:
+    """Chosen and rejected of a batch stacked into one batch (one forward pass for both)."""
+
+    pad_id: int
+
+    def __call__(self, rows):
+        seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        margin = torch.tensor([r.get("margin") or 0.0 for r in rows], dtype=torch.float32)
+        return {"input_ids": pad(seqs, self.pad_id), "attention_mask": attention(seqs), "margin": margin}
+
+
+@dataclass
+class PromptCollator:
+    pad_id: int
+
+    def __call__(self, rows):
+        ids = [r["prompt_ids"] for r in rows]
+        return {"input_ids": pad(ids, self.pad_id, "left"), "attention_mask": attention(ids, "left"),
+                "rows": rows}

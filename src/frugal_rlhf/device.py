@@ -1,0 +1,57 @@
+"""Every decision about devices and dtypes lives here, so CUDA and CPU share one code path.
+
+Rule: compute in bf16 where the hardware runs it fast, keep trained parameters in fp32
+(master weights), fall back to fp32 everywhere else.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import resource
+
+import torch
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_fast_bf16() -> bool:
+    # AVX512-BF16 / AMX make bf16 matmuls ~2x the fp32 rate; without them bf16 on CPU is
+    # emulated and slower than fp32, so we only pick it when the flags are present.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(device: torch.device | None = None, override: str | None = None) -> torch.dtype:
+    """The dtype for frozen weights and activations: "auto" picks bf16 when it is fast."""
+    if override and override != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[override]
+    device = device or default_device()
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for a forward pass; a no-op in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> int:
+    """Peak memory of this process: max allocated on CUDA, peak RSS on CPU."""
+    device = device or default_device()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,258 @@
+"""The four RLHF roles as small nn.Modules over a (possibly shared) causal LM.
+
+One base, four roles: the reference is the base with adapters off; actor, critic and reward
+are the base with their own LoRA adapter (+ a value or score head). Switching a role switches
+the active adapter of the one shared peft model; no weight is ever copied. A role built
+without a shared base simply owns its model (the "separate models" path).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..rl.losses import entropy_from_logits
+
+LOGIT_CHUNK = 512  # tokens per chunk of the vocabulary projection; bounds logits memory
+
+
+class SharedLM:
+    """A causal LM (plain or peft) plus the bookkeeping that makes adapter switching safe.
+
+    peft's set_adapter() flips requires_grad off on inactive adapters; we switch with it and
+    then restore requires_grad for every adapter that is being trained, so actor and critic
+    can both train on one base.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.trainable: set[str] = set()
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def hf_model(self):
+        return self.model.get_base_model() if self.is_peft else self.model
+
+    def add_adapter(self, name: str, rank: int, alpha: float | None = None, targets="all-linear",
+                    dropout: float = 0.0, trainable: bool = True):
+        from peft import LoraConfig, get_peft_model
+
+        if targets != "all-linear" and isinstance(targets, str):  # "q_proj,v_proj" from the CLI
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets,
+                            lora_dropout=dropout, task_type="CAUSAL_LM")
+        if self.is_peft:
+            self.model.add_adapter(name, config)
+        else:
+            # peft keeps adapter weights in fp32 over a bf16 base (master weights for LoRA).
+            self.model = get_peft_model(self.model, config, adapter_name=name)
+        self._mark(name, trainable)
+
+    def load_adapter(self, path, name: str, trainable: bool = False):
+        from peft import PeftModel
+
+        if self.is_peft:
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name,
+                                                   is_trainable=trainable)
+        self._mark(name, trainable)
+
+    def _mark(self, name, trainable):
+        if trainable:
+            self.trainable.add(name)
+        else:
+            self.trainable.discard(name)
+        self._restore_grad_flags()
+
+    def _restore_grad_flags(self):
+        for pname, p in self.model.named_parameters():
+            if ".lora_" in pname:
+                p.requires_grad_(any(f".{a}." in pname for a in self.trainable))
+
+    @contextlib.contextmanager
+    def role(self, adapter: str | None):
+        """Run the model as a role: `None` = the base with adapters off (the reference)."""
+        if not self.is_peft:
+            yield self.model
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            if self.model.active_adapter != adapter:
+                self.model.set_adapter(adapter)
+                self._restore_grad_flags()
+            yield self.model
+
+
+def _chunk_logprobs(hidden, weight, targets, temperature, with_entropy):
+    logits = (hidden @ weight.t()).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
+    if with_entropy:
+        return logp, entropy_from_logits(logits)
+    return logp, torch.zeros_like(logp)
+
+
+def token_logprobs(hidden, head: nn.Module, targets, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs (and entropies) of `targets` [B, T] under `head(hidden)` [B, T, V], in chunks.
+
+    Full fp32 logits of a batch (B*T*V) are never held: each chunk's logits are recomputed in
+    backward (activation checkpointing) instead of being saved.
+    """
+    b, t, h = hidden.shape
+    flat_h, flat_t = hidden.reshape(b * t, h), targets.reshape(b * t)
+    weight = head.weight
+    out_lp, out_ent = [], []
+    for start in range(0, b * t, LOGIT_CHUNK):
+        args = (flat_h[start:start + LOGIT_CHUNK], weight, flat_t[start:start + LOGIT_CHUNK],
+                temperature, with_entropy)
+        if torch.is_grad_enabled() and (flat_h.requires_grad or weight.requires_grad):
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        out_lp.append(lp)
+        out_ent.append(ent)
+    logp = torch.cat(out_lp).view(b, t)
+    return logp, (torch.cat(out_ent).view(b, t) if with_entropy else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(cls) -> bool:
+    return "position_ids" in inspect.signature(cls.forward).parameters
+
+
+def _hidden_states(model, input_ids, attention_mask):
+    """Last hidden states of the transformer body (no logits computed)."""
+    hf = model.get_base_model() if hasattr(model, "peft_config") else model
+    body = hf.base_model
+    kwargs = {}
+    if _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state, hf.get_output_embeddings()
+
+
+class Role(nn.Module):
+    """Base of the roles: an adapter name on a SharedLM, plus an optional fp32 head.
+
+    `model` is a SharedLM (roles on one base) or a model spec string (this role owns its
+    model; with `lora_rank` > 0 it gets its own adapter, otherwise it is fully trainable).
+    """
+
+    kind = "role"
+
+    def __init__(self, model, adapter: str | None = None, head: nn.Module | None = None, *,
+                 lora_rank: int = 0, lora_alpha: float | None = None, lora_targets="all-linear",
+                 dtype: str | None = None, trust_remote_code: bool = False):
+        super().__init__()
+        self.tokenizer = None
+        if isinstance(model, str):
+            from ..device import compute_dtype
+            from .loading import load_model
+
+            # A frozen base is kept in the compute dtype; fully trained weights stay fp32.
+            wdtype = compute_dtype(override=dtype) if lora_rank else torch.float32
+            hf, self.tokenizer = load_model(model, wdtype, trust_remote_code)
+            model = SharedLM(hf)
+            if lora_rank:
+                adapter = adapter or self.kind
+                model.add_adapter(adapter, lora_rank, lora_alpha, lora_targets)
+            else:
+                hf.requires_grad_(True)
+        self.lm = model
+        self.adapter = adapter
+        self.head = head if head is not None else self.make_head()
+        # Register the LM's parameters so optimizers, strategies and state dicts see them; a
+        # shared LM is registered under several roles, which PyTorch handles (same tensors).
+        self.body = model.model
+
+    def make_head(self):
+        return None
+
+    def trainable_parameters(self):
+        names = self.trainable_state_names()
+        return [p for n, p in self.named_parameters() if n in names]
+
+    def trainable_state_names(self) -> set[str]:
+        """This role's own trained tensors: its adapter (or the whole body) and its head."""
+        names = set()
+        for n, p in self.named_parameters():
+            if n.startswith("head."):
+                names.add(n)
+            elif self.adapter is not None and f".{self.adapter}." in n:
+                names.add(n)
+            elif self.adapter is None and ".lora_" not in n and p.requires_grad:
+                names.add(n)
+        return names
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = self.trainable_state_names()
+        return {n: t for n, t in self.state_dict().items() if n in names}
+
+    def hidden(self, input_ids, attention_mask):
+        with self.lm.role(self.adapter) as model:
+            return _hidden_states(model, input_ids, attention_mask)
+
+
+class Actor(Role):
+    """The policy (adapter) or the reference (adapter=None on a peft base: adapters off)."""
+
+    kind = "actor"
+
+    def forward(self, input_ids, attention_mask, num_actions: int | None = None,
+                temperature: float = 1.0, with_entropy: bool = False):
+        """Log-probs of the last `num_actions` tokens (all but the first when None)."""
+        hidden, lm_head = self.hidden(input_ids, attention_mask)
+        n = num_actions or input_ids.shape[1] - 1
+        # Position i predicts token i+1: only the positions that predict actions go through the head.
+        return token_logprobs(hidden[:, -n - 1:-1], lm_head, input_ids[:, -n:], temperature, with_entropy)
+
+
+class Critic(Role):
+    """Values V(s_t) for the state before each of the last `num_actions` tokens."""
+
+    kind = "critic"
+
+    def make_head(self):
+        return scalar_head(self.lm.hf_model().config.get_text_config().hidden_size)
+
+    def forward(self, input_ids, attention_mask, num_actions: int):
+        hidden, _ = self.hidden(input_ids, attention_mask)
+        return self.head(hidden[:, -num_actions - 1:-1].float()).squeeze(-1)
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token per row, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+class RewardModel(Role):
+    """A scalar score read at the last non-pad token of each sequence."""
+
+    kind = "reward"
+
+    def make_head(self):
+        return scalar_head(self.lm.hf_model().config.get_text_config().hidden_size)
+
+    def forward(self, input_ids, attention_mask):
+        hidden, _ = self.hidden(input_ids, attention_mask)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.head(hidden[rows, last_token_index(attention_mask)].float()).squeeze(-1)
+
+
+def scalar_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
+    head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+    # Zero init: a fresh value/score head starts neutral instead of adding noise to the loss.
+    nn.init.normal_(head.weight, std=std) if std else nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head

@@ -1,0 +1,191 @@
+"""Strategies own placement: which device tensors live on, how gradients meet, how state is saved.
+
+Trainers only talk to a Strategy; swapping NaiveStrategy for a distributed one changes no
+trainer code. NaiveStrategy is one process on one device and the base the others extend.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..device import autocast, compute_dtype, default_device
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def module_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of `model` holds: a role's own trained tensors, or the full state."""
+    state = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
+    # safetensors refuses tensors that share storage (tied embeddings): store copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+class ResumableLoader:
+    """Endless shuffled batches whose position (epoch, batch) is saved and restored exactly.
+
+    Each epoch's order comes from (seed, epoch), so a resumed run sees the same batches as an
+    uninterrupted one. With several ranks, every global batch is split between them.
+    """
+
+    def __init__(self, dataset, batch_size: int, collate_fn, shuffle=True, seed=0, rank=0, world_size=1,
+                 drop_last=True):
+        if len(dataset) < batch_size * world_size and drop_last:
+            raise ValueError(f"the data has {len(dataset)} rows, fewer than one global batch "
+                             f"({batch_size * world_size}); lower the batch size or add data")
+        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.drop_last = drop_last
+        self.epoch, self.index = 0, 0
+
+    @property
+    def global_batch(self):
+        return self.batch_size * self.world_size
+
+    def batches_per_epoch(self):
+        n = len(self.dataset)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
+
+    def _order(self):
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def next_batch(self):
+        if self.index >= self.batches_per_epoch():
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order()
+        start = self.index * self.global_batch
+        mine = order[start:start + self.global_batch][self.rank::self.world_size]
+        self.index += 1
+        return self.collate_fn([self.dataset[i] for i in mine])
+
+    def __iter__(self):
+        for _ in range(self.batches_per_epoch()):  # one epoch from the current position
+            yield self.next_batch()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state):
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NaiveStrategy:
+    """One process, one device (CUDA when present, else CPU)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, seed: int = 42, dtype: str | None = None):
+        self.seed = seed
+        self.device = default_device()
+        self.dtype = compute_dtype(self.device, dtype)
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def setup_distributed(self):
+        set_seed(self.seed)
+
+    def model_init_context(self):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def prepare(self, *items):
+        """Place models (and their optimizers' state) on the device. Accepts models or
+        (model, optimizer) pairs and returns them in the same shape."""
+        out = [((self._prepare_model(it[0]), it[1]) if isinstance(it, tuple) else self._prepare_model(it))
+               for it in items]
+        return out[0] if len(out) == 1 else out
+
+    def _prepare_model(self, model):
+        return model.to(self.device) if model is not None else None
+
+    def unwrap(self, model):
+        return model
+
+    def backward(self, loss, model, optim):
+        loss.backward()
+
+    def optimizer_step(self, optim, max_grad_norm: float | None = None, model=None) -> float:
+        params = [p for group in optim.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def all_reduce_sum(self, value: float) -> float:
+        return value
+
+    def barrier(self):
+        pass
+
+    def setup_dataloader(self, dataset, batch_size, collate_fn, shuffle=True, drop_last=True):
+        return ResumableLoader(dataset, batch_size, collate_fn, shuffle, self.seed, self.rank, self.world_size,
+                               drop_last)
+
+    def save_model(self, model, path, only_rank0=True):
+        if self.is_rank0 or not only_rank0:
+            state = module_state(self.unwrap(model))
+            atomic_write(path, lambda tmp: save_file(state, tmp))
+
+    def load_model(self, model, path, strict=True):
+        state = load_file(os.fspath(path))
+        target = self.unwrap(model)
+        expected = set(module_state_names(target))
+        missing, unexpected = expected - state.keys(), state.keys() - expected
+        if strict and (missing or unexpected):
+            raise KeyError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]})")
+        target.load_state_dict(state, strict=False)
+
+    def save_optimizer(self, optim, path, only_rank0=True):
+        if self.is_rank0 or not only_rank0:
+            atomic_write(path, lambda tmp: torch.save(optim.state_dict(), tmp))
+
+    def load_optimizer(self, optim, path):
+        optim.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    def cleanup(self):
+        pass
+
+
+def module_state_names(model):
+    return model.trainable_state_names() if hasattr(model, "trainable_state_names") else set(model.state_dict())
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
