@@ -48,8 +48,9 @@ class TruncationStats:
 def encode_conversation(tokenizer, messages, max_length: int, stats: TruncationStats | None = None):
     """input_ids and labels (IGNORE outside assistant answers), at most max_length tokens.
 
-    Too long: first drop tokens from the left of the prompt; only if the final answer alone
-    does not fit is its tail cut. The answer's start is never cut. Both are counted in stats.
+    Too long: drop tokens from the left of the prompt; if the final answer still does not fit
+    beside half a window of prompt, its tail is cut. The answer's start is never cut. Both
+    are counted in stats.
     """
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -58,12 +59,13 @@ def encode_conversation(tokenizer, messages, max_length: int, stats: TruncationS
               for tok, (a, b) in zip(ids, offsets)]
     if len(ids) > max_length:
         last_start = next((i for i, (a, _) in enumerate(offsets) if a >= spans[-1][0]), len(ids))
-        cut_left = min(len(ids) - max_length, last_start)
-        ids, labels = ids[cut_left:], labels[cut_left:]
+        # Keep as much prompt as fits beside the answer, but at least half the window, so that a
+        # very long answer is still trained with its prompt (its tail is cut instead).
+        keep_prompt = min(last_start, max(max_length - (len(ids) - last_start), max_length // 2))
         if stats is not None:
-            stats.prompt_truncated += cut_left > 0
-            stats.answer_truncated += len(ids) > max_length
-        ids, labels = ids[:max_length], labels[:max_length]
+            stats.prompt_truncated += keep_prompt < last_start
+            stats.answer_truncated += keep_prompt + len(ids) - last_start > max_length
+        ids, labels = ids[last_start - keep_prompt:][:max_length], labels[last_start - keep_prompt:][:max_length]
     return {"input_ids": ids, "labels": labels}
 
 

@@ -60,7 +60,7 @@ def export_adapter(role, tokenizer, path, base: str):
     saved_base = config.base_model_name_or_path
     config.base_model_name_or_path = base
     try:
-        peft_model.save_pretrained(tmp, selected_adapters=[role.adapter])
+        peft_model.save_pretrained(tmp, selected_adapters=[role.adapter], save_embedding_layers=False)
     finally:
         config.base_model_name_or_path = saved_base
     # peft writes adapters other than "default" into a subfolder named after them.

@@ -135,8 +135,10 @@ def resolve_spec(spec: str) -> str:
         return str(convert_gguf(path.resolve()))
     if path.is_dir():
         return str(path)
-    raise FileNotFoundError(f"model '{spec}' is not a directory, a .gguf file, 'default' or one of "
-                            f"{', '.join(TINY_FAMILIES)} (no model hub is used at run time)")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec  # an "org/name" hub id: from_pretrained fetches it where a hub is reachable
+    raise FileNotFoundError(f"model '{spec}' is not a directory, a .gguf file, a hub id, 'default' or one of "
+                            f"{', '.join(TINY_FAMILIES)}")
 
 
 def prepare_tokenizer(tokenizer):

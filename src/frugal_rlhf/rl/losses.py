@@ -1,0 +1,268 @@
+"""The pure math of RLHF: masking helpers, KL penalties, reward shaping, GAE,
+PPO policy/value losses, reward-model pairwise loss and KL-coefficient controllers.
+
+Conventions
+-----------
+* Per-token tensors are ``[B, T]`` over *response (action) positions*.
+* ``mask`` is ``[B, T]`` (bool or float), 1 for real action tokens. Response tokens
+  are contiguous from position 0; padding comes after the end of each row.
+* Masked positions never affect any result: they are replaced by 0 *before* any
+  arithmetic, so even ``inf``/``nan`` padding cannot leak into outputs or gradients.
+* Functions do not detach their inputs. Rollout quantities (rewards, advantages,
+  returns, old log-probs, old values) should be computed under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------- masking helpers
+def _keep(x: Tensor, mask: Tensor) -> Tensor:
+    """x where mask is set, 0 elsewhere (never touches masked values arithmetically)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim=None) -> Tensor:
+    """Sum of x over masked elements (all of them if dim is None, else along dim)."""
+    x = _keep(x, mask)
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
+    """Mean of x over masked elements; an empty mask gives 0 (count clamped to 1)."""
+    count = mask.to(x.dtype)
+    count = count.sum() if dim is None else count.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of x over all masked elements.
+
+    With ``unbiased`` the n/(n-1) Bessel correction is applied when n > 1
+    (with a single element the variance is 0 either way).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        if n > 1:
+            var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over masked elements (unbiased var).
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes).
+    Masked-out positions are returned as 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _keep(whitened, mask)
+
+
+# ----------------------------------------------------------------------- KL & rewards
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi.
+
+    * ``k1``: logp - ref_logp (unbiased, can be negative per token)
+    * ``k2``: 0.5 * (logp - ref_logp)^2 (biased, non-negative)
+    * ``k3``: (r - 1) - log r with r = ref/pi = exp(ref_logp - logp)
+      (unbiased, non-negative; written as expm1(d) - d for stability)
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if estimator == "k3":
+        d = ref_logp - logp  # log r
+        return torch.expm1(d) - d
+    raise ValueError(f"unknown KL estimator {estimator!r} (expected 'k1', 'k2' or 'k3')")
+
+
+def shape_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                  kl_coef: float, estimator: str = "k1", clip: float | None = None):
+    """Per-token rewards: -kl_coef * KL at every real token, plus the sequence score
+    (optionally clipped to [-clip, clip]) at the last real token of each row.
+
+    Rows with no real tokens receive nothing. Returns ``(rewards [B,T], kl [B,T])``.
+    """
+    kl = _keep(kl_penalty(logp, ref_logp, estimator), mask)
+    rewards = -kl_coef * kl
+    score = score.to(rewards.dtype)
+    if clip is not None:
+        score = score.clamp(-clip, clip)
+    last = mask.long().sum(1) - 1  # [B]; -1 for an empty row, which matches no position
+    is_last = torch.arange(mask.shape[1], device=mask.device)[None, :] == last[:, None]
+    rewards = rewards + torch.where(is_last, score[:, None], torch.zeros_like(rewards))
+    return rewards, kl
+
+
+# ------------------------------------------------------------------------------- GAE
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalized advantage estimation (Schulman et al. 2016), backwards over T.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t       (V_{t+1} = 0 after the last real token)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+
+    Returns ``(advantages, returns)`` with ``returns = advantages + values``: the
+    lambda-return, i.e. the correct value-function target (not the advantages).
+    Masked positions are 0 in both outputs.
+    """
+    m = mask.to(values.dtype)
+    r, v = _keep(rewards, mask).to(values.dtype), _keep(values, mask)
+    T = v.shape[1]
+    next_value = torch.zeros_like(v[:, 0])
+    next_adv = torch.zeros_like(v[:, 0])
+    advs = [None] * T
+    for t in reversed(range(T)):
+        # next_value / next_adv are already 0 past the last real token.
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = (delta + gamma * lam * next_adv) * m[:, t]
+        advs[t] = adv
+        next_value, next_adv = v[:, t], adv
+    advantages = torch.stack(advs, dim=1)
+    returns = _keep(advantages + v, mask)
+    return advantages, returns
+
+
+# ------------------------------------------------------------------------ PPO losses
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                clip_eps: float = 0.2, clip_eps_high: float | None = None):
+    """PPO clipped surrogate (to minimise), token-level mean over the mask.
+
+        ratio  = exp(logp - old_logp)
+        loss_t = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
+
+    ``clip_eps_high`` defaults to ``clip_eps`` (set it higher for asymmetric
+    "clip-higher"). Stats (python floats): ``clipfrac`` (fraction of tokens where the
+    clipped term is strictly larger, i.e. no gradient), ``approx_kl`` (k3 estimate
+    of KL(old || new): mean of (ratio - 1) - log ratio), ``ratio_mean``.
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = _keep(logp - old_logp, mask)
+    ratio = torch.exp(log_ratio)
+    adv = _keep(advantages, mask).to(ratio.dtype)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip_eps: float | None = 0.2):
+    """Clipped value loss: 0.5 * mean(max((V - R)^2, (V_clip - R)^2)) with
+    ``V_clip = V_old + clamp(V - V_old, -clip_eps, clip_eps)``. ``clip_eps=None``
+    gives the plain 0.5 * MSE. Stats: ``vf_clipfrac`` (fraction where the clipped
+    error is strictly larger)."""
+    values, old_values = _keep(values, mask), _keep(old_values, mask)
+    returns = _keep(returns, mask).to(values.dtype)
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        return 0.5 * masked_mean(unclipped, mask), {"vf_clipfrac": 0.0}
+    v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    clipped = (v_clip - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(values.dtype), mask).item()
+    return loss, {"vf_clipfrac": clipfrac}
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over masked elements (python float).
+    1 = perfect value function, 0 = no better than a constant; nan if Var(returns) == 0."""
+    var_returns = masked_var(returns, mask)
+    if var_returns.item() == 0:
+        return float("nan")
+    return (1.0 - masked_var(returns - values, mask) / var_returns).item()
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z).
+    ``-inf`` logits are clamped to the dtype minimum so they contribute exactly 0."""
+    logits = logits.clamp(min=torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+# ----------------------------------------------------------------- reward model loss
+def pairwise_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None,
+                  variant: str = "logsigmoid", center_coef: float = 0.0):
+    """Bradley-Terry reward-model loss on scores [B] for chosen/rejected answers.
+
+    * ``logsigmoid``: mean(-logsigmoid(r_c - r_r - margin))
+    * ``logexp``: mean(log(1 + exp(r_r - r_c + margin))) written as softplus. It is
+      mathematically identical to ``logsigmoid`` and exists only for parity with the
+      option names of other frameworks; it supports ``margin`` the same way.
+
+    ``margin`` ([B] or None = 0) demands that chosen beat rejected by that much.
+    ``center_coef > 0`` adds center_coef * mean((r_c + r_r)^2) (reward centering:
+    keeps rewards near 0 without changing the preference). Stats: ``accuracy``
+    (fraction r_c > r_r) and ``margin`` (mean r_c - r_r).
+    """
+    diff = r_chosen - r_rejected
+    shifted = diff if margin is None else diff - margin
+    if variant == "logsigmoid":
+        loss = -F.logsigmoid(shifted).mean()
+    elif variant == "logexp":
+        loss = F.softplus(-shifted).mean()
+    else:
+        raise ValueError(f"unknown pairwise loss variant {variant!r} (expected 'logsigmoid' or 'logexp')")
+    if center_coef > 0:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    with torch.no_grad():
+        stats = {"accuracy": (diff > 0).float().mean().item(), "margin": diff.float().mean().item()}
+    return loss, stats
+
+
+# -------------------------------------------------------------------- KL controllers
+class FixedKLController:
+    """Constant KL coefficient."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning LMs from Human Preferences"):
+
+        error = clip(current_kl / target - 1, -0.2, 0.2)
+        value *= 1 + error * n_steps / horizon
+
+    The coefficient grows when the policy drifts beyond ``target`` and shrinks below it.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = float(init_coef), float(target), horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target = float(state["value"]), float(state["target"])
+        self.horizon = state["horizon"]

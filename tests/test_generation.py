@@ -1,0 +1,178 @@
+"""Tests for frugal_rlhf.generation on tiny random llama / gpt2 models."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from frugal_rlhf.generation import Rollout, SampleConfig, choose_next, reference_sample, sample
+
+VOCAB = 97
+PAD = 0
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0,
+                      max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2}
+
+
+@pytest.fixture(params=list(MODELS), scope="module")
+def model(request):
+    return MODELS[request.param]()
+
+
+PROMPTS = [[5, 17, 33, 8, 61, 2], [44, 9], [70, 12, 3, 90]]
+
+
+def _left_pad(prompts):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _gen(r: Rollout):
+    return r.sequences[:, r.prompt_length:]
+
+
+def _check_consistent(r: Rollout, prompt_mask):
+    """Masks agree with each other and with the sequences."""
+    assert torch.equal(r.attention_mask[:, : r.prompt_length], prompt_mask)
+    assert torch.equal(r.attention_mask[:, r.prompt_length:], r.action_mask)
+    assert torch.all(_gen(r)[r.action_mask == 0] == PAD)
+    # Once a row stops it stays stopped.
+    assert torch.all(r.action_mask[:, 1:] <= r.action_mask[:, :-1])
+
+
+def test_cached_equals_reference_sampling(model):
+    ids, mask = _left_pad(PROMPTS)
+    cfg = SampleConfig(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, pad_token_id=PAD)
+    fast = sample(model, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    slow = reference_sample(model, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    assert fast.sequences.shape == (3, 6 + 12)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert torch.equal(fast.attention_mask, slow.attention_mask)
+    assert torch.equal(fast.action_mask, slow.action_mask)
+    # Same seed reproduces, another seed (almost surely) does not.
+    again = sample(model, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    other = sample(model, ids, mask, cfg, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fast.sequences, again.sequences)
+    assert not torch.equal(fast.sequences, other.sequences)
+
+
+def test_left_padding_invariance(model):
+    # position_ids from the mask matter for gpt2's absolute positions; rotary (llama) only
+    # sees relative offsets, so there the padding mask in the cached steps is what counts.
+    ids, mask = _left_pad(PROMPTS)
+    cfg = SampleConfig(max_new_tokens=10, temperature=0.0, pad_token_id=PAD)
+    batch = _gen(sample(model, ids, mask, cfg))
+    for i, p in enumerate(PROMPTS):
+        alone = sample(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), cfg)
+        assert torch.equal(_gen(alone)[0], batch[i]), f"row {i}"
+
+
+def test_action_mask_stops_at_first_eos(model):
+    ids, mask = _left_pad(PROMPTS)
+    free = _gen(sample(model, ids, mask, SampleConfig(max_new_tokens=10, temperature=0.0, pad_token_id=PAD)))
+    eos = int(free[0, 3])  # row 0 stops at step <= 3 (the first occurrence of this token)
+    r = sample(model, ids, mask, SampleConfig(max_new_tokens=10, temperature=0.0, eos_token_ids=(eos,),
+                                              pad_token_id=PAD))
+    _check_consistent(r, mask)
+    gen = _gen(r)
+    n = gen.shape[1]
+    for row in range(3):
+        hits = (free[row] == eos).nonzero().flatten().tolist()
+        stop = hits[0] if hits else None  # greedy is identical up to the stop
+        expected_len = stop + 1 if stop is not None else 10
+        assert r.action_mask[row].tolist() == [1] * expected_len + [0] * (n - expected_len)
+        assert torch.equal(gen[row, :expected_len], free[row, :expected_len])
+        assert torch.all(gen[row, expected_len:] == PAD)
+        if stop is not None:
+            assert gen[row, stop] == eos  # the EOS itself is kept and counted
+    assert r.action_mask[0].sum() <= 4  # row 0 really stopped early
+
+
+def test_stops_early_when_all_rows_hit_eos(model):
+    ids, mask = _left_pad(PROMPTS)
+    greedy = SampleConfig(max_new_tokens=10, temperature=0.0, pad_token_id=PAD)
+    free = _gen(sample(model, ids, mask, greedy))
+    # Several stop ids: every row's step-1 token is one, so every row stops by step 1.
+    eos_ids = tuple(sorted(set(free[:, 1].tolist())))
+    calls = []
+    r = sample(model, ids, mask, SampleConfig(max_new_tokens=10, temperature=0.0, eos_token_ids=eos_ids,
+                                              pad_token_id=PAD),
+               on_step=lambda tok, fin: calls.append((tok.clone(), fin.clone())))
+    _check_consistent(r, mask)
+    assert r.action_mask.shape[1] <= 2 < 10
+    assert calls[-1][1].all() and len(calls) == r.action_mask.shape[1]
+    # Streaming sees exactly the generated columns.
+    assert torch.equal(torch.stack([t for t, _ in calls], dim=1), _gen(r))
+
+
+def test_on_step_false_stops_after_first_step(model):
+    ids, mask = _left_pad(PROMPTS)
+    seen = []
+
+    def cancel(tok, fin):
+        seen.append(tok.clone())
+        return False
+
+    r = sample(model, ids, mask, SampleConfig(max_new_tokens=10, pad_token_id=PAD),
+               generator=torch.Generator().manual_seed(0), on_step=cancel)
+    assert len(seen) == 1
+    assert r.sequences.shape == (3, 7) and r.action_mask.shape == (3, 1)
+    assert torch.equal(r.sequences[:, -1], seen[0])
+    assert r.action_mask.all()
+
+
+def test_top_k_one_equals_greedy(model):
+    ids, mask = _left_pad(PROMPTS)
+    greedy = sample(model, ids, mask, SampleConfig(max_new_tokens=8, temperature=0.0, pad_token_id=PAD))
+    topk1 = sample(model, ids, mask, SampleConfig(max_new_tokens=8, temperature=1.3, top_k=1, pad_token_id=PAD),
+                   generator=torch.Generator().manual_seed(123))
+    assert torch.equal(greedy.sequences, topk1.sequences)
+
+
+def test_choose_next_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(choose_next(logits, SampleConfig(top_k=2), g).tolist()) <= {0, 1}
+    # probs ~ [.64, .24, .09, ...]: top_p=0.7 keeps {0, 1}; a tiny top_p still keeps the top token.
+    assert set(choose_next(logits, SampleConfig(top_p=0.7), g).tolist()) == {0, 1}
+    assert set(choose_next(logits, SampleConfig(top_p=1e-6), g).tolist()) == {0}
+    assert set(choose_next(logits, SampleConfig(temperature=0.0), g).tolist()) == {0}
+
+
+def test_restores_training_flag_and_outputs_are_trainable():
+    model = _llama().train()
+    ids, mask = _left_pad(PROMPTS)
+    r = sample(model, ids, mask, SampleConfig(max_new_tokens=3, pad_token_id=PAD),
+               generator=torch.Generator().manual_seed(0))
+    assert model.training
+    # Rollout tensors must be usable in a PPO update (inference tensors would raise here).
+    loss = model(input_ids=r.sequences, attention_mask=r.attention_mask).logits.mean()
+    loss.backward()
+
+
+def test_peft_wrapped_model_matches_reference():
+    peft = pytest.importorskip("peft")
+    base = _llama()
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.0, init_lora_weights=False))
+    ids, mask = _left_pad(PROMPTS)
+    cfg = SampleConfig(max_new_tokens=6, top_k=10, pad_token_id=PAD)
+    fast = sample(lora, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    slow = reference_sample(lora, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fast.sequences, slow.sequences)

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import arithmetic_rows
+from frugal_rlhf.config import SFTConfig
+from frugal_rlhf.data.tokenize import IGNORE, TruncationStats, encode_conversation
+from frugal_rlhf.models.loading import byte_tokenizer, load_model, prepare_tokenizer
+from frugal_rlhf.strategies import NaiveStrategy
+from frugal_rlhf.trainers.supervised import SFTTrainer
+
+
+def run_sft(tmp_path, rows, stop_at=None, **kw):
+    cfg = SFTConfig(**{"model": "tiny-llama", "output": str(tmp_path / "sft"), "max_steps": 30, "batch_size": 8,
+                       "lr": 3e-3, "max_length": 128, "save_every": 0, "eval_every": 0, "dtype": "fp32", **kw})
+    strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
+    strategy.setup_distributed()
+    trainer = SFTTrainer(strategy, cfg, rows=rows)
+    return trainer, trainer.fit(stop_at=stop_at)
+
+
+def test_label_masking_token_by_token():
+    tok = prepare_tokenizer(byte_tokenizer())
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6."}]
+    enc = encode_conversation(tok, messages, max_length=1000)
+    ids, labels = enc["input_ids"], enc["labels"]
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+            "4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n6.<|im_end|>\n")
+    assert tok.decode(ids) == text
+    # Walk the tokens by hand: a token carries loss exactly when it is inside an answer
+    # (the answer's characters and its closing <|im_end|>).
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    expected, inside, after_assistant_header = [], False, 0
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for i, t in enumerate(ids):
+        if inside:
+            expected.append(t)
+            inside = t != end
+        else:
+            expected.append(IGNORE)
+            if ids[max(0, i - len(header) + 1): i + 1] == header:
+                inside = True
+    assert labels == expected
+    carried = [t for t in labels if t != IGNORE]
+    assert tok.decode(carried) == "4.<|im_end|>6.<|im_end|>"
+
+
+def test_truncation_cuts_prompt_left_and_never_the_answer_start():
+    tok = prepare_tokenizer(byte_tokenizer())
+    long_prompt = [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "the answer"}]
+    stats = TruncationStats()
+    enc = encode_conversation(tok, long_prompt, max_length=64, stats=stats)
+    assert len(enc["input_ids"]) == 64
+    assert tok.decode([t for t in enc["labels"] if t != IGNORE]) == "the answer<|im_end|>"
+    assert stats.prompt_truncated == 1 and stats.answer_truncated == 0
+    long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y" * 300}]
+    enc = encode_conversation(tok, long_answer, max_length=64, stats=stats)
+    kept = tok.decode([t for t in enc["labels"] if t != IGNORE])
+    assert len(enc["input_ids"]) == 64 and kept.startswith("yyy") and stats.answer_truncated == 1
+    # the answer's start is right after the generation prompt: nothing of the answer was cut before it
+    assert tok.decode(enc["input_ids"]).endswith("assistant\n" + kept)
+
+
+def test_full_finetune_loss_falls(tmp_path, rows):
+    _, metrics = run_sft(tmp_path, rows)
+    assert metrics[-1]["loss"] < 0.4 * metrics[0]["loss"]
+
+
+def test_lora_trains_only_adapter_and_merged_checkpoint_matches(tmp_path, rows):
+    trainer, metrics = run_sft(tmp_path, rows, lora_rank=8, lr=1e-2)
+    assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
+    actor = trainer.model
+    reference, _ = load_model("tiny-llama", torch.float32)
+    base_now = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                for n, p in actor.lm.model.named_parameters() if ".lora_" not in n}
+    for n, p in reference.named_parameters():
+        assert torch.equal(base_now[n], p), f"frozen base weight {n} changed"
+    assert all(".lora_" in n for n, p in actor.lm.model.named_parameters() if p.requires_grad)
+    # The merged export is a plain HF checkpoint with the same logits as the live model.
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final").eval()
+    ids = torch.tensor([[5, 70, 80, 90, 100, 110, 120]])
+    mask = torch.ones_like(ids)
+    actor.eval()
+    with torch.no_grad():
+        live = actor(ids, mask)[0]
+        exported = torch.log_softmax(merged(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(live, exported, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_resume_equals_uninterrupted(tmp_path, rows, lora_rank):
+    _, full = run_sft(tmp_path / "a", rows, max_steps=12, lora_rank=lora_rank, grad_accum=2, batch_size=4)
+    run_sft(tmp_path / "b", rows, max_steps=12, lora_rank=lora_rank, grad_accum=2, batch_size=4, save_every=4,
+            stop_at=8)
+    _, resumed = run_sft(tmp_path / "b", rows, max_steps=12, lora_rank=lora_rank, grad_accum=2, batch_size=4,
+                         save_every=4, resume=True)
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    for a, b in zip(full[8:], resumed[8:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    # Rows of very different lengths: a mean of per-micro-batch means would differ.
+    rows = arithmetic_rows(16)
+    rows += [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * (5 + 9 * i)}]}
+             for i in range(16)]
+    _, big = run_sft(tmp_path / "big", rows, max_steps=3, batch_size=8, grad_accum=1, eval_split=0)
+    _, acc = run_sft(tmp_path / "acc", rows, max_steps=3, batch_size=2, grad_accum=4, eval_split=0)
+    # Same data order needs the same global batch: the loader shuffles per epoch with the seed,
+    # so compare against a loader of batch 8 split into 4 micro-batches of 2.
+    assert big[0]["loss"] == pytest.approx(acc[0]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["tiny-gpt2", "tiny-opt", "tiny-bloom"])
+def test_other_families_train_and_export(tmp_path, rows, family):
+    trainer, metrics = run_sft(tmp_path, rows, model=family, max_steps=8, lora_rank=4, lr=1e-2)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
+    assert merged.config.model_type == family.split("-")[1]
