@@ -244,6 +244,10 @@ class RewardModel(Role):
     def make_head(self):
         return scalar_head(self.lm.hf_model().config.get_text_config().hidden_size)
 
+    def score(self, prompts, responses, **kw) -> torch.Tensor:
+        """Scores [N] of (prompt, response) pairs; prompts are strings or message lists."""
+        return score_texts(self, self.tokenizer, prompts, responses, **kw)
+
     def forward(self, input_ids, attention_mask):
         hidden, _ = self.hidden(input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -256,3 +260,23 @@ def scalar_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
     nn.init.normal_(head.weight, std=std) if std else nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+@torch.no_grad()
+def score_texts(reward_model: RewardModel, tokenizer, prompts, responses, max_length: int = 1024,
+                batch_size: int = 8) -> torch.Tensor:
+    """Scores of (prompt, response) pairs; prompts are strings or message lists."""
+    from ..data.tokenize import encode_prompt, encode_response, pad
+
+    device = next(reward_model.parameters()).device
+    seqs = []
+    for prompt, response in zip(prompts, responses):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        seqs.append(encode_response(tokenizer, encode_prompt(tokenizer, messages, max_length), response, max_length))
+    scores = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        ids = pad(chunk, tokenizer.pad_token_id, "left").to(device)
+        mask = pad([[1] * len(s) for s in chunk], 0, "left").to(device)
+        scores.append(reward_model(ids, mask).float().cpu())
+    return torch.cat(scores)

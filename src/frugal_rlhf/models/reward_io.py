@@ -1,0 +1,87 @@
+"""The reward-model artifact: a small directory that names its base.
+
+    OUT/reward_model.json     {"format": "frugal-reward-model", "base": spec, "base_in_artifact": bool,
+                               "adapter": "adapter" | null}
+    OUT/score_head.safetensors
+    OUT/adapter/              the reward LoRA adapter (PEFT layout), when trained with LoRA
+    OUT/final/                standalone: the merged LM + score head + its own reward_model.json
+
+With LoRA the artifact is a few MB and, in PPO, its adapter is loaded onto the shared base.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .export import export_adapter, export_merged
+from .loading import load_model, prepare_tokenizer
+from .roles import RewardModel, SharedLM
+
+META = "reward_model.json"
+HEAD = "score_head.safetensors"
+
+
+def is_reward_artifact(path) -> bool:
+    return (Path(path) / META).exists()
+
+
+def _write_meta(path: Path, base: str, base_in_artifact: bool, adapter: str | None):
+    meta = {"format": "frugal-reward-model", "version": 1, "base": base, "base_in_artifact": base_in_artifact,
+            "adapter": adapter}
+    (path / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _save_head(rm: RewardModel, path: Path):
+    save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()}, path / HEAD)
+
+
+def save_reward_model(rm: RewardModel, tokenizer, path, base: str):
+    """Write the artifact (adapter + head naming `base`) and its standalone merged form."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    final = export_merged(rm, tokenizer, path / "final")
+    _save_head(rm, final)
+    _write_meta(final, ".", True, None)
+    if rm.adapter:
+        export_adapter(rm, tokenizer, path / "adapter", base=base)
+        _save_head(rm, path)
+        _write_meta(path, base, False, "adapter")
+    else:
+        _write_meta(path, "final", True, None)
+    return path
+
+
+def load_reward_model(path, shared: SharedLM | None = None, dtype=None, trust_remote_code=False) -> RewardModel:
+    """Load an artifact, frozen. With `shared`, its adapter goes onto that base as "reward"
+    (the caller has checked that the base is the one the adapter was trained on)."""
+    from ..device import compute_dtype
+
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path} is not a reward model (no {META}); train one with `frugal rm`")
+    meta = json.loads(meta_path.read_text())
+    dtype = dtype or compute_dtype()
+    base = str(path / meta["base"]) if meta["base_in_artifact"] else meta["base"]
+    if meta["adapter"] and shared is not None:
+        lm, tokenizer = shared, None
+    else:
+        hf, tokenizer = load_model(base, dtype, trust_remote_code)
+        lm = SharedLM(hf)
+    if meta["adapter"]:
+        lm.load_adapter(path / meta["adapter"], "reward", trainable=False)
+        if (path / meta["adapter"] / "tokenizer_config.json").exists() and tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path / meta["adapter"]))
+    rm = RewardModel(lm, "reward" if meta["adapter"] else None)
+    rm.head.load_state_dict(load_file(path / HEAD))
+    rm.head.requires_grad_(False)
+    if not meta["adapter"]:
+        lm.model.requires_grad_(False)
+    rm.tokenizer = tokenizer
+    rm.base_spec = base
+    return rm

@@ -1,0 +1,88 @@
+"""Reward-model training from ranked pairs: -log sigmoid(r_chosen - r_rejected [- margin]).
+
+Chosen and rejected of a batch go through the model in one forward pass (stacked).
+Pairs are formatted exactly as PPO will score them: the prompt through the chat template
+with the generation prompt, then the answer tokens and the end-of-turn token.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..data.tokenize import PairCollator, encode_prompt, encode_response
+from ..models.reward_io import save_reward_model
+from ..models.roles import RewardModel
+from ..rl.losses import pairwise_loss
+from .supervised import LazyEncoded, SupervisedTrainer, split_rows
+
+log = logging.getLogger("frugal_rlhf")
+
+
+def encode_pair(tokenizer, row, max_length: int):
+    prompt_ids = encode_prompt(tokenizer, row["prompt"], max_length // 2)
+    return {"chosen": encode_response(tokenizer, prompt_ids, row["chosen"], max_length),
+            "rejected": encode_response(tokenizer, prompt_ids, row["rejected"], max_length),
+            "margin": row.get("margin")}
+
+
+class RewardTrainer(SupervisedTrainer):
+    stage = "rm"
+
+    def __init__(self, strategy, config, reward_model: RewardModel | None = None, rows=None):
+        rm = reward_model or RewardModel(config.model, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                         lora_targets=config.lora_targets, dtype=config.dtype,
+                                         trust_remote_code=config.trust_remote_code)
+        self.tokenizer = rm.tokenizer
+        if rows is None:
+            from ..data.formats import load_dataset_file
+
+            rows = load_dataset_file(config.data, "preference", config.skip_bad_rows, config.max_rows)
+        train_rows, eval_rows = split_rows(rows, config.eval_split, config.max_eval_rows, config.seed)
+        log.info("rm: %d training pairs, %d held out", len(train_rows), len(eval_rows))
+        encode = lambda row: encode_pair(self.tokenizer, row, config.max_length)  # noqa: E731
+        super().__init__(strategy, config, rm, LazyEncoded(train_rows, encode), LazyEncoded(eval_rows, encode),
+                         PairCollator(self.tokenizer.pad_token_id))
+
+    def weight(self, batch):
+        return batch["margin"].shape[0]
+
+    def loss_sum(self, batch):
+        scores = self.model(batch["input_ids"], batch["attention_mask"]).float()
+        n = batch["margin"].shape[0]
+        loss, stats = pairwise_loss(scores[:n], scores[n:], batch["margin"], variant=self.config.loss,
+                                    center_coef=self.config.center_coef)
+        return loss * n, n, {"accuracy": stats["accuracy"] * n, "margin": stats["margin"] * n}
+
+    def finish(self):
+        if self.strategy.is_rank0:
+            final_eval = self.run.read_metrics()[-1]  # the loop evaluated at the last step
+            model = self.strategy.unwrap(self.model)
+            save_reward_model(model, self.tokenizer, self.out, base=self.config.model)
+            write_eval(self.run, final_eval, len(self.eval_loader.dataset) if self.eval_loader else 0)
+            self.run.plot(["loss", "accuracy", "eval_accuracy", "eval_margin"], "reward.png", "Reward model")
+
+
+def write_eval(run, metrics: dict, n_pairs: int) -> dict:
+    result = {"accuracy": metrics.get("eval_accuracy"), "mean_margin": metrics.get("eval_margin"),
+              "loss": metrics.get("eval_loss"), "n_pairs": n_pairs}
+    run.write_json("eval.json", result)
+    return result
+
+
+@torch.no_grad()
+def evaluate_reward_model(rm: RewardModel, rows, max_length: int = 512, batch_size: int = 8) -> dict:
+    """Held-out pairwise accuracy and mean margin of an existing reward model."""
+    tok = rm.tokenizer
+    device = next(rm.parameters()).device
+    collate = PairCollator(tok.pad_token_id)
+    correct, margin_sum = 0.0, 0.0
+    rm.eval()
+    for i in range(0, len(rows), batch_size):
+        batch = collate([encode_pair(tok, r, max_length) for r in rows[i:i + batch_size]])
+        scores = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+        n = batch["margin"].shape[0]
+        correct += float((scores[:n] > scores[n:]).sum())
+        margin_sum += float((scores[:n] - scores[n:]).sum())
+    return {"accuracy": correct / max(1, len(rows)), "mean_margin": margin_sum / max(1, len(rows)),
+            "n_pairs": len(rows)}

@@ -1,0 +1,90 @@
+import json
+import random
+
+import pytest
+import torch
+
+from frugal_rlhf.config import RewardConfig
+from frugal_rlhf.models.loading import byte_tokenizer, prepare_tokenizer
+from frugal_rlhf.models.reward_io import load_reward_model
+from frugal_rlhf.models.roles import RewardModel, last_token_index
+from frugal_rlhf.strategies import NaiveStrategy
+from frugal_rlhf.trainers.reward import RewardTrainer, evaluate_reward_model
+
+WORDS = "apple river stone cloud paper glass music tiger orange window garden silver".split()
+
+
+def marker_pairs(n, seed=0):
+    """Chosen answers contain the marker word 'please', rejected ones don't: a known answer."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(WORDS, 4)
+        other = rng.sample(WORDS, 4)
+        pos = rng.randrange(4)
+        chosen = " ".join(words[:pos] + ["please"] + words[pos:])
+        rows.append({"prompt": [{"role": "user", "content": f"Say some words ({i})"}], "chosen": chosen,
+                     "rejected": " ".join(other), "margin": None})
+    return rows
+
+
+def train_rm(tmp_path, rows, **kw):
+    cfg = RewardConfig(**{"model": "tiny-llama", "output": str(tmp_path / "rm"), "max_steps": 60, "batch_size": 8,
+                          "lr": 3e-3, "max_length": 96, "save_every": 0, "eval_every": 0, "dtype": "fp32",
+                          "eval_split": 0.2, **kw})
+    strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
+    strategy.setup_distributed()
+    trainer = RewardTrainer(strategy, cfg, rows=rows)
+    return trainer, trainer.fit()
+
+
+def test_reward_model_learns_marker_task_and_reloads(tmp_path):
+    trainer, metrics = train_rm(tmp_path, marker_pairs(240), lora_rank=8)
+    result = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert result["n_pairs"] == 48
+    assert result["accuracy"] >= 0.95, result
+    assert result["mean_margin"] > 0
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    # A saved reward model reloads and gives identical scores.
+    live = trainer.model.eval()
+    prompts = ["Say some words (1)", "Say some words (2)"]
+    responses = ["apple please river", "apple river stone"]
+    expected = live.score(prompts, responses)
+    reloaded = load_reward_model(tmp_path / "rm", dtype=torch.float32)
+    torch.testing.assert_close(reloaded.score(prompts, responses), expected)
+    standalone = load_reward_model(tmp_path / "rm" / "final", dtype=torch.float32)
+    torch.testing.assert_close(standalone.score(prompts, responses), expected, atol=1e-4, rtol=1e-4)
+    assert expected[0] > expected[1]
+    # --eval-only scoring of the held-out pairs agrees with training's own evaluation.
+    held = evaluate_reward_model(reloaded, trainer.eval_loader.dataset.rows, max_length=96)
+    assert held["accuracy"] == pytest.approx(result["accuracy"])
+
+
+def test_score_read_at_last_real_token_any_padding():
+    rm = RewardModel("tiny-llama", lora_rank=0, dtype="fp32").eval()
+    torch.nn.init.normal_(rm.head.weight)
+    tok = rm.tokenizer
+    ids = tok("hello there", add_special_tokens=False)["input_ids"]
+    pad = tok.pad_token_id
+    left = torch.tensor([[pad, pad, pad] + ids])
+    right = torch.tensor([ids + [pad, pad, pad]])
+    bare = torch.tensor([ids])
+    mask = lambda x: (x != pad).long()  # noqa: E731
+    with torch.no_grad():
+        scores = [rm(x, mask(x)) for x in (bare, left, right)]
+    torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[2], scores[0], atol=1e-5, rtol=1e-5)
+    assert last_token_index(mask(left)).item() == left.shape[1] - 1
+    assert last_token_index(mask(right)).item() == len(ids) - 1
+
+
+def test_pairs_use_the_ppo_format():
+    from frugal_rlhf.data.tokenize import encode_prompt
+    from frugal_rlhf.trainers.reward import encode_pair
+
+    tok = prepare_tokenizer(byte_tokenizer())
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "yes", "rejected": "no"}
+    enc = encode_pair(tok, row, 64)
+    prompt = encode_prompt(tok, row["prompt"], 64)
+    assert enc["chosen"][:len(prompt)] == prompt == enc["rejected"][:len(prompt)]
+    assert tok.decode(enc["chosen"][len(prompt):]) == "yes<|im_end|>"
