@@ -35,7 +35,7 @@ DEFAULT_CHAT_TEMPLATE = (
 TINY_FAMILIES = {
     "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       attention_dropout=0.0, tie_word_embeddings=True),
+                       attention_dropout=0.0, tie_word_embeddings=True, initializer_range=0.1),
     "tiny-gpt2": dict(model_type="gpt2", n_embd=128, n_layer=4, n_head=4, n_positions=1024,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "tiny-opt": dict(model_type="opt", hidden_size=128, ffn_dim=384, num_hidden_layers=4,

@@ -37,13 +37,15 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.1)
     return factor
 
 
-def make_optimizer(params, lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):
+def make_optimizer(params, lr: float, weight_decay: float = 0.0):
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters")
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, warmup_cosine(total_steps, warmup_ratio))
-    return optim, sched
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def make_scheduler(optim, config):
+    return torch.optim.lr_scheduler.LambdaLR(optim, warmup_cosine(config.max_steps, config.warmup_ratio))
 
 
 def _portable_rng() -> dict:
@@ -62,6 +64,7 @@ def _restore_rng(state: dict):
 
 class Trainer:
     stage = "train"
+    evaluate_at_start = False  # log a step-0 evaluation (the baseline before any update)
 
     def __init__(self, strategy, config):
         self.strategy = strategy
@@ -90,6 +93,10 @@ class Trainer:
         start = self.resume() if cfg.resume else 0
         self.run = RunDir(self.out, cfg, resume_step=start, enabled=self.strategy.is_rank0)
         last = min(cfg.max_steps, stop_at or cfg.max_steps)
+        if start == 0 and self.evaluate_at_start:
+            baseline = self.evaluate()
+            if baseline:
+                self.run.log({"step": 0, **baseline})
         with make_progress(self.strategy.is_rank0) as progress:
             task = progress.add_task(self.stage, total=cfg.max_steps, completed=start, info="")
             for step in range(start + 1, last + 1):

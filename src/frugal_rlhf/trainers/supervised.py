@@ -15,7 +15,7 @@ import torch
 from ..data.tokenize import IGNORE, SFTCollator, TruncationStats, encode_conversation
 from ..models.export import export_adapter, export_merged
 from ..models.roles import Actor
-from .base import Trainer, make_optimizer
+from .base import Trainer, make_optimizer, make_scheduler
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -51,8 +51,8 @@ class SupervisedTrainer(Trainer):
         self.model = model
         if config.gradient_checkpointing:
             model.lm.hf_model().gradient_checkpointing_enable({"use_reentrant": False})
-        optim, self.scheduler = make_optimizer(model.trainable_parameters(), config.learning_rate(),
-                                               config.weight_decay, config.max_steps, config.warmup_ratio)
+        optim = make_optimizer(model.trainable_parameters(), config.learning_rate(), config.weight_decay)
+        self.scheduler = make_scheduler(optim, config)
         self.model, self.optim = strategy.prepare((model, optim))
         self.loader = strategy.setup_dataloader(train_set, config.batch_size, collate)
         self.eval_loader = (strategy.setup_dataloader(eval_set, config.batch_size, collate, shuffle=False,

@@ -1,0 +1,82 @@
+"""Build the four PPO roles. Default: one frozen base in memory, every role an adapter on it.
+
+    reference = base, adapters off        actor  = base + actor LoRA
+    critic    = base + critic LoRA + value head (initialized from the reward adapter + head)
+    reward    = base + reward LoRA + score head (from stage 2)
+
+Separate models remain possible: full fine-tuning (lora_rank 0) gives the actor its own
+trainable copy and the reference a frozen one; `critic_model` puts the critic on another
+base; a reward model trained on another base is loaded on its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from ..device import compute_dtype
+from .loading import load_model, resolve_spec
+from .reward_io import HEAD, META, load_reward_model
+from .roles import Actor, Critic, RewardModel, SharedLM
+
+log = logging.getLogger("frugal_rlhf")
+
+
+@dataclass
+class PPORoles:
+    actor: Actor
+    critic: Critic
+    reward_model: RewardModel
+    reference: Actor
+    tokenizer: object
+    shared: bool
+
+
+def _same_base(a: str, b: str) -> bool:
+    try:
+        return Path(resolve_spec(a)).resolve() == Path(resolve_spec(b)).resolve()
+    except FileNotFoundError:
+        return False
+
+
+def build_ppo_roles(cfg) -> PPORoles:
+    dtype = compute_dtype(override=cfg.dtype)
+    rm_path = Path(cfg.reward_model)
+    rm_meta = json.loads((rm_path / META).read_text()) if (rm_path / META).exists() else None
+    if rm_meta is None:
+        raise FileNotFoundError(f"{rm_path} is not a reward model (no {META}); train one with `frugal rm`")
+    rm_on_base = bool(rm_meta["adapter"]) and not rm_meta["base_in_artifact"] and _same_base(rm_meta["base"], cfg.model)
+    if not cfg.lora_rank:
+        return _separate_full(cfg, dtype)
+    hf, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code)
+    lm = SharedLM(hf)
+    lm.add_adapter("actor", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    actor = Actor(lm, "actor")
+    reward = load_reward_model(rm_path, shared=lm if rm_on_base else None, dtype=dtype)
+    if not rm_on_base:
+        log.info("reward model base %s differs from %s: loading it separately", rm_meta["base"], cfg.model)
+    if cfg.critic_model:
+        critic = Critic(cfg.critic_model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                        lora_targets=cfg.lora_targets, dtype=cfg.dtype)
+    elif cfg.critic_init == "reward" and rm_on_base:
+        # InstructGPT initializes the value function from the reward model.
+        lm.load_adapter(rm_path / rm_meta["adapter"], "critic", trainable=True)
+        critic = Critic(lm, "critic")
+        critic.head.load_state_dict(load_file(rm_path / HEAD))
+    else:
+        lm.add_adapter("critic", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        critic = Critic(lm, "critic")
+    return PPORoles(actor, critic, reward, Actor(lm, None), tokenizer, shared=rm_on_base and not cfg.critic_model)
+
+
+def _separate_full(cfg, dtype) -> PPORoles:
+    """Full fine-tuning: the actor needs its own trainable copy, the reference a frozen one."""
+    actor = Actor(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    hf, _ = load_model(cfg.model, dtype, cfg.trust_remote_code)
+    reference = Actor(SharedLM(hf.requires_grad_(False)), None)
+    critic = Critic(cfg.critic_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    reward = load_reward_model(cfg.reward_model, dtype=dtype)
+    return PPORoles(actor, critic, reward, reference, actor.tokenizer, shared=False)

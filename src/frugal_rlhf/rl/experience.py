@@ -1,0 +1,119 @@
+"""The experience maker: generate -> score -> advantages, as one clear pipeline.
+
+Everything here runs without gradients. Old log-probs are recomputed with a forward pass
+in the same mode the update uses (not taken from sampling), so the first PPO epoch starts
+at ratio == 1 exactly; sampling-time numbers differ by cache/precision noise.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..generation import SampleConfig, sample
+from . import losses as L
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor        # [B, P+N]
+    attention_mask: torch.Tensor   # [B, P+N]
+    action_mask: torch.Tensor      # [B, N]
+    logprobs: torch.Tensor         # [B, N] actor at rollout time
+    ref_logprobs: torch.Tensor     # [B, N]
+    values: torch.Tensor           # [B, N]
+    rewards: torch.Tensor          # [B, N] shaped: -kl_coef*kl, + score at the last token
+    advantages: torch.Tensor       # [B, N]
+    returns: torch.Tensor          # [B, N] = advantages + values (the value target)
+    score: torch.Tensor            # [B] raw reward-model score
+    kl: torch.Tensor               # [B, N] per-token KL estimate to the reference
+
+    @property
+    def num_actions(self) -> int:
+        return self.action_mask.shape[1]
+
+    def select(self, index) -> "Experience":
+        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def minibatches(self, size: int, generator: torch.Generator):
+        """The replay buffer of one rollout: shuffled mini-batches of `size` sequences."""
+        order = torch.randperm(self.sequences.shape[0], generator=generator)
+        for start in range(0, len(order), size):
+            yield self.select(order[start:start + size])
+
+
+class RunningMoments:
+    """Running mean/std of reward scores (Chan et al. parallel update), for normalization."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor):
+        n = x.numel()
+        batch_mean, batch_var = float(x.mean()), float(x.var(unbiased=False)) if n > 1 else 0.0
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def normalize(self, x):
+        return (x - self.mean) / max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self):
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+@dataclass
+class RolloutSettings:
+    sample: SampleConfig
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    reward_clip: float | None = None
+    normalize_reward: bool = False
+    whiten_advantages: bool = True
+
+
+def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generator, autocast):
+    """Sample responses from the actor (its adapter active, KV cache, bf16 autocast)."""
+    with autocast, actor.lm.role(actor.adapter) as model:
+        return sample(model, input_ids, attention_mask, settings.sample, generator)
+
+
+@torch.no_grad()
+def make_experience(actor, critic, reward_fn, reference, input_ids, attention_mask, settings: RolloutSettings,
+                    kl_coef: float, generator, autocast_factory, moments: RunningMoments | None = None,
+                    whiten=None):
+    """One rollout batch -> Experience, plus timings {gen, score} in seconds.
+
+    reward_fn(sequences, attention_mask, prompt_length) -> [B] scores.
+    whiten(advantages, mask) lets a distributed strategy whiten with global statistics.
+    """
+    t0 = time.perf_counter()
+    out = rollout(actor, input_ids, attention_mask, settings, generator, autocast_factory())
+    t1 = time.perf_counter()
+    seq, attn, mask = out.sequences, out.attention_mask, out.action_mask.float()
+    n, temp = mask.shape[1], settings.sample.temperature if settings.sample.temperature > 0 else 1.0
+    with autocast_factory():
+        logprobs, _ = actor(seq, attn, n, temperature=temp)
+        ref_logprobs, _ = reference(seq, attn, n, temperature=temp)
+        values = critic(seq, attn, n).float()
+        score = reward_fn(seq, attn, out.prompt_length).float()
+    raw_score = score
+    if settings.normalize_reward and moments is not None:
+        moments.update(score)
+        score = moments.normalize(score)
+    rewards, kl = L.shape_rewards(score, logprobs.float(), ref_logprobs.float(), mask, kl_coef,
+                                  settings.kl_estimator, settings.reward_clip)
+    values = values * mask
+    advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
+    if settings.whiten_advantages:
+        advantages = (whiten or L.masked_whiten)(advantages, mask)
+    exp = Experience(seq, attn, mask, logprobs.float(), ref_logprobs.float(), values, rewards, advantages,
+                     returns, raw_score, kl)
+    return exp, {"time_gen": t1 - t0, "time_score": time.perf_counter() - t1}

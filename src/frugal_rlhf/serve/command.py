@@ -1,0 +1,111 @@
+"""`frugal serve MODEL`: argument parsing, model loading and running uvicorn.
+
+The web stack (fastapi, uvicorn) is imported inside the functions that need it, so this
+module can be imported by the CLI without the `serve` extra installed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("frugal_rlhf")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", nargs="?", default="default",
+                        help="model spec: default, tiny-llama, a HF directory, a .gguf file or a PEFT adapter")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--served-model-name", default=None, help="model id reported by the API")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    return parser
+
+
+def model_name_for(spec: str) -> str:
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else spec)
+
+
+def load_for_inference(spec: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) on the default device, in the compute dtype, in eval mode."""
+    from frugal_rlhf.device import compute_dtype, default_device
+    from frugal_rlhf.models.loading import load_model
+
+    device = default_device()
+    model, tokenizer = load_model(spec, dtype=compute_dtype(device, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def make_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
+             max_queue: int = 64):
+    from frugal_rlhf.serve.app import build_app
+    from frugal_rlhf.serve.engine import Engine
+
+    return build_app(Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue), model_name, api_key)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("frugal serve needs the serve extra: pip install 'frugal-rlhf[serve]'", file=sys.stderr)
+        return 2
+    if args.max_batch < 1 or args.max_queue < 1:
+        print("--max-batch and --max-queue must be at least 1", file=sys.stderr)
+        return 2
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
+    app = make_app(model, tokenizer, args.served_model_name or model_name_for(args.model), args.api_key,
+                   args.max_batch, args.max_queue)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+@dataclass
+class LiveServer:
+    """A uvicorn server running in a background thread (tests, benchmarks)."""
+    server: object
+    thread: threading.Thread
+    port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> LiveServer:
+    """Start `app` on host:port (0 = a free port) and return once it accepts connections."""
+    import uvicorn
+
+    # Bind the socket ourselves: with port 0 the kernel picks a free port and no other
+    # process can grab it between "find a free port" and "listen".
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="frugal-serve-http",
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    return LiveServer(server, thread, sock.getsockname()[1], host)

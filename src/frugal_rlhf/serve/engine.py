@@ -1,0 +1,205 @@
+"""The generation worker: one thread owns the model and runs batches.
+
+Batching is static and per-step: requests that arrive while a batch runs wait in a
+bounded queue; when the batch ends, up to `max_batch` waiting requests start together
+as one left-padded batch through `generation.sample` (KV cache). Each row keeps its own
+temperature / top_p / seed / max_tokens / stop strings (see sampler.RowSampler) and
+streams its text as soon as each step produces it. A row ends on EOS, a stop string, its
+max_tokens or a cancel (client gone); when every row has ended the batch stops at once.
+
+The engine knows nothing about HTTP or asyncio: each Job carries an `emit` callback that
+receives Delta / Finished / Failed events on the worker thread.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from frugal_rlhf.generation import SampleConfig, sample
+from frugal_rlhf.serve.sampler import RowSampler, RowSettings
+from frugal_rlhf.serve.tokens import IncrementalDecoder, StopMatcher, eos_token_ids
+
+log = logging.getLogger("frugal_rlhf")
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    max_tokens: int
+    settings: RowSettings = field(default_factory=RowSettings)
+    stop: tuple[str, ...] = ()
+    emit: Callable[[object], None] = lambda event: None
+    cancelled: bool = False  # set from any thread; read by the worker between steps
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class QueueFull(Exception):
+    pass
+
+
+class _Row:
+    """Bookkeeping for one request inside a running batch."""
+
+    def __init__(self, job: Job, tokenizer, eos: set[int]):
+        self.job, self.eos = job, eos
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stopper = StopMatcher(job.stop)
+        self.count = 0  # generated tokens that belong to the text (the final EOS is not counted)
+        self.done = False
+
+    def _send(self, text: str) -> None:
+        if text:
+            self.job.emit(Delta(text))
+
+    def feed(self, token: int) -> None:
+        if token in self.eos:
+            return self.finish("stop")
+        self.count += 1
+        self._send(self.stopper.push(self.decoder.push(token)))
+        if self.stopper.stopped:
+            self.finish("stop")
+        elif self.count >= self.job.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        if not self.stopper.stopped:
+            self._send(self.stopper.push(self.decoder.flush()))
+            self._send(self.stopper.flush())
+        if self.stopper.stopped:
+            reason = "stop"
+        self.done = True
+        self.job.emit(Finished(reason, len(self.job.prompt_ids), self.count))
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, gather_seconds: float = 0.01):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        # When the engine is idle, wait this long for companions before starting a batch:
+        # clients that fire together then share the first batch instead of queueing behind it.
+        self.gather_seconds = gather_seconds
+        self.eos = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.device = next(model.parameters()).device
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._rows: list[_Row] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="frugal-serve-worker", daemon=True)
+
+    def start(self) -> "Engine":
+        if not self._thread.is_alive() and not self._closed:
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            for job in self._queue:
+                job.emit(Failed("server shutting down"))
+            self._queue.clear()
+            for row in self._rows:
+                row.job.cancel()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._closed:
+                raise QueueFull("server shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    def stats(self) -> dict:
+        with self._cond:
+            queued = sum(not j.cancelled for j in self._queue)
+            active = sum(not (r.done or r.job.cancelled) for r in self._rows)
+        return {"active": active, "queued": queued, "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._closed and not self._queue:
+                self._cond.wait()
+            deadline = time.monotonic() + self.gather_seconds
+            while not self._closed and len(self._queue) < self.max_batch and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            if self._closed:
+                return None
+            batch = []
+            while self._queue and len(batch) < self.max_batch:
+                job = self._queue.popleft()
+                if not job.cancelled:  # its client left while it waited
+                    batch.append(job)
+            self._rows = [_Row(job, self.tokenizer, set(self.eos)) for job in batch]
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as err:  # a bad batch must not kill the worker
+                log.exception("generation failed")
+                for row in self._rows:
+                    if not row.done:
+                        row.done = True
+                        row.job.emit(Failed(f"generation failed: {err}"))
+            finally:
+                with self._cond:
+                    self._rows = []
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        rows = self._rows
+        width = max(len(j.prompt_ids) for j in batch)
+        ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in batch])
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in batch])
+        wrapped = RowSampler(self.model, [j.settings for j in batch])
+        config = SampleConfig(max_new_tokens=max(j.max_tokens for j in batch), temperature=0.0,
+                              eos_token_ids=self.eos, pad_token_id=self.pad_id)
+
+        def on_step(tokens, finished) -> bool:
+            for row, token in zip(rows, tokens.tolist()):
+                if row.done:
+                    continue
+                if row.job.cancelled:
+                    row.done = True  # nobody listens any more: drop the result
+                else:
+                    row.feed(token)
+            return not all(row.done for row in rows)  # False stops the whole batch
+
+        started = time.perf_counter()
+        sample(wrapped, ids.to(self.device), mask.to(self.device), config, on_step=on_step)
+        for row in rows:  # only reachable if sample() stopped early for its own reasons
+            if not row.done and not row.job.cancelled:
+                row.finish("length")
+        log.debug("batch of %d done in %.2fs", len(batch), time.perf_counter() - started)

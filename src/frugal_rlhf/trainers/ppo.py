@@ -1,0 +1,246 @@
+"""PPO: the loop. Math lives in rl.losses, rollouts in rl.experience; this file only orders them.
+
+One step = one rollout batch of prompts -> Experience -> `ppo_epochs` passes over shuffled
+mini-batches updating actor (clipped surrogate [+ entropy bonus] [+ PPO-ptx]) and critic
+(clipped value loss toward returns = advantages + old values).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt
+from ..generation import SampleConfig
+from ..models.export import export_adapter, export_merged
+from ..rl import losses as L
+from ..rl.experience import RolloutSettings, RunningMoments, make_experience
+from .base import Trainer, make_optimizer, make_scheduler
+from .supervised import LazyEncoded, split_rows
+
+log = logging.getLogger("frugal_rlhf")
+
+
+class GeneratorState:
+    """A torch.Generator made checkpointable (the sampling randomness of the run)."""
+
+    def __init__(self, seed):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+def stop_tokens(tokenizer) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return tuple(i for i in ids if i is not None)
+
+
+class PPOTrainer(Trainer):
+    stage = "ppo"
+    evaluate_at_start = True
+
+    def __init__(self, strategy, actor, critic, reward_model, initial_model, actor_optim=None, critic_optim=None,
+                 config=None, tokenizer=None, prompts=None, eval_prompts=None, ptx_rows=None, reward_fn=None):
+        from ..config import PPOConfig
+
+        super().__init__(strategy, config or PPOConfig())
+        cfg = self.config
+        self.tokenizer = tokenizer or actor.tokenizer
+        self.reward_model, self.reference = reward_model, initial_model
+        actor_optim = actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
+                                                    cfg.weight_decay)
+        critic_optim = critic_optim or make_optimizer(critic.trainable_parameters(),
+                                                      cfg.critic_lr or cfg.learning_rate(), cfg.weight_decay)
+        (self.actor, self.actor_optim), (self.critic, self.critic_optim) = strategy.prepare(
+            (actor, actor_optim), (critic, critic_optim))
+        self.reward_model, self.reference = strategy.prepare(reward_model, initial_model)
+        # A programmatic reward (sequences, attention_mask, prompt_length) -> [B] replaces the model.
+        self.custom_reward = reward_fn
+        self.schedulers = {"actor": make_scheduler(self.actor_optim, cfg),
+                           "critic": make_scheduler(self.critic_optim, cfg)}
+        self.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                       else L.FixedKLController(cfg.kl_coef))
+        self.moments = RunningMoments()
+        self.gen = GeneratorState(cfg.seed)
+        self.settings = RolloutSettings(
+            SampleConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop_tokens(self.tokenizer),
+                         self.tokenizer.pad_token_id),
+            cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.reward_clip, cfg.normalize_reward, cfg.whiten_advantages)
+        self.models = {"actor": self.actor, "critic": self.critic}
+        self.optimizers = {"actor": self.actor_optim, "critic": self.critic_optim}
+        self.stateful = {**{f"sched_{k}": v for k, v in self.schedulers.items()}, "kl": self.kl_ctl,
+                         "moments": self.moments, "generator": self.gen}
+        self.nan_steps = 0
+        self.ptx_loader = None
+        if ptx_rows:
+            encode = lambda r: encode_conversation(self.tokenizer, r["messages"], cfg.max_length)  # noqa: E731
+            self.ptx_loader = strategy.setup_dataloader(LazyEncoded(ptx_rows, encode), cfg.batch_size,
+                                                        SFTCollator(self.tokenizer.pad_token_id))
+            self.stateful["ptx_loader"] = self.ptx_loader
+        if prompts is not None:
+            self.set_prompts(prompts, eval_prompts)
+
+    # ---- data --------------------------------------------------------------------------------
+    def set_prompts(self, prompts, eval_prompts=None):
+        """prompts: strings, message lists or {"prompt": messages} rows."""
+        rows = [_as_prompt_row(p) for p in prompts]
+        encode = lambda r: {"prompt_ids": encode_prompt(self.tokenizer, r["prompt"], self.config.max_prompt_length),  # noqa: E731
+                            **r}
+        self.eval_rows = [encode(_as_prompt_row(p)) for p in (eval_prompts or [])]
+        self.loader = self.strategy.setup_dataloader(LazyEncoded(rows, encode), self.config.rollout_batch_size,
+                                                     PromptCollator(self.tokenizer.pad_token_id))
+        self.stateful["loader"] = self.loader
+
+    def fit(self, prompts=None, eval_prompts=None, stop_at=None):
+        if prompts is not None:
+            self.set_prompts(prompts, eval_prompts)
+        return super().fit(stop_at=stop_at)
+
+    def reward_fn(self, seq, attn, prompt_length):
+        if self.custom_reward is not None:
+            return self.custom_reward(seq, attn, prompt_length)
+        return self.reward_model(seq, attn)
+
+    @classmethod
+    def from_config(cls, strategy, cfg):
+        """The short path: roles on one shared base, prompts and demonstrations from files."""
+        from ..data.formats import load_dataset_file
+        from ..models.build import build_ppo_roles
+
+        roles = build_ppo_roles(cfg)
+        rows = load_dataset_file(cfg.prompts, "prompt", cfg.skip_bad_rows, cfg.max_rows)
+        train, held_out = split_rows(rows, 1.0, cfg.eval_prompts, cfg.seed)
+        ptx = load_dataset_file(cfg.ptx_data, "sft", cfg.skip_bad_rows) if cfg.ptx_data and cfg.ptx_coef else None
+        log.info("ppo: %d prompts, %d held out; roles on %s", len(train), len(held_out),
+                 "one shared base" if roles.shared else "separate models")
+        return cls(strategy, roles.actor, roles.critic, roles.reward_model, roles.reference, config=cfg,
+                   tokenizer=roles.tokenizer, prompts=train, eval_prompts=held_out, ptx_rows=ptx)
+
+    # ---- one PPO step ------------------------------------------------------------------------
+    def train_step(self, step):
+        batch = self.loader.next_batch()
+        dev = self.strategy.device
+        exp, timing = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
+                                      batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
+                                      self.kl_ctl.value, self.gen.generator, self.strategy.autocast, self.moments,
+                                      getattr(self.strategy, "whiten", None))
+        t0 = time.perf_counter()
+        stats = self.update(exp)
+        timing["time_update"] = time.perf_counter() - t0
+        for sched in self.schedulers.values():
+            sched.step()
+        mask = exp.action_mask
+        seq_kl = float((exp.kl * mask).sum(1).mean())
+        self.kl_ctl.update(seq_kl, exp.sequences.shape[0])
+        out = {"reward": float(exp.score.mean()), "reward_std": float(exp.score.std()) if len(exp.score) > 1 else 0.0,
+               "kl": seq_kl, "kl_coef": self.kl_ctl.value, "response_length": float(mask.sum(1).mean()),
+               "explained_variance": L.explained_variance(exp.values, exp.returns, mask),
+               "samples_per_s": exp.sequences.shape[0] / sum(timing.values()), **timing, **stats}
+        if self.config.normalize_reward:
+            out["reward_norm"] = float(self.moments.normalize(exp.score).mean())
+        self.warn(out)
+        return out
+
+    def update(self, exp) -> dict:
+        cfg, sums, count = self.config, {}, 0
+        self.actor.train()
+        self.critic.train()
+        temp = cfg.temperature if cfg.temperature > 0 else 1.0
+        for _ in range(cfg.ppo_epochs):
+            for mb in exp.minibatches(cfg.batch_size, self.gen.generator):
+                n = mb.num_actions
+                with self.strategy.autocast():
+                    logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=temp,
+                                               with_entropy=True)
+                    pg_loss, pg = L.policy_loss(logp.float(), mb.logprobs, mb.advantages, mb.action_mask,
+                                                cfg.clip_eps)
+                    ent = L.masked_mean(entropy, mb.action_mask)
+                    actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
+                    values = self.critic(mb.sequences, mb.attention_mask, n).float()
+                    vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
+                if not (torch.isfinite(actor_loss) and torch.isfinite(vf_loss)):
+                    self.skip_nan()
+                    continue
+                self.strategy.backward(actor_loss, self.actor, self.actor_optim)
+                self.strategy.backward(cfg.vf_coef * vf_loss, self.critic, self.critic_optim)
+                a_norm = self.strategy.optimizer_step(self.actor_optim, cfg.max_grad_norm, self.actor)
+                c_norm = self.strategy.optimizer_step(self.critic_optim, cfg.max_grad_norm, self.critic)
+                self.nan_steps = 0
+                row = {"policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()), "entropy": float(ent.detach()),
+                       "actor_grad_norm": a_norm, "critic_grad_norm": c_norm, **pg, **vf}
+                for k, v in row.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / max(1, count) for k, v in sums.items()}
+
+    def ptx_loss(self):
+        if self.ptx_loader is None or not self.config.ptx_coef:
+            return 0.0
+        batch = {k: v.to(self.strategy.device) for k, v in self.ptx_loader.next_batch().items()}
+        logp, _ = self.actor(batch["input_ids"], batch["attention_mask"])
+        mask = (batch["labels"][:, 1:] != IGNORE).float()
+        return self.config.ptx_coef * -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+    def skip_nan(self):
+        self.nan_steps += 1
+        self.actor_optim.zero_grad(set_to_none=True)
+        self.critic_optim.zero_grad(set_to_none=True)
+        log.warning("non-finite PPO loss: update skipped (%d in a row)", self.nan_steps)
+        if self.nan_steps >= 3:
+            raise FloatingPointError("PPO produced non-finite losses 3 times in a row: lower the learning rate, "
+                                     "check the reward model's scores, or use --dtype fp32")
+
+    def warn(self, m):
+        if m["kl"] > 20:
+            log.warning("KL to the reference is %.1f nats per response and may be running away: raise --kl-coef "
+                        "or set --kl-target", m["kl"])
+        if m.get("clipfrac", 0) > 0.5:
+            log.warning("policy clip fraction %.2f: the update is too large; lower --lr or --ppo-epochs",
+                        m["clipfrac"])
+        if m["response_length"] < 1.5:
+            log.warning("responses have collapsed to ~%.1f tokens: the policy may be gaming the reward",
+                        m["response_length"])
+
+    # ---- evaluation and output ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self):
+        """Held-out prompts, sampled with a fixed seed: mean reward and KL to the reference."""
+        if not getattr(self, "eval_rows", None):
+            return {}
+        collate = PromptCollator(self.tokenizer.pad_token_id)
+        scores, kls = [], []
+        gen = torch.Generator().manual_seed(self.config.seed + 1)
+        dev = self.strategy.device
+        for i in range(0, len(self.eval_rows), self.config.rollout_batch_size):
+            batch = collate(self.eval_rows[i:i + self.config.rollout_batch_size])
+            exp, _ = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
+                                     batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
+                                     0.0, gen, self.strategy.autocast)
+            scores.append(exp.score)
+            kls.append((exp.kl * exp.action_mask).sum(1))
+        return {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean())}
+
+    def finish(self):
+        if self.strategy.is_rank0:
+            actor = self.strategy.unwrap(self.actor)
+            export_merged(actor, self.tokenizer, self.out / "final")
+            if actor.adapter:
+                export_adapter(actor, self.tokenizer, self.out / "adapter", base=self.config.model)
+            self.run.plot(["reward", "eval_reward", "kl", "response_length"], "ppo.png", "PPO")
+            self.run.plot(["value_loss", "explained_variance", "clipfrac", "entropy"], "ppo_diagnostics.png")
+
+
+def _as_prompt_row(p):
+    if isinstance(p, str):
+        return {"prompt": [{"role": "user", "content": p}], "reference": None}
+    if isinstance(p, list):
+        return {"prompt": p, "reference": None}
+    return p

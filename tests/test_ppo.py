@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from frugal_rlhf.config import PPOConfig
+from frugal_rlhf.models.loading import load_model
+from frugal_rlhf.models.roles import Actor, Critic, SharedLM
+from frugal_rlhf.strategies import NaiveStrategy
+from frugal_rlhf.trainers.ppo import PPOTrainer
+
+PROMPTS = [f"Write letters {i}" for i in range(64)]
+
+
+def shared_roles(rank=8):
+    hf, tok = load_model("tiny-llama", torch.float32)
+    lm = SharedLM(hf)
+    lm.add_adapter("actor", rank)
+    lm.add_adapter("critic", rank)
+    return Actor(lm, "actor"), Critic(lm, "critic"), Actor(lm, None), tok
+
+
+def letter_reward(tok):
+    """Reward = fraction of response tokens that are lowercase letters: optimum 1.0, start ~0.1."""
+    letters = torch.tensor([tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"])
+
+    def reward(seq, attn, prompt_length):
+        resp, mask = seq[:, prompt_length:], attn[:, prompt_length:].float()
+        return (torch.isin(resp, letters).float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    return reward
+
+
+def run_ppo(tmp_path, stop_at=None, **kw):
+    actor, critic, ref, tok = shared_roles()
+    cfg = PPOConfig(**{"model": "tiny-llama", "output": str(tmp_path / "ppo"), "max_steps": 30, "lora_rank": 8,
+                       "rollout_batch_size": 16, "batch_size": 8, "lr": 3e-3, "max_new_tokens": 12,
+                       "kl_coef": 0.01, "dtype": "fp32", "save_every": 0, "eval_every": 0, "ppo_epochs": 2, **kw})
+    strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
+    strategy.setup_distributed()
+    trainer = PPOTrainer(strategy, actor, critic, None, ref, config=cfg, tokenizer=tok, reward_fn=letter_reward(tok),
+                         prompts=PROMPTS, eval_prompts=PROMPTS[:8])
+    metrics = trainer.fit(stop_at=stop_at)
+    return trainer, [m for m in metrics if m["step"] > 0]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_ppo_raises_reward_and_kl_coef_holds_policy_near_reference(tmp_path):
+    _, free = run_ppo(tmp_path / "free")
+    rewards = [m["reward"] for m in free]
+    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.3, rewards
+    assert (tmp_path / "free" / "ppo" / "final" / "config.json").exists()
+    _, held = run_ppo(tmp_path / "held", kl_coef=1.0)
+    assert held[-1]["kl"] < 3.0 and held[-1]["kl"] < 0.2 * free[-1]["kl"], (held[-1]["kl"], free[-1]["kl"])
+    assert mean([m["reward"] for m in held[-5:]]) < mean(rewards[-5:]) - 0.2
+
+
+def test_ppo_resume_equals_uninterrupted(tmp_path):
+    _, full = run_ppo(tmp_path / "a", max_steps=4, save_every=2)
+    run_ppo(tmp_path / "b", max_steps=4, save_every=2, stop_at=2)
+    _, resumed = run_ppo(tmp_path / "b", max_steps=4, save_every=2, resume=True)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        for key in ("reward", "kl", "policy_loss", "value_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_roles_on_one_base_equal_separate_models_and_share_storage(tmp_path):
+    actor, critic, ref, tok = shared_roles(rank=4)
+    torch.manual_seed(1)
+    for name, p in actor.lm.model.named_parameters():
+        if ".lora_B." in name:  # make both adapters non-trivial (B starts at zero)
+            torch.nn.init.normal_(p, std=0.2)
+    torch.nn.init.normal_(critic.head.weight)
+    ids = torch.tensor([[3, 70, 80, 90, 100, 110, 120, 7], [258, 258, 80, 81, 82, 83, 84, 85]])
+    mask = (ids != 258).long()
+    with torch.no_grad():
+        shared_out = [actor(ids, mask)[0], ref(ids, mask)[0], critic(ids, mask, 4), actor(ids, mask)[0]]
+    torch.testing.assert_close(shared_out[0], shared_out[3])  # switching back changes nothing
+    assert not torch.allclose(shared_out[0], shared_out[1])  # the adapter is really active
+    # Separate models built from the same weights.
+    actor.lm.model.save_pretrained(tmp_path / "ad", selected_adapters=["actor", "critic"], save_embedding_layers=False)
+    outs = []
+    for name in ("actor", "critic"):
+        hf, _ = load_model("tiny-llama", torch.float32)
+        lm = SharedLM(hf)
+        lm.load_adapter(tmp_path / "ad" / name, name)
+        outs.append(Actor(lm, name) if name == "actor" else Critic(lm, name, head=critic.head))
+    plain, _ = load_model("tiny-llama", torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0](ids, mask)[0], shared_out[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[1](ids, mask, 4), shared_out[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Actor(SharedLM(plain), None)(ids, mask)[0], shared_out[1], atol=1e-5, rtol=1e-5)
+    # The base's parameter storage is held once, whatever role looks at it.
+    base_ptrs = lambda role: {p.data_ptr() for n, p in role.named_parameters() if ".lora_" not in n  # noqa: E731
+                              and not n.startswith("head.")}
+    assert base_ptrs(actor) == base_ptrs(critic) == base_ptrs(ref)
+    n_base = sum(p.numel() for n, p in actor.named_parameters() if ".lora_" not in n)
+    n_all = sum(p.numel() for p in {id(p): p for r in (actor, critic, ref) for p in r.parameters()}.values())
+    assert n_all < 1.2 * n_base  # four roles, about one base worth of weights
+
+
+def test_first_epoch_starts_at_ratio_one(tmp_path):
+    trainer, metrics = run_ppo(tmp_path, max_steps=1, ppo_epochs=1, batch_size=16)
+    # One mini-batch, one epoch: the update sees exactly the rollout policy (old log-probs are
+    # recomputed in the update's own mode), so nothing is clipped and the ratio is 1.
+    assert metrics[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics[0]["clipfrac"] == 0.0
