@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import types
 import typing
+from pathlib import Path
 
 from .config import STAGE_CONFIGS, from_dict, load_yaml
 from .runlog import setup_logging
@@ -66,8 +68,191 @@ def cmd_sft(args):
         strategy.cleanup()
 
 
+def _run_stage(cls, build, args):
+    cfg = config_from_args(cls, args)
+    strategy = make_strategy(cfg)
+    strategy.setup_distributed()
+    try:
+        return cfg, build(strategy, cfg).fit()
+    finally:
+        strategy.cleanup()
+
+
+def cmd_rm(args):
+    from .trainers.reward import RewardTrainer
+
+    cfg = config_from_args(STAGE_CONFIGS["rm"], args)
+    if cfg.eval_only:
+        return _rm_eval_only(cfg)
+    cfg, metrics = _run_stage(STAGE_CONFIGS["rm"], RewardTrainer, args)
+    if metrics:
+        result = json.loads((Path(cfg.output) / "eval.json").read_text())
+        print(f"rm: held-out accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs, mean margin "
+              f"{result['mean_margin']:.3f}; reward model in {cfg.output}")
+
+
+def _rm_eval_only(cfg):
+    from .data.formats import load_dataset_file
+    from .device import default_device
+    from .models.reward_io import load_reward_model
+    from .trainers.reward import evaluate_reward_model
+
+    rm = load_reward_model(cfg.model).to(default_device())
+    rows = load_dataset_file(cfg.data, "preference", cfg.skip_bad_rows, cfg.max_rows)
+    result = evaluate_reward_model(rm, rows, cfg.max_length, cfg.batch_size)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"rm eval: accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs, mean margin "
+          f"{result['mean_margin']:.3f} -> {cfg.output}/eval.json")
+
+
+def cmd_ppo(args):
+    from .trainers.ppo import PPOTrainer
+
+    cfg, metrics = _run_stage(STAGE_CONFIGS["ppo"], PPOTrainer.from_config, args)
+    if metrics:
+        ev = [m for m in metrics if "eval_reward" in m]
+        train = [m for m in metrics if "reward" in m]
+        print(f"ppo: {len(train)} steps, reward {train[0]['reward']:.3f} -> {train[-1]['reward']:.3f}, KL "
+              f"{train[-1]['kl']:.3f}" + (f"; held-out reward {ev[0]['eval_reward']:.3f} -> {ev[-1]['eval_reward']:.3f}"
+                                         if len(ev) > 1 else "") + f"; policy in {cfg.output}/final")
+
+
+def add_prefs_args(p):
+    p.add_argument("--model", default="runs/sft/final", help="the SFT model that writes the rejected answers")
+    p.add_argument("--prompts", default="sharegpt", help="conversations with reference answers")
+    p.add_argument("--output", default="prefs.jsonl")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+
+
+def cmd_prefs(args):
+    from .data.formats import load_dataset_file
+    from .device import autocast, compute_dtype, default_device
+    from .models.loading import load_model
+    from .prefs import build_reference_pairs
+
+    device = default_device()
+    dtype = compute_dtype(device, args.dtype)
+    model, tok = load_model(args.model, dtype)
+    rows = load_dataset_file(args.prompts, "prompt", limit=args.num_prompts * 2)
+    rows = [r for r in rows if r.get("reference")][: args.num_prompts]
+    summary = build_reference_pairs(model.to(device), tok, rows, args.output, args.max_new_tokens, args.temperature,
+                                    args.top_p, args.batch_size, seed=args.seed, device=device,
+                                    autocast=autocast(device, dtype))
+    print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
+          f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
+
+
+def add_pipeline_args(p):
+    p.add_argument("--config", help="pipeline YAML (see configs/example.yaml)")
+    p.add_argument("--output")
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test in ~1 minute")
+
+
+def cmd_pipeline(args, default_config=None):
+    from .pipeline import Pipeline, load_pipeline_config, packaged_config
+
+    path = args.config or (packaged_config("quick" if args.quick else default_config) if default_config or
+                           args.quick else None)
+    if path is None:
+        raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
+    Pipeline(load_pipeline_config(path, {"output": args.output})).run()
+
+
+def cmd_demo(args):
+    if not args.output:
+        args.output = "runs/demo-quick" if args.quick else "runs/demo"
+    cmd_pipeline(args, default_config="demo")
+
+
+def add_eval_args(p):
+    p.add_argument("--model", required=True)
+    p.add_argument("--baseline", required=True, help="the model to compare against (and the KL reference)")
+    p.add_argument("--prompts", default="held-out",
+                   help="a prompt file, or held-out: the held-out prompts of the run the model belongs to")
+    p.add_argument("--reward-model", help="default: the rm/ of the model's run directory")
+    p.add_argument("--output", help="directory for eval.json and eval.md (default: beside --model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dtype", default="auto")
+
+
+def _run_dir_of(model: str) -> Path:
+    """runs/demo/ppo/final -> runs/demo (the directory holding data/held_out.jsonl)."""
+    for parent in Path(model).resolve().parents:
+        if (parent / "data" / "held_out.jsonl").exists():
+            return parent
+    raise FileNotFoundError(f"no run directory with data/held_out.jsonl above {model}; pass --prompts FILE")
+
+
+def cmd_eval(args):
+    from .data.formats import load_dataset_file
+    from .device import autocast, compute_dtype, default_device
+    from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
+    from .generation import SampleConfig
+    from .models.reward_io import load_reward_model
+    from .trainers.ppo import stop_tokens
+
+    prompts = str(_run_dir_of(args.model) / "data" / "held_out.jsonl") if args.prompts == "held-out" else args.prompts
+    rm_path = args.reward_model or str(_run_dir_of(args.model) / "rm")
+    device = default_device()
+    dtype = compute_dtype(device, args.dtype)
+    model, tok = load_policy(args.model, dtype)
+    baseline, _ = load_policy(args.baseline, dtype)
+    rm = load_reward_model(rm_path, dtype=dtype)
+    for m in (model, baseline, rm):
+        m.to(device).eval()
+    cfg = SampleConfig(args.max_new_tokens, args.temperature, 0, 0.95, stop_tokens(tok), tok.pad_token_id)
+    rows = load_dataset_file(prompts, "prompt")
+    summary = compare_models(model, baseline, tok, rm, rows, cfg, seed=args.seed, autocast=autocast(device, dtype))
+    out = Path(args.output or Path(args.model).parent)
+    write_comparison(summary, out, "eval")
+    print(summary_markdown(summary))
+    print(f"written: {out / 'eval.json'}, {out / 'eval.md'}")
+
+
+def _serve(args):
+    from .serve.command import cmd_serve
+
+    cmd_serve(args)
+
+
+def _chat(args):
+    from .chat import cmd_chat
+
+    cmd_chat(args)
+
+
+def _serve_args(p):
+    from .serve.command import add_serve_args
+
+    add_serve_args(p)
+
+
+def _chat_args(p):
+    from .chat import add_chat_args
+
+    add_chat_args(p)
+
+
+# name -> (function, help, stage config or a function adding arguments)
 COMMANDS = {
     "sft": (cmd_sft, "supervised fine-tuning on demonstrations", "sft"),
+    "rm": (cmd_rm, "train (or --eval-only: score) a reward model on ranked pairs", "rm"),
+    "prefs": (cmd_prefs, "build preference pairs with the simulated labeler", add_prefs_args),
+    "ppo": (cmd_ppo, "PPO against a reward model, four roles on one base", "ppo"),
+    "pipeline": (cmd_pipeline, "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
+    "demo": (cmd_demo, "the whole pipeline on the embedded default model and data", add_pipeline_args),
+    "eval": (cmd_eval, "compare a model with a baseline on held-out prompts", add_eval_args),
+    "chat": (_chat, "chat with a model in the terminal", _chat_args),
+    "serve": (_serve, "OpenAI-compatible HTTP API and a web chat page", _serve_args),
 }
 
 
@@ -77,8 +262,10 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, help_text, stage) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if stage:
+        if isinstance(stage, str):
             add_config_flags(p, STAGE_CONFIGS[stage])
+        else:
+            stage(p)
         p.set_defaults(fn=fn)
     return parser
 

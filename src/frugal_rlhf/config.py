@@ -67,6 +67,7 @@ class PPOConfig(TrainConfig):
     critic_model: str | None = None    # a separate critic base; default: critic on the shared base
     critic_init: str = "reward"        # reward (start from the reward adapter+head) | fresh
     prompts: str = "sharegpt"
+    eval_data: str | None = None       # held-out prompts file; default: eval_prompts split off --prompts
     ptx_data: str | None = None        # demonstrations for the PPO-ptx loss
     ptx_coef: float = 0.0
     max_steps: int = 40

@@ -20,6 +20,11 @@ def setup_logging(level=logging.INFO):
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
+    # Our own progress bars say what runs; transformers' per-load bars would drown them.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 class RunDir:

@@ -110,6 +110,7 @@ class Engine:
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
         self._closed = False
+        self._counters = {"batches": 0, "largest_batch": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._loop, name="frugal-serve-worker", daemon=True)
 
     def start(self) -> "Engine":
@@ -142,8 +143,10 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             queued = sum(not j.cancelled for j in self._queue)
-            active = sum(not (r.done or r.job.cancelled) for r in self._rows)
-        return {"active": active, "queued": queued, "max_batch": self.max_batch, "max_queue": self.max_queue}
+            active = sum(not r.done for r in self._rows)  # a cancelled row counts until the worker drops it
+            counters = dict(self._counters)
+        return {"active": active, "queued": queued, "max_batch": self.max_batch, "max_queue": self.max_queue,
+                **counters}
 
     def _take_batch(self) -> list[Job] | None:
         with self._cond:
@@ -159,6 +162,11 @@ class Engine:
                 job = self._queue.popleft()
                 if not job.cancelled:  # its client left while it waited
                     batch.append(job)
+                else:
+                    self._counters["cancelled"] += 1
+            if batch:
+                self._counters["batches"] += 1
+                self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch))
             self._rows = [_Row(job, self.tokenizer, set(self.eos)) for job in batch]
             return batch
 
@@ -193,6 +201,8 @@ class Engine:
                     continue
                 if row.job.cancelled:
                     row.done = True  # nobody listens any more: drop the result
+                    with self._cond:
+                        self._counters["cancelled"] += 1
                 else:
                     row.feed(token)
             return not all(row.done for row in rows)  # False stops the whole batch

@@ -135,6 +135,11 @@ class NaiveStrategy:
     def unwrap(self, model):
         return model
 
+    def full_models(self, *models):
+        """Context in which unwrap(model) on rank 0 is a complete, plain model (exports).
+        Every rank enters it: a sharded strategy gathers here."""
+        return contextlib.nullcontext()
+
     def backward(self, loss, model, optim):
         loss.backward()
 

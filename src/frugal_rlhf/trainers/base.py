@@ -113,7 +113,8 @@ class Trainer:
                 if cfg.save_every and (step % cfg.save_every == 0 or step == last):
                     self.save_checkpoint(step)
         if last == cfg.max_steps:
-            self.finish()
+            with self.strategy.full_models(*self.models.values()):  # exports need whole models
+                self.finish()
         self.strategy.barrier()
         return self.run.read_metrics() if self.strategy.is_rank0 else []
 

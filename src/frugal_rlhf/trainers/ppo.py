@@ -117,7 +117,10 @@ class PPOTrainer(Trainer):
 
         roles = build_ppo_roles(cfg)
         rows = load_dataset_file(cfg.prompts, "prompt", cfg.skip_bad_rows, cfg.max_rows)
-        train, held_out = split_rows(rows, 1.0, cfg.eval_prompts, cfg.seed)
+        if cfg.eval_data:
+            train, held_out = rows, load_dataset_file(cfg.eval_data, "prompt", cfg.skip_bad_rows)[:cfg.eval_prompts]
+        else:
+            train, held_out = split_rows(rows, 1.0, cfg.eval_prompts, cfg.seed)
         ptx = load_dataset_file(cfg.ptx_data, "sft", cfg.skip_bad_rows) if cfg.ptx_data and cfg.ptx_coef else None
         log.info("ppo: %d prompts, %d held out; roles on %s", len(train), len(held_out),
                  "one shared base" if roles.shared else "separate models")

@@ -1,0 +1,118 @@
+"""Held-out comparison of a model against a baseline (`frugal eval`, and the demo report).
+
+For each prompt both models sample one answer (same seed, same settings); we report the
+reward model's mean score and win rate, the KL of the model to the baseline on the model's
+own samples (sum over tokens of log p_model - log p_baseline, an unbiased estimate of
+KL(model || baseline)), answer length, and a quality measure the policy never optimized:
+unigram F1 against the held-out human reference answers.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .data.tokenize import PromptCollator, encode_prompt
+from .generation import SampleConfig, sample
+from .models.roles import Actor, SharedLM
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def unigram_f1(candidate: str, reference: str) -> float:
+    """Word-overlap F1 (as in SQuAD's metric): a cheap, model-free similarity to a reference."""
+    a, b = _WORD.findall(candidate.lower()), _WORD.findall(reference.lower())
+    common = sum((collections.Counter(a) & collections.Counter(b)).values())
+    if not a or not b or not common:
+        return 0.0
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def sample_with_logprobs(actor: Actor, tokenizer, prompts, cfg: SampleConfig, seed: int, batch_size: int,
+                         max_prompt_length: int, autocast, others=()):
+    """Sample answers; return texts, token counts and per-sequence log-prob sums under
+    `actor` and each model in `others` (evaluated on the same tokens)."""
+    collate = PromptCollator(tokenizer.pad_token_id)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(actor.parameters()).device
+    texts, lengths, logps = [], [], [[] for _ in range(1 + len(others))]
+    for i in range(0, len(prompts), batch_size):
+        batch = collate([{"prompt_ids": encode_prompt(tokenizer, p, max_prompt_length)}
+                         for p in prompts[i:i + batch_size]])
+        with autocast, actor.lm.role(actor.adapter) as model:
+            ro = sample(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, gen)
+        n = ro.action_mask.shape[1]
+        mask = ro.action_mask.float()
+        for k, m in enumerate((actor, *others)):
+            with autocast:
+                lp, _ = m(ro.sequences, ro.attention_mask, n)
+            logps[k].extend((lp.float() * mask).sum(1).tolist())
+        for seq, am in zip(ro.sequences[:, ro.prompt_length:], ro.action_mask):
+            ids = [int(t) for t, keep in zip(seq, am) if keep and int(t) not in cfg.eos_token_ids]
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+        lengths.extend(ro.action_mask.sum(1).tolist())
+    return texts, lengths, logps
+
+
+def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows, cfg: SampleConfig, seed=1,
+                   batch_size=8, max_prompt_length=256, autocast=None, n_examples=4) -> dict:
+    """rows: {"prompt": messages, "reference": str|None}. Returns a JSON-ready summary."""
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext()
+    prompts = [r["prompt"] for r in rows]
+    new_texts, new_len, (lp_new, lp_base_on_new) = sample_with_logprobs(
+        model, tokenizer, prompts, cfg, seed, batch_size, max_prompt_length, autocast, others=(baseline,))
+    old_texts, old_len, _ = sample_with_logprobs(baseline, tokenizer, prompts, cfg, seed, batch_size,
+                                                 max_prompt_length, autocast)
+    r_new = reward_model.score(prompts, new_texts).tolist()
+    r_old = reward_model.score(prompts, old_texts).tolist()
+    refs = [r.get("reference") for r in rows]
+    with_ref = [i for i, ref in enumerate(refs) if ref]
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    summary = {
+        "n_prompts": len(rows),
+        "reward_model": {"model": mean(r_new), "baseline": mean(r_old)},
+        "win_rate": mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_new, r_old)]),
+        "kl_to_baseline": mean([a - b for a, b in zip(lp_new, lp_base_on_new)]),
+        "length": {"model": mean(new_len), "baseline": mean(old_len)},
+        "reference_f1": {"model": mean([unigram_f1(new_texts[i], refs[i]) for i in with_ref]),
+                         "baseline": mean([unigram_f1(old_texts[i], refs[i]) for i in with_ref]),
+                         "n": len(with_ref)},
+        "examples": [{"prompt": prompts[i][-1]["content"], "baseline": old_texts[i], "model": new_texts[i],
+                      "reward_baseline": r_old[i], "reward_model": r_new[i]} for i in range(min(n_examples, len(rows)))],
+    }
+    return summary
+
+
+def load_policy(spec: str, dtype) -> tuple[Actor, object]:
+    from .models.loading import load_model
+
+    hf, tok = load_model(spec, dtype)
+    hf.requires_grad_(False)
+    actor = Actor(SharedLM(hf), None)
+    actor.tokenizer = tok
+    return actor, tok
+
+
+def summary_markdown(s: dict, model_name="model", baseline_name="baseline") -> str:
+    lines = [f"| metric | {baseline_name} | {model_name} |", "|---|---|---|",
+             f"| reward-model score (mean) | {s['reward_model']['baseline']:.3f} | {s['reward_model']['model']:.3f} |",
+             f"| win rate by the reward model | - | {s['win_rate']:.2f} |",
+             f"| KL to {baseline_name} (nats/answer) | 0 | {s['kl_to_baseline']:.2f} |",
+             f"| answer length (tokens) | {s['length']['baseline']:.1f} | {s['length']['model']:.1f} |",
+             f"| unigram F1 vs human reference (n={s['reference_f1']['n']}) | {s['reference_f1']['baseline']:.3f} | "
+             f"{s['reference_f1']['model']:.3f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(summary: dict, out_dir, name="eval", **names):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"{name}.md").write_text(summary_markdown(summary, **names))

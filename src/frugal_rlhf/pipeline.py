@@ -1,0 +1,185 @@
+"""`frugal pipeline` / `frugal demo`: SFT -> preference pairs -> reward model -> PPO -> report,
+in one run directory. A stage whose complete output exists is skipped, and an interrupted
+stage resumes from its last checkpoint, so rerunning an interrupted pipeline continues it.
+
+    OUT/data/{sft,prefs_prompts,ppo_prompts,held_out}.jsonl   the split, kept apart
+    OUT/sft/  OUT/prefs.jsonl  OUT/rm/  OUT/ppo/               the stages
+    OUT/report.md  OUT/summary.json  OUT/eval.json             the evidence
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .config import PPOConfig, RewardConfig, SFTConfig, from_dict
+from .strategies.base import atomic_write
+
+log = logging.getLogger("frugal_rlhf")
+
+
+@dataclass
+class SplitConfig:
+    held_out: int = 32          # prompts kept apart for the before/after comparison
+    prefs: int = 256            # prompts turned into preference pairs
+    ppo: int = 512              # prompts for PPO rollouts
+    sft: int = 2000             # demonstrations for SFT
+    max_prompt_chars: int = 400  # prompt files keep short first questions (fast, on topic)
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "default"
+    data: str = "sharegpt"
+    output: str = "runs/pipeline"
+    seed: int = 42
+    dtype: str = "auto"
+    strategy: str = "naive"
+    split: SplitConfig = field(default_factory=SplitConfig)
+    sft: dict = field(default_factory=dict)     # SFTConfig fields
+    prefs: dict = field(default_factory=dict)   # max_new_tokens, temperature, top_p, batch_size
+    rm: dict = field(default_factory=dict)      # RewardConfig fields
+    ppo: dict = field(default_factory=dict)     # PPOConfig fields
+    eval: dict = field(default_factory=dict)    # max_new_tokens, temperature, batch_size
+
+
+def load_pipeline_config(path=None, overrides: dict | None = None) -> PipelineConfig:
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    split = from_dict(SplitConfig, data.pop("split", {}) or {}, source=f"{path}: split")
+    return from_dict(PipelineConfig, {**data, "split": split}, source=str(path))
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("frugal_rlhf") / "configs" / f"{name}.yaml"))
+
+
+def _first_exchange(row):
+    msgs = row["messages"]
+    k = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return {"messages": msgs[:k + 1]}
+
+
+def write_split(cfg: PipelineConfig, data_dir: Path):
+    """Shuffle once with the seed and cut disjoint parts: held-out prompts never train anything."""
+    from .data.formats import load_dataset_file
+    from .trainers.supervised import split_rows
+
+    if (data_dir / "sft.jsonl").exists():
+        return
+    s = cfg.split
+    rows, _ = split_rows(load_dataset_file(cfg.data, "sft"), 0.0, 0, cfg.seed)
+    short = [_first_exchange(r) for r in rows if len(_first_exchange(r)["messages"][-2]["content"]) <= s.max_prompt_chars]
+    need = s.held_out + s.prefs + s.ppo
+    if len(short) < need:
+        raise ValueError(f"{cfg.data}: {len(short)} short prompts, the split needs {need}")
+    parts = {"held_out": short[:s.held_out], "prefs_prompts": short[s.held_out:s.held_out + s.prefs],
+             "ppo_prompts": short[s.held_out + s.prefs:need]}
+    used = {json.dumps(r["messages"][-2]) for r in short[:need]}
+    parts["sft"] = [r for r in rows if json.dumps(_first_exchange(r)["messages"][-2]) not in used][:s.sft]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        atomic_write(data_dir / f"{name}.jsonl",
+                     lambda tmp, part=part: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in part)))
+    log.info("split: %s", {k: len(v) for k, v in parts.items()})
+
+
+def _stage_config(cls, base: dict, section: dict, source: str):
+    return from_dict(cls, {**base, **section}, source=source)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.timings: dict = {}
+
+    def common(self) -> dict:
+        c = self.cfg
+        return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "resume": True}
+
+    def run(self):
+        from .runlog import setup_logging
+
+        setup_logging()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+        data = self.out / "data"
+        self._stage("split", lambda: write_split(self.cfg, data), data / "sft.jsonl")
+        self._stage("sft", self.run_sft, self.out / "sft" / "final" / "config.json")
+        self._stage("prefs", self.run_prefs, self.out / "prefs.jsonl")
+        self._stage("rm", self.run_rm, self.out / "rm" / "reward_model.json")
+        self._stage("ppo", self.run_ppo, self.out / "ppo" / "final" / "config.json")
+        self._stage("report", self.run_report, self.out / "report.md")
+        return json.loads((self.out / "summary.json").read_text())
+
+    def _stage(self, name, fn, done_marker: Path):
+        if done_marker.exists():
+            log.info("== %s: already complete (%s), skipped", name, done_marker)
+            return
+        log.info("== %s", name)
+        t0 = time.perf_counter()
+        fn()
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        times = self.out / "timings.json"
+        saved = json.loads(times.read_text()) if times.exists() else {}
+        times.write_text(json.dumps({**saved, **self.timings}, indent=2) + "\n")
+
+    def _run_trainer(self, cfg, build):
+        from .strategies import make_strategy
+
+        strategy = make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype)
+        strategy.setup_distributed()
+        try:
+            return build(strategy, cfg).fit()
+        finally:
+            strategy.cleanup()
+
+    def run_sft(self):
+        from .trainers.supervised import SFTTrainer
+
+        cfg = _stage_config(SFTConfig, {**self.common(), "model": self.cfg.model, "output": str(self.out / "sft"),
+                                        "data": str(self.out / "data" / "sft.jsonl")}, self.cfg.sft, "sft")
+        self._run_trainer(cfg, SFTTrainer)
+
+    def run_prefs(self):
+        from .data.formats import load_dataset_file
+        from .device import autocast, compute_dtype, default_device
+        from .models.loading import load_model
+        from .prefs import build_reference_pairs
+
+        device = default_device()
+        dtype = compute_dtype(device, self.cfg.dtype)
+        model, tok = load_model(str(self.out / "sft" / "final"), dtype)
+        rows = load_dataset_file(str(self.out / "data" / "prefs_prompts.jsonl"), "prompt")
+        summary = build_reference_pairs(model.to(device), tok, rows, self.out / "prefs.jsonl", seed=self.cfg.seed,
+                                        device=device, autocast=autocast(device, dtype), **self.cfg.prefs)
+        (self.out / "prefs.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def run_rm(self):
+        from .trainers.reward import RewardTrainer
+
+        cfg = _stage_config(RewardConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
+                                           "output": str(self.out / "rm"), "data": str(self.out / "prefs.jsonl")},
+                            self.cfg.rm, "rm")
+        self._run_trainer(cfg, RewardTrainer)
+
+    def run_ppo(self):
+        from .trainers.ppo import PPOTrainer
+
+        cfg = _stage_config(PPOConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
+                                        "output": str(self.out / "ppo"), "reward_model": str(self.out / "rm"),
+                                        "prompts": str(self.out / "data" / "ppo_prompts.jsonl"),
+                                        "eval_data": str(self.out / "data" / "held_out.jsonl")}, self.cfg.ppo, "ppo")
+        self._run_trainer(cfg, PPOTrainer.from_config)
+
+    def run_report(self):
+        from .report import write_report
+
+        write_report(self.out, self.cfg)

@@ -1,0 +1,117 @@
+"""The pipeline's report: every number comes from the run's own files."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("frugal_rlhf")
+
+
+def _metrics(path: Path) -> list[dict]:
+    f = path / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def _last(rows, key):
+    vals = [r[key] for r in rows if key in r]
+    return vals[-1] if vals else None
+
+
+def _first(rows, key):
+    vals = [r[key] for r in rows if key in r]
+    return vals[0] if vals else None
+
+
+def held_out_comparison(out: Path, cfg) -> dict:
+    from .data.formats import load_dataset_file
+    from .device import autocast, compute_dtype, default_device
+    from .evaluation import compare_models, load_policy
+    from .generation import SampleConfig
+    from .models.reward_io import load_reward_model
+    from .trainers.ppo import stop_tokens
+
+    device = default_device()
+    dtype = compute_dtype(device, cfg.dtype)
+    sft, tok = load_policy(str(out / "sft" / "final"), dtype)
+    ppo, _ = load_policy(str(out / "ppo" / "final"), dtype)
+    rm = load_reward_model(out / "rm", dtype=dtype)
+    for m in (sft, ppo, rm):
+        m.to(device).eval()
+    ev = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.95, "batch_size": 8, **cfg.eval}
+    sample_cfg = SampleConfig(ev["max_new_tokens"], ev["temperature"], 0, ev["top_p"], stop_tokens(tok),
+                              tok.pad_token_id)
+    rows = load_dataset_file(str(out / "data" / "held_out.jsonl"), "prompt")
+    return compare_models(ppo, sft, tok, rm, rows, sample_cfg, seed=cfg.seed + 7, batch_size=ev["batch_size"],
+                          autocast=autocast(device, dtype))
+
+
+def write_report(out: Path, cfg) -> dict:
+    from .evaluation import summary_markdown, write_comparison
+
+    out = Path(out)
+    sft, rm, ppo = _metrics(out / "sft"), _metrics(out / "rm"), _metrics(out / "ppo")
+    rm_eval = json.loads((out / "rm" / "eval.json").read_text())
+    prefs = json.loads((out / "prefs.json").read_text()) if (out / "prefs.json").exists() else {}
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    comparison = held_out_comparison(out, cfg)
+    write_comparison(comparison, out, "eval", model_name="PPO", baseline_name="SFT")
+    ppo_eval = [r for r in ppo if "eval_reward" in r]
+    gain = comparison["reward_model"]["model"] - comparison["reward_model"]["baseline"]
+    summary = {
+        "model": cfg.model,
+        "sft": {"loss_first": _first(sft, "loss"), "loss_last": _last(sft, "loss"),
+                "eval_loss_last": _last(sft, "eval_loss"), "steps": len(sft)},
+        "prefs": prefs,
+        "rm": rm_eval,
+        "ppo": {"steps": len([r for r in ppo if r.get("step", 0) > 0]),
+                "train_reward_first": _first(ppo, "reward"), "train_reward_last": _last(ppo, "reward"),
+                "eval_reward_first": ppo_eval[0]["eval_reward"] if ppo_eval else None,
+                "eval_reward_last": ppo_eval[-1]["eval_reward"] if ppo_eval else None,
+                "kl_last": _last(ppo, "kl"), "peak_mem_gb": max((r.get("peak_mem_gb", 0) for r in ppo), default=None)},
+        "held_out": {k: comparison[k] for k in ("n_prompts", "reward_model", "win_rate", "kl_to_baseline", "length",
+                                                "reference_f1")},
+        "held_out_reward_gain": gain,
+        "timings_s": timings,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    verdict = (f"PPO raised the held-out reward-model score by {gain:+.3f} "
+               f"(win rate {comparison['win_rate']:.2f}) at a KL of {comparison['kl_to_baseline']:.2f} nats per answer."
+               if gain > 0 else
+               f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below.")
+    md = [f"# RLHF run report: {out}", "", f"Model: `{cfg.model}`. {verdict}", "",
+          "## Stage 1: supervised fine-tuning", "",
+          f"Loss {summary['sft']['loss_first']:.3f} -> {summary['sft']['loss_last']:.3f} over "
+          f"{summary['sft']['steps']} steps (held-out loss {summary['sft']['eval_loss_last'] or float('nan'):.3f}).",
+          "", "![SFT loss](sft/loss.png)", "",
+          "## Stage 2: reward model", "",
+          f"Preference pairs: {prefs.get('pairs', '?')} (labeler: {prefs.get('labeler', '?')}; see "
+          "docs/preferences.md). Held-out pairwise accuracy "
+          f"**{rm_eval['accuracy']:.3f}** on {rm_eval['n_pairs']} pairs, mean margin {rm_eval['mean_margin']:.3f}.",
+          "", "![reward model](rm/reward.png)", "",
+          "## Stage 3: PPO", "",
+          f"{summary['ppo']['steps']} steps; held-out reward during training "
+          f"{_fmt(summary['ppo']['eval_reward_first'])} -> {_fmt(summary['ppo']['eval_reward_last'])}, "
+          f"KL to the reference at the end {_fmt(summary['ppo']['kl_last'])} nats per answer.", "",
+          "![PPO](ppo/ppo.png)", "", "![PPO diagnostics](ppo/ppo_diagnostics.png)", "",
+          f"## Before / after on {comparison['n_prompts']} held-out prompts", "",
+          summary_markdown(comparison, "PPO", "SFT"),
+          "Unigram F1 against the held-out human answers is a measure the policy never optimized.", "",
+          "## Examples", ""]
+    for ex in comparison["examples"]:
+        md += [f"**Prompt:** {ex['prompt'][:300]}", "",
+               f"- SFT (reward {ex['reward_baseline']:.2f}): {ex['baseline'][:400]}",
+               f"- PPO (reward {ex['reward_model']:.2f}): {ex['model'][:400]}", ""]
+    if timings:
+        md += ["## Wall time", "", "| stage | seconds |", "|---|---|"]
+        md += [f"| {k} | {v} |" for k, v in timings.items()] + [""]
+    (out / "report.md").write_text("\n".join(md))
+    print(f"\nreport: {out / 'report.md'}\n  SFT loss {_fmt(summary['sft']['loss_first'])} -> "
+          f"{_fmt(summary['sft']['loss_last'])}; RM held-out accuracy {rm_eval['accuracy']:.3f}; "
+          f"held-out reward SFT {comparison['reward_model']['baseline']:.3f} -> PPO "
+          f"{comparison['reward_model']['model']:.3f}; KL {comparison['kl_to_baseline']:.2f}\n  {verdict}")
+    return summary
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"

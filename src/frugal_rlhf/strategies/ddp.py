@@ -1,0 +1,169 @@
+"""Data parallelism with torch.distributed, launched by torchrun (gloo on CPU, NCCL on CUDA).
+
+`DistributedStrategy` is what every multi-process strategy shares: the process group, the
+rank's slice of each global batch, sums over ranks, rank-0-only writes. `DDPStrategy` adds
+gradient averaging: DistributedDataParallel for a role that owns its trainable parameters,
+and one all-reduce of the optimizer's gradients for roles that share trainable parameters
+with another prepared role (actor and critic on one base: wrapping both in DDP would hook the
+same parameters twice).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..device import default_device
+from .base import NaiveStrategy, set_seed
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def trainable_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class DistributedStrategy(NaiveStrategy):
+    """One process per device; every global batch is split between the ranks."""
+
+    def __init__(self, seed: int = 42, dtype: str | None = None):
+        super().__init__(seed=seed, dtype=dtype)
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+
+    # ---- process group --------------------------------------------------------------------
+    def setup_distributed(self, timeout_minutes: float = 30):
+        if not dist.is_initialized():
+            missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+            if missing:
+                raise ValueError(f"strategy {type(self).__name__} needs torchrun's environment (missing "
+                                 f"{', '.join(missing)}): launch with `torchrun --nproc_per_node N -m "
+                                 f"frugal_rlhf.cli ...` (see docs/strategies.md)")
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = default_device()  # cuda:LOCAL_RANK or cpu
+        set_seed(self.seed)  # the same seed on every rank: identical model and adapter init
+
+    def cleanup(self):
+        # gloo aborts at exit now and then unless every rank meets once more before teardown.
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _comm_device(self):
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def all_reduce_sum(self, value: float) -> float:
+        if not dist.is_initialized():
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8):
+        """losses.masked_whiten with the statistics of every rank's batch (PPO advantages)."""
+        m = mask.to(torch.float64)
+        xd = torch.where(mask.bool(), x.to(torch.float64), 0.0)
+        sums = torch.stack([xd.sum(), m.sum()]).to(self._comm_device())
+        dist.all_reduce(sums)
+        n = float(sums[1])
+        mean = float(sums[0]) / max(n, 1.0)
+        sq = ((xd - mean) ** 2 * m).sum().reshape(1).to(self._comm_device())
+        dist.all_reduce(sq)
+        var = float(sq) / max(n, 1.0)
+        if n > 1:
+            var = var * n / (n - 1)
+        out = (x - mean) * torch.rsqrt(torch.tensor(var + eps, dtype=x.dtype, device=x.device))
+        if not shift_mean:
+            out = out + mean
+        return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def sync_from_rank0(self, model: nn.Module):
+        """Copy rank 0's parameters and buffers to every rank (one broadcast per tensor)."""
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                buf = t.detach().to(self._comm_device())
+                dist.broadcast(buf, src=0)
+                if buf.data_ptr() != t.data_ptr():
+                    t.copy_(buf)
+
+
+class DDPStrategy(DistributedStrategy):
+    """DistributedDataParallel: a full replica per rank, gradients averaged over ranks.
+
+    The loss a trainer passes to backward() is its rank's share scaled by world_size (see
+    trainers/supervised.py), so the averaged gradient is exactly the global batch's gradient.
+    """
+
+    def __init__(self, seed: int = 42, dtype: str | None = None, find_unused_parameters: bool = True):
+        super().__init__(seed=seed, dtype=dtype)
+        # True by default: a role may hold trainable parameters its loss never touches (an
+        # untied lm_head under a reward head); DDP then errors instead of averaging, otherwise.
+        self.find_unused_parameters = find_unused_parameters
+        self._owners: dict[int, int] = {}  # id(trainable param) -> how many prepared models hold it
+        self._manual: set[int] = set()  # ids of optimizers whose gradients we all-reduce ourselves
+
+    def prepare(self, *items):
+        models = [it[0] if isinstance(it, tuple) else it for it in items]
+        for m in models:
+            for p in trainable_params(m) if m is not None else []:
+                self._owners[id(p)] = self._owners.get(id(p), 0) + 1
+        out = []
+        for it in items:
+            model, optim = it if isinstance(it, tuple) else (it, None)
+            model = self._wrap(model, optim)
+            out.append((model, optim) if isinstance(it, tuple) else model)
+        return out[0] if len(out) == 1 else out
+
+    def _wrap(self, model, optim):
+        if model is None:
+            return None
+        model = model.to(self.device)
+        params = trainable_params(model)
+        if not params:  # frozen (reference, reward model): nothing to average
+            return model
+        if any(self._owners.get(id(p), 0) > 1 for p in params):
+            # Shared trainable parameters (roles on one base): DDP would register the same
+            # parameters in two reducers. Start equal, then average gradients in optimizer_step.
+            self.sync_from_rank0(model)
+            if optim is None:
+                raise ValueError("a model sharing trainable parameters needs its optimizer in prepare()")
+            self._manual.add(id(optim))
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                       find_unused_parameters=self.find_unused_parameters)
+
+    def unwrap(self, model):
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def optimizer_step(self, optim, max_grad_norm: float | None = None, model=None) -> float:
+        if id(optim) in self._manual:
+            self._average_grads(optim)
+        return super().optimizer_step(optim, max_grad_norm, model)
+
+    def _average_grads(self, optim):
+        """All-reduce (mean) the gradients of an optimizer's parameters in one flat buffer.
+        A parameter without a gradient on this rank contributes zeros, so ranks stay in step."""
+        params = [p for g in optim.param_groups for p in g["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(self._comm_device())
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+            offset += n

@@ -1,0 +1,213 @@
+"""Sharded data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`): ZeRO-2/3 styles.
+
+- stage 3: parameters are resharded after the forward pass (all-gathered again in backward);
+  stage 2: they stay gathered from forward to backward (more memory, one all-gather less).
+  Between steps, parameters, gradients and optimizer state are sharded in both.
+- offload="cpu": sharded parameters, gradients and optimizer state live in CPU memory.
+- bf16 compute: MixedPrecisionPolicy(param_dtype=bf16) gathers parameters in bf16 and reduces
+  gradients in fp32; the sharded fp32 parameters are the master weights.
+
+Each transformer block is its own FSDP unit and the role module is the root, so the role's
+own forward (which calls the transformer body and a chunked LM head directly) runs the root's
+hooks. Checkpoints are gathered into the single-file safetensors format NaiveStrategy writes:
+a model saved under FSDP loads under naive or DDP, and the reverse.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from .base import atomic_write, module_state_names
+from .ddp import DistributedStrategy
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: modules whose class the HF model lists in
+    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...), else the largest ModuleList's items."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters are on the meta device (no memory): the shape
+    a full, unsharded copy is rebuilt into for export. Tied parameters stay tied; buffers
+    (rotary tables, ...) are copied for real (they are small and not all are saved)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give a meta skeleton real CPU parameters from a full state dict."""
+    made: dict[int, nn.Parameter] = {}
+    for mod in skeleton.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                mod._parameters[name] = made[id(p)]
+    result = skeleton.load_state_dict(state, strict=False)
+    loaded = {id(p) for n, p in skeleton.named_parameters(remove_duplicate=False) if n in state}
+    unset = [n for n, p in skeleton.named_parameters() if id(p) not in loaded]
+    if unset:
+        raise RuntimeError(f"export: no gathered value for {unset[:5]} (missing {result.missing_keys[:5]})")
+    return skeleton
+
+
+class FSDPStrategy(DistributedStrategy):
+    def __init__(self, seed: int = 42, dtype: str | None = None, stage: int = 3, offload: str = "none"):
+        super().__init__(seed=seed, dtype=dtype)
+        if stage not in (2, 3):
+            raise ValueError(f"FSDP supports ZeRO stage 2 or 3, not {stage}")
+        if offload not in ("none", "cpu"):
+            raise ValueError(f"offload must be 'none' or 'cpu', not '{offload}'")
+        self.stage, self.offload = stage, offload
+        self._prepared: dict[int, int] = {}  # id(param) -> id(model), to refuse double sharding
+        self._owner: dict[int, nn.Module] = {}  # id(optimizer) -> its sharded model
+        self._skeletons: dict[int, nn.Module] = {}  # id(sharded model) -> meta skeleton for export
+        self._full: dict[int, nn.Module] = {}  # id(sharded model) -> full copy, while exporting
+
+    # ---- placement ------------------------------------------------------------------------
+    def _policies(self):
+        kw = {"reshard_after_forward": self.stage == 3}
+        if self.dtype != torch.float32:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        kw["offload_policy"] = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.offload == "cpu"
+                                else OffloadPolicy())
+        return kw
+
+    def prepare(self, *items):
+        out = []
+        for it in items:
+            model, optim = it if isinstance(it, tuple) else (it, None)
+            model = self._shard(model, optim)
+            out.append((model, optim) if isinstance(it, tuple) else model)
+        return out[0] if len(out) == 1 else out
+
+    def _shard(self, model, optim):
+        if model is None:
+            return None
+        shared = {self._prepared[id(p)] for p in model.parameters() if id(p) in self._prepared}
+        if shared:
+            raise NotImplementedError(
+                "FSDP cannot shard roles that share one base (each would shard the same parameters): "
+                "use --strategy ddp, or separate models for the roles")
+        names = {id(p): n for n, p in model.named_parameters()}
+        if optim is not None and optim.state:
+            raise ValueError("prepare() the model before loading optimizer state into its optimizer")
+        self._skeletons[id(model)] = meta_skeleton(model)
+        model.to(self.device)
+        self.sync_from_rank0(model)  # guard: every rank must shard the same values
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kw = self._policies()
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, **kw)
+        fully_shard(model, mesh=mesh, **kw)
+        for p in model.parameters():
+            self._prepared[id(p)] = id(model)
+        if optim is not None:
+            # fully_shard replaced the parameters with sharded ones: point the optimizer at them.
+            new = dict(model.named_parameters())
+            for group in optim.param_groups:
+                group["params"] = [new[names[id(p)]] for p in group["params"]]
+            self._owner[id(optim)] = model
+        return model
+
+    def unwrap(self, model):
+        """The role itself (FSDP keeps its class); inside full_models(), a full CPU copy."""
+        return self._full.get(id(model), model)
+
+    @contextlib.contextmanager
+    def full_models(self, *models):
+        """Collective: gather full copies of `models` on rank 0 (unwrap() returns them inside)."""
+        for model in models:
+            state = self._gather(model, trainable_only=False)
+            if self.is_rank0:
+                self._full[id(model)] = materialize(copy.deepcopy(self._skeletons[id(model)]), state)
+            del state
+        try:
+            yield
+        finally:
+            self._full.clear()
+
+    # ---- steps ----------------------------------------------------------------------------
+    def optimizer_step(self, optim, max_grad_norm: float | None = None, model=None) -> float:
+        params = [p for group in optim.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _gather(self, model, trainable_only: bool):
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(model, options=opts)
+
+    def save_model(self, model, path, only_rank0=True):
+        # Every rank takes part in the gather; rank 0 writes.
+        state = self._gather(model, trainable_only=True)
+        names = module_state_names(model)
+        if self.is_rank0 or not only_rank0:
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if k in names}
+            missing = names - state.keys()
+            if missing:
+                raise RuntimeError(f"FSDP gathered no value for {sorted(missing)[:5]}")
+            atomic_write(path, lambda tmp: save_file(state, tmp))
+
+    def load_model(self, model, path, strict=True):
+        path = os.fspath(path)
+        with safe_open(path, framework="pt") as f:  # the names only: every rank checks them
+            keys = set(f.keys())
+        expected = set(module_state_names(model))
+        missing, unexpected = expected - keys, keys - expected
+        if strict and (missing or unexpected):
+            raise KeyError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]})")
+        state = {k: v for k, v in load_file(path).items() if k in expected} if self.is_rank0 else {}
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                    strict=False))
+
+    def save_optimizer(self, optim, path, only_rank0=True):
+        state = get_optimizer_state_dict(self._owner[id(optim)], optim,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_rank0 or not only_rank0:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def load_optimizer(self, optim, path):
+        state = torch.load(path, map_location="cpu", weights_only=True) if self.is_rank0 else {}
+        set_optimizer_state_dict(self._owner[id(optim)], optim, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    def cleanup(self):
+        self._skeletons.clear()
+        self._full.clear()
+        super().cleanup()
+
+    def local_numel(self, model) -> tuple[int, int]:
+        """(elements of the parameters this rank holds, elements of the full parameters)."""
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+        return local, sum(p.numel() for p in model.parameters())
