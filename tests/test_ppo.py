@@ -107,3 +107,32 @@ def test_first_epoch_starts_at_ratio_one(tmp_path):
     # recomputed in the update's own mode), so nothing is clipped and the ratio is 1.
     assert metrics[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics[0]["clipfrac"] == 0.0
+
+
+def test_seed_shaped_api_with_separate_models(tmp_path):
+    """The seed's shape: roles built one by one, optimizers by the user, strategy.prepare."""
+    strategy = NaiveStrategy(seed=0, dtype="fp32")
+    strategy.setup_distributed()
+    with strategy.model_init_context():
+        actor = Actor("tiny-llama", lora_rank=4, dtype="fp32")
+        critic = Critic("tiny-llama", lora_rank=4, dtype="fp32")
+        initial_model = Actor("tiny-llama", trainable=False, dtype="fp32")
+    assert not any(p.requires_grad for p in initial_model.parameters())
+    actor_optim = torch.optim.AdamW(actor.trainable_parameters(), lr=1e-3)
+    critic_optim = torch.optim.AdamW(critic.trainable_parameters(), lr=1e-3)
+    (actor, actor_optim), (critic, critic_optim), initial_model = strategy.prepare(
+        (actor, actor_optim), (critic, critic_optim), initial_model)
+    cfg = PPOConfig(output=str(tmp_path / "ppo"), max_steps=2, rollout_batch_size=4, batch_size=4,
+                    max_new_tokens=6, save_every=0, dtype="fp32", model="tiny-llama")
+    trainer = PPOTrainer(strategy, actor, critic, None, initial_model, actor_optim, critic_optim, config=cfg,
+                         reward_fn=letter_reward(actor.tokenizer))
+    before = {n: p.clone() for n, p in actor.named_parameters() if p.requires_grad}
+    metrics = trainer.fit(PROMPTS[:8])
+    assert len([m for m in metrics if m["step"] > 0]) == 2
+    assert any(not torch.equal(before[n], p) for n, p in actor.named_parameters() if p.requires_grad)
+    strategy.save_model(actor, tmp_path / "actor.safetensors", only_rank0=True)
+    fresh = Actor("tiny-llama", lora_rank=4, dtype="fp32")
+    strategy.load_model(fresh, tmp_path / "actor.safetensors")
+    ids = torch.tensor([[5, 70, 80, 90]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, torch.ones_like(ids))[0], actor(ids, torch.ones_like(ids))[0])

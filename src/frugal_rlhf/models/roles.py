@@ -145,14 +145,15 @@ class Role(nn.Module):
     """Base of the roles: an adapter name on a SharedLM, plus an optional fp32 head.
 
     `model` is a SharedLM (roles on one base) or a model spec string (this role owns its
-    model; with `lora_rank` > 0 it gets its own adapter, otherwise it is fully trainable).
+    model; with `lora_rank` > 0 it gets its own adapter, otherwise it is fully trainable;
+    `trainable=False` gives a frozen copy, e.g. the reference of the separate-models path).
     """
 
     kind = "role"
 
     def __init__(self, model, adapter: str | None = None, head: nn.Module | None = None, *,
                  lora_rank: int = 0, lora_alpha: float | None = None, lora_targets="all-linear",
-                 dtype: str | None = None, trust_remote_code: bool = False):
+                 dtype: str | None = None, trust_remote_code: bool = False, trainable: bool = True):
         super().__init__()
         self.tokenizer = None
         if isinstance(model, str):
@@ -160,14 +161,14 @@ class Role(nn.Module):
             from .loading import load_model
 
             # A frozen base is kept in the compute dtype; fully trained weights stay fp32.
-            wdtype = compute_dtype(override=dtype) if lora_rank else torch.float32
-            hf, self.tokenizer = load_model(model, wdtype, trust_remote_code)
+            full = trainable and not lora_rank
+            hf, self.tokenizer = load_model(model, torch.float32 if full else compute_dtype(override=dtype),
+                                            trust_remote_code)
+            hf.requires_grad_(full)
             model = SharedLM(hf)
-            if lora_rank:
+            if lora_rank and trainable:
                 adapter = adapter or self.kind
                 model.add_adapter(adapter, lora_rank, lora_alpha, lora_targets)
-            else:
-                hf.requires_grad_(True)
         self.lm = model
         self.adapter = adapter
         self.head = head if head is not None else self.make_head()
