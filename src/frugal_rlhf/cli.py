@@ -230,6 +230,18 @@ def _chat(args):
     cmd_chat(args)
 
 
+def _bench(args):
+    from .bench import cmd_bench
+
+    cmd_bench(args)
+
+
+def _bench_args(p):
+    from .bench import add_bench_args
+
+    add_bench_args(p)
+
+
 def _serve_args(p):
     from .serve.command import add_serve_args
 
@@ -253,6 +265,7 @@ COMMANDS = {
     "eval": (cmd_eval, "compare a model with a baseline on held-out prompts", add_eval_args),
     "chat": (_chat, "chat with a model in the terminal", _chat_args),
     "serve": (_serve, "OpenAI-compatible HTTP API and a web chat page", _serve_args),
+    "bench": (_bench, "throughput and peak memory per stage (table + JSON)", _bench_args),
 }
 
 
