@@ -48,7 +48,7 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path):
     # A saved reward model reloads and gives identical scores.
     live = trainer.model.eval()
     prompts = ["Say some words (1)", "Say some words (2)"]
-    responses = ["apple please river", "apple river stone"]
+    responses = ["apple please river stone glass", "apple river stone glass music"]  # as in the task: 4 words (+ marker)
     expected = live.score(prompts, responses)
     reloaded = load_reward_model(tmp_path / "rm", dtype=torch.float32)
     torch.testing.assert_close(reloaded.score(prompts, responses), expected)

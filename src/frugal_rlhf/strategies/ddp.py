@@ -10,7 +10,9 @@ same parameters twice).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -51,12 +53,27 @@ class DistributedStrategy(NaiveStrategy):
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = default_device()  # cuda:LOCAL_RANK or cpu
         set_seed(self.seed)  # the same seed on every rank: identical model and adapter init
+        if self.rank != 0:  # one voice: other ranks only report warnings and errors
+            logging.getLogger("frugal_rlhf").setLevel(logging.WARNING)
 
     def cleanup(self):
+        if not dist.is_initialized():
+            return
         # gloo aborts at exit now and then unless every rank meets once more before teardown.
-        if dist.is_initialized():
+        # But while an error unwinds on this rank only, the others may never arrive: skip the
+        # barrier (torchrun then stops the other ranks) instead of hanging until the timeout.
+        if sys.exc_info()[0] is None:
             dist.barrier()
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+
+    def setup_dataloader(self, dataset, batch_size, collate_fn, shuffle=True, drop_last=True):
+        left = len(dataset) % (batch_size * self.world_size)
+        if not drop_last and 0 < left < self.world_size:
+            # ResumableLoader deals every global batch out row by row: ranks past the last row
+            # of a short final batch would get an empty batch (and the others wait for them).
+            raise ValueError(f"{len(dataset)} rows leave {left} row(s) in the last batch for {self.world_size} "
+                             f"processes: use at least {self.world_size} held-out rows more or less (or none)")
+        return super().setup_dataloader(dataset, batch_size, collate_fn, shuffle, drop_last)
 
     def barrier(self):
         if dist.is_initialized():
@@ -112,14 +129,14 @@ class DDPStrategy(DistributedStrategy):
         # True by default: a role may hold trainable parameters its loss never touches (an
         # untied lm_head under a reward head); DDP then errors instead of averaging, otherwise.
         self.find_unused_parameters = find_unused_parameters
-        self._owners: dict[int, int] = {}  # id(trainable param) -> how many prepared models hold it
+        self._owners: dict[int, int] = {}  # id(trainable param) -> how many trained models hold it
         self._manual: set[int] = set()  # ids of optimizers whose gradients we all-reduce ourselves
 
     def prepare(self, *items):
-        models = [it[0] if isinstance(it, tuple) else it for it in items]
-        for m in models:
-            for p in trainable_params(m) if m is not None else []:
-                self._owners[id(p)] = self._owners.get(id(p), 0) + 1
+        for it in items:  # count first: a parameter may be shared with a model later in the list
+            if isinstance(it, tuple) and it[0] is not None:
+                for p in trainable_params(it[0]):
+                    self._owners[id(p)] = self._owners.get(id(p), 0) + 1
         out = []
         for it in items:
             model, optim = it if isinstance(it, tuple) else (it, None)
@@ -131,20 +148,20 @@ class DDPStrategy(DistributedStrategy):
         if model is None:
             return None
         model = model.to(self.device)
+        if optim is None:  # not trained by the caller (reference, reward model): only placed
+            return model
         params = trainable_params(model)
-        if not params:  # frozen (reference, reward model): nothing to average
-            return model
-        if any(self._owners.get(id(p), 0) > 1 for p in params):
-            # Shared trainable parameters (roles on one base): DDP would register the same
-            # parameters in two reducers. Start equal, then average gradients in optimizer_step.
-            self.sync_from_rank0(model)
-            if optim is None:
-                raise ValueError("a model sharing trainable parameters needs its optimizer in prepare()")
-            self._manual.add(id(optim))
-            return model
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                       find_unused_parameters=self.find_unused_parameters)
+        optimized = {id(p) for group in optim.param_groups for p in group["params"]}
+        if {id(p) for p in params} == optimized and all(self._owners.get(id(p), 0) == 1 for p in params):
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
+                                           find_unused_parameters=self.find_unused_parameters)
+        # Roles on one base: the module holds trainable parameters of other roles too (their
+        # adapters), which DDP would register in two reducers. Start the replicas equal, then
+        # average this optimizer's gradients with one all-reduce in optimizer_step.
+        self.sync_from_rank0(model)
+        self._manual.add(id(optim))
+        return model
 
     def unwrap(self, model):
         return model.module if isinstance(model, DistributedDataParallel) else model

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -35,6 +36,10 @@ from torch.distributed.tensor import DTensor
 
 from .base import atomic_write, module_state_names
 from .ddp import DistributedStrategy
+
+# Roles return views (log-probs reshaped, scores squeezed) and every caller uses them out of
+# place, which is what this FSDP2 warning asks for; it would otherwise print at every forward.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -143,6 +148,8 @@ class FSDPStrategy(DistributedStrategy):
     def full_models(self, *models):
         """Collective: gather full copies of `models` on rank 0 (unwrap() returns them inside)."""
         for model in models:
+            if id(model) not in self._skeletons:  # not sharded by this strategy: already whole
+                continue
             state = self._gather(model, trainable_only=False)
             if self.is_rank0:
                 self._full[id(model)] = materialize(copy.deepcopy(self._skeletons[id(model)]), state)
