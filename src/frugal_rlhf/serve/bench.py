@@ -110,23 +110,25 @@ def _baseline_row(model, tokenizer, n_requests: int, max_tokens: int) -> dict:
 
 
 def bench_serve(spec: str = "tiny-llama", concurrencies=(1, 4, 16), requests_per_client: int = 4,
-                max_tokens: int = 64, max_batch: int = 8, dtype: str = "auto") -> dict:
+                max_tokens: int = 64, max_batch: int = 8, dtype: str = "auto", threads: int | None = None) -> dict:
     """Run the benchmark; returns {"model", "settings", "rows": [...]} (see format_table)."""
     from frugal_rlhf.serve.command import load_for_inference, make_app, model_name_for, run_in_thread
 
     model, tokenizer = load_for_inference(spec, dtype)
     live = run_in_thread(make_app(model, tokenizer, model_name_for(spec), max_batch=max_batch,
-                                  max_queue=max(64, max(concurrencies))))
+                                  max_queue=max(64, max(concurrencies)), threads=threads))
     try:
         _served_row(live.url, 1, 1, 4)  # warm-up: first-call allocations are not throughput
         rows = [_served_row(live.url, c, requests_per_client, max_tokens) for c in concurrencies]
     finally:
         live.stop()
     n_baseline = max(c * requests_per_client for c in concurrencies)
+    if threads:
+        torch.set_num_threads(threads)  # the baseline runs on this thread: same thread count
     rows.append(_baseline_row(model, tokenizer, n_baseline, max_tokens))
     return {"model": spec, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "settings": {"requests_per_client": requests_per_client, "max_tokens": max_tokens,
-                         "max_batch": max_batch, "threads": torch.get_num_threads()},
+                         "max_batch": max_batch, "threads": threads or torch.get_num_threads()},
             "rows": rows}
 
 
@@ -145,9 +147,12 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
-    result = bench_serve(args.model, tuple(args.concurrency), args.requests_per_client, args.max_tokens)
+    result = bench_serve(args.model, tuple(args.concurrency), args.requests_per_client, args.max_tokens,
+                         dtype=args.dtype, threads=args.threads)
     print(f"model {result['model']} ({result['dtype']}), {result['settings']}")
     print(format_table(result))
     if args.json:

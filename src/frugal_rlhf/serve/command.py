@@ -26,6 +26,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for generation (default: torch's choice, usually one per core)")
     parser.add_argument("--served-model-name", default=None, help="model id reported by the API")
     parser.add_argument("--trust-remote-code", action="store_true")
     return parser
@@ -47,11 +49,12 @@ def load_for_inference(spec: str, dtype: str = "auto", trust_remote_code: bool =
 
 
 def make_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-             max_queue: int = 64):
+             max_queue: int = 64, threads: int | None = None):
     from frugal_rlhf.serve.app import build_app
     from frugal_rlhf.serve.engine import Engine
 
-    return build_app(Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue), model_name, api_key)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, threads=threads)
+    return build_app(engine, model_name, api_key)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -65,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
     app = make_app(model, tokenizer, args.served_model_name or model_name_for(args.model), args.api_key,
-                   args.max_batch, args.max_queue)
+                   args.max_batch, args.max_queue, args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
@@ -96,7 +99,9 @@ def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 
 
     # Bind the socket ourselves: with port 0 the kernel picks a free port and no other
     # process can grab it between "find a free port" and "listen".
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on connections whose socket
+    # says so, and without it every small SSE chunk can wait ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))

@@ -97,14 +97,19 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, gather_seconds: float = 0.01):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, gather_seconds: float = 0.01,
+                 threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
+        # torch intra-op threads for the worker (None: torch's default). OpenMP settings are
+        # per thread, so this must be applied on the worker thread itself.
+        self.threads = threads
         self.max_batch, self.max_queue = max_batch, max_queue
-        # When the engine is idle, wait this long for companions before starting a batch:
-        # clients that fire together then share the first batch instead of queueing behind it.
+        # Before starting a batch that is not full, wait this long for companions: clients
+        # that fire together then share a batch instead of the first one running alone.
         self.gather_seconds = gather_seconds
         self.eos = eos_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self._eos_set = set(self.eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or (0,))[0]
         self.device = next(model.parameters()).device
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -167,10 +172,19 @@ class Engine:
             if batch:
                 self._counters["batches"] += 1
                 self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch))
-            self._rows = [_Row(job, self.tokenizer, set(self.eos)) for job in batch]
+            self._rows = [_Row(job, self.tokenizer, self._eos_set) for job in batch]
             return batch
 
     def _loop(self) -> None:
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            self._serve_batches()
+        finally:
+            torch.set_num_threads(previous)  # the setting also reaches process-wide pools (MKL)
+
+    def _serve_batches(self) -> None:
         while (batch := self._take_batch()) is not None:
             if not batch:
                 continue
