@@ -77,8 +77,10 @@ def naive(tmp_path_factory):
 
 
 def assert_same_run(got: dict, ref: dict):
-    assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL_LOSS)
-    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL_LOSS)
+    # Relative to the run's own scale: a late value near zero (a reward model that has
+    # separated its pairs) carries the rounding of the early, large ones.
+    for key in ("loss", "grad_norm"):
+        assert got[key] == pytest.approx(ref[key], rel=RTOL_LOSS, abs=RTOL_LOSS * max(map(abs, ref[key])))
 
 
 def assert_same_weights(path: Path, ref_path: Path, noisy: tuple[str, ...] = (), lr: float = LR):

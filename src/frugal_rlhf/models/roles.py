@@ -224,7 +224,9 @@ class Critic(Role):
     kind = "critic"
 
     def make_head(self):
-        return scalar_head(self.lm.hf_model().config.get_text_config().hidden_size)
+        # A fresh critic starts at V=0: random values would only add noise to the first
+        # advantages, and the value loss trains the head directly anyway.
+        return scalar_head(self.lm.hf_model().config.get_text_config().hidden_size, random=False)
 
     def forward(self, input_ids, attention_mask, num_actions: int):
         hidden, _ = self.hidden(input_ids, attention_mask)
@@ -255,10 +257,14 @@ class RewardModel(Role):
         return self.head(hidden[rows, last_token_index(attention_mask)].float()).squeeze(-1)
 
 
-def scalar_head(hidden_size: int, std: float = 0.0) -> nn.Linear:
+def scalar_head(hidden_size: int, random: bool = True) -> nn.Linear:
     head = nn.Linear(hidden_size, 1, dtype=torch.float32)
-    # Zero init: a fresh value/score head starts neutral instead of adding noise to the loss.
-    nn.init.normal_(head.weight, std=std) if std else nn.init.zeros_(head.weight)
+    # A reward head gets small random weights, not zeros: with a zero head no gradient reaches
+    # the LoRA adapter below it until the head has grown, which wasted most of a short RM run.
+    if random:
+        nn.init.normal_(head.weight, std=1 / (hidden_size + 1) ** 0.5)
+    else:
+        nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
 

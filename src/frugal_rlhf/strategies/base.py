@@ -125,11 +125,14 @@ class NaiveStrategy:
     def prepare(self, *items):
         """Place models (and their optimizers' state) on the device. Accepts models or
         (model, optimizer) pairs and returns them in the same shape."""
-        out = [((self._prepare_model(it[0]), it[1]) if isinstance(it, tuple) else self._prepare_model(it))
-               for it in items]
+        out = []
+        for it in items:
+            model, optim = it if isinstance(it, tuple) else (it, None)
+            model = self._prepare_model(model, optim)
+            out.append((model, optim) if isinstance(it, tuple) else model)
         return out[0] if len(out) == 1 else out
 
-    def _prepare_model(self, model):
+    def _prepare_model(self, model, optim=None):
         return model.to(self.device) if model is not None else None
 
     def unwrap(self, model):

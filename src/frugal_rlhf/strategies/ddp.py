@@ -137,14 +137,9 @@ class DDPStrategy(DistributedStrategy):
             if isinstance(it, tuple) and it[0] is not None:
                 for p in trainable_params(it[0]):
                     self._owners[id(p)] = self._owners.get(id(p), 0) + 1
-        out = []
-        for it in items:
-            model, optim = it if isinstance(it, tuple) else (it, None)
-            model = self._wrap(model, optim)
-            out.append((model, optim) if isinstance(it, tuple) else model)
-        return out[0] if len(out) == 1 else out
+        return super().prepare(*items)
 
-    def _wrap(self, model, optim):
+    def _prepare_model(self, model, optim=None):
         if model is None:
             return None
         model = model.to(self.device)

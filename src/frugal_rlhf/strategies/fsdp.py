@@ -103,15 +103,7 @@ class FSDPStrategy(DistributedStrategy):
                                 else OffloadPolicy())
         return kw
 
-    def prepare(self, *items):
-        out = []
-        for it in items:
-            model, optim = it if isinstance(it, tuple) else (it, None)
-            model = self._shard(model, optim)
-            out.append((model, optim) if isinstance(it, tuple) else model)
-        return out[0] if len(out) == 1 else out
-
-    def _shard(self, model, optim):
+    def _prepare_model(self, model, optim=None):
         if model is None:
             return None
         shared = {self._prepared[id(p)] for p in model.parameters() if id(p) in self._prepared}

@@ -14,7 +14,7 @@ from ..data.tokenize import PairCollator, encode_prompt, encode_response
 from ..models.reward_io import save_reward_model
 from ..models.roles import RewardModel
 from ..rl.losses import pairwise_loss
-from .supervised import LazyEncoded, SupervisedTrainer, split_rows
+from .supervised import LazyEncoded, SupervisedTrainer
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -30,15 +30,9 @@ class RewardTrainer(SupervisedTrainer):
     stage = "rm"
 
     def __init__(self, strategy, config, reward_model: RewardModel | None = None, rows=None):
-        rm = reward_model or RewardModel(config.model, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                                         lora_targets=config.lora_targets, dtype=config.dtype,
-                                         trust_remote_code=config.trust_remote_code)
+        rm = reward_model or self.role_from_config(RewardModel, config)
         self.tokenizer = rm.tokenizer
-        if rows is None:
-            from ..data.formats import load_dataset_file
-
-            rows = load_dataset_file(config.data, "preference", config.skip_bad_rows, config.max_rows)
-        train_rows, eval_rows = split_rows(rows, config.eval_split, config.max_eval_rows, config.seed)
+        train_rows, eval_rows = self.load_split(config, rows, "preference")
         log.info("rm: %d training pairs, %d held out", len(train_rows), len(eval_rows))
         encode = lambda row: encode_pair(self.tokenizer, row, config.max_length)  # noqa: E731
         super().__init__(strategy, config, rm, LazyEncoded(train_rows, encode), LazyEncoded(eval_rows, encode),

@@ -61,6 +61,21 @@ class SupervisedTrainer(Trainer):
         self.optimizers = {"model": self.optim}
         self.stateful = {"scheduler": self.scheduler, "loader": self.loader}
 
+    @staticmethod
+    def role_from_config(role_cls, config):
+        return role_cls(config.model, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                        lora_targets=config.lora_targets, dtype=config.dtype,
+                        trust_remote_code=config.trust_remote_code)
+
+    @staticmethod
+    def load_split(config, rows, kind: str):
+        """(train, held-out) rows: given rows, or config.data read as `kind`."""
+        if rows is None:
+            from ..data.formats import load_dataset_file
+
+            rows = load_dataset_file(config.data, kind, config.skip_bad_rows, config.max_rows)
+        return split_rows(rows, config.eval_split, config.max_eval_rows, config.seed)
+
     def _to_device(self, batch):
         return {k: v.to(self.strategy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -113,15 +128,9 @@ class SFTTrainer(SupervisedTrainer):
     stage = "sft"
 
     def __init__(self, strategy, config, actor: Actor | None = None, rows=None):
-        actor = actor or Actor(config.model, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                               lora_targets=config.lora_targets, dtype=config.dtype,
-                               trust_remote_code=config.trust_remote_code)
+        actor = actor or self.role_from_config(Actor, config)
         self.tokenizer = actor.tokenizer
-        if rows is None:
-            from ..data.formats import load_dataset_file
-
-            rows = load_dataset_file(config.data, "sft", config.skip_bad_rows, config.max_rows)
-        train_rows, eval_rows = split_rows(rows, config.eval_split, config.max_eval_rows, config.seed)
+        train_rows, eval_rows = self.load_split(config, rows, "sft")
         self.truncation = TruncationStats()
         encode = lambda row: encode_conversation(self.tokenizer, row["messages"], config.max_length,  # noqa: E731
                                                  self.truncation)
