@@ -30,8 +30,14 @@ test: install
 demo: install
 	$(VENV)/bin/frugal demo
 
+# Run alone: on a small machine any other busy process makes the numbers meaningless.
 bench: install
-	$(VENV)/bin/frugal bench all --json docs/benchmarks.json
+	$(PIP) install -q -e ".[peers]"
+	mkdir -p docs/bench
+	$(VENV)/bin/frugal bench all --json docs/bench/all.json
+	$(VENV)/bin/frugal bench capacity --stage ppo --memory 8GiB --json docs/bench/capacity-ppo.json
+	$(VENV)/bin/frugal bench compare --peer trl --stage sft --json docs/bench/compare-sft.json
+	$(VENV)/bin/frugal bench compare --peer trl --stage rm --json docs/bench/compare-rm.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import flops as F
 from .device import compute_dtype, default_device, peak_memory_bytes
 
 
@@ -68,15 +69,41 @@ def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtyp
             "new_tokens": new_tokens, **results, "peak_mem_gb": peak_memory_bytes(device) / 2**30}
 
 
-def _train_bench(name, cfg, build, rate_key):
+def _lora(role) -> int:
+    return F.lora_params(role.lm.hf_model(), role.adapter) if role.adapter else 0
+
+
+def _supervised_flops(trainer, m, head: bool) -> float:
+    """FLOPs of one SFT (head=True) or reward-model (head=False: scalar head) step."""
+    role = trainer.model
+    seq_len = m["tokens"] / m["sequences"]
+    return F.train_flops(F.shape_of(role.lm.hf_model()), m["sequences"], seq_len, seq_len if head else 0,
+                         _lora(role), full=not role.adapter)
+
+
+def _ppo_flops(trainer, m) -> float:
+    shape = F.shape_of(trainer.actor.lm.hf_model())
+    return F.ppo_step_flops(shape, trainer.config.rollout_batch_size, m["prompt_length"], m["response_length"],
+                            trainer.config.ppo_epochs, _lora(trainer.actor), _lora(trainer.critic),
+                            _lora(trainer.reward_model), full=not trainer.actor.adapter)
+
+
+def _train_bench(name, cfg, build, rate_key, step_flops):
+    """Run `build(strategy, cfg)`'s trainer; report throughput, model TFLOPS (from
+    `step_flops(trainer, metrics)` over the whole step time) and MFU against the peak
+    matmul rate measured on the spot in the compute dtype."""
     from .strategies import NaiveStrategy
 
     strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
     strategy.setup_distributed()
-    metrics = [m for m in build(strategy, cfg).fit() if m.get("step", 0) > 1]  # step 1 is warm-up
+    trainer = build(strategy, cfg)
+    metrics = [m for m in trainer.fit() if m.get("step", 0) > 1]  # step 1 is warm-up
     rates = [m[rate_key] for m in metrics if rate_key in m]
+    tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
+    peak = F.measure_peak_tflops(strategy.device, strategy.dtype)
     out = {"workload": name, "model": cfg.model, "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
            rate_key: _stats(rates), "step_time_s": _stats([m["step_time"] for m in metrics]),
+           "tflops": _stats(tflops), "peak_tflops": peak, "mfu": statistics.median(tflops) / peak,
            "peak_mem_gb": peak_memory_bytes(strategy.device) / 2**30}
     return out, metrics
 
@@ -89,7 +116,7 @@ def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
         cfg = SFTConfig(model=model, data="sharegpt", max_rows=400, output=tmp, max_steps=steps, batch_size=batch_size,
                         max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0,
                         dtype=dtype)
-        out, _ = _train_bench("sft", cfg, SFTTrainer, "tokens_per_s")
+        out, _ = _train_bench("sft", cfg, SFTTrainer, "tokens_per_s", lambda t, m: _supervised_flops(t, m, True))
     return out
 
 
@@ -102,7 +129,8 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RewardConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                            lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype)
-        out, metrics = _train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s")
+        out, metrics = _train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
+                                    lambda t, m: _supervised_flops(t, m, False))
     out["pairs_per_s"] = _stats([batch_size / m["step_time"] for m in metrics])
     return out
 
@@ -124,7 +152,7 @@ def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8
                         max_steps=steps, rollout_batch_size=batch_size, batch_size=batch_size,
                         max_new_tokens=new_tokens, lora_rank=lora_rank, save_every=0, eval_every=0, eval_prompts=0,
                         dtype=dtype, max_prompt_length=128)
-        out, metrics = _train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s")
+        out, metrics = _train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s", _ppo_flops)
     for key in ("time_gen", "time_score", "time_update"):
         out[key] = _stats([m[key] for m in metrics])
     out["new_tokens"] = new_tokens
@@ -133,11 +161,90 @@ def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8
 
 WORKLOADS = {"generate": bench_generate, "sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}
 
+
+def dummy_sizes() -> dict[str, int]:
+    """Parameter counts of the dummy models, ascending, counted on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models.loading import DUMMY_SIZES
+
+    counts = {}
+    for name, kw in DUMMY_SIZES.items():
+        kw = dict(kw)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
+        model.tie_weights()
+        counts[name] = sum(p.numel() for p in model.parameters())
+    return dict(sorted(counts.items(), key=lambda kv: kv[1]))
+
+
+def parse_memory(text: str) -> int:
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
+    for unit, scale in units.items():
+        if text.lower().endswith(unit):
+            return int(float(text[:-len(unit)]) * scale)
+    return int(text)
+
+
+# The recipes compared by `frugal bench capacity`: the textbook one (four full fp32 models, fp32
+# Adam for actor and critic) and ours (one bf16 base shared by four roles, LoRA adapters).
+RECIPES = {"plain": {"lora_rank": 0, "dtype": "fp32"}, "frugal": {"lora_rank": 8, "dtype": "auto"}}
+
+
+def _fits(stage: str, model: str, budget: int, over: dict) -> tuple[bool, float]:
+    """Run 2 steps of `stage` on `model` in a child process, killed as soon as its RSS passes
+    `budget`. Returns (completed within budget, peak RSS in GiB)."""
+    cmd = [sys.executable, "-m", "frugal_rlhf.cli", "bench", stage, "--model", model, "--steps", "2",
+           "--batch-size", "2", "--new-tokens", "16", "--max-length", "64", "--lora-rank", str(over["lora_rank"]),
+           "--dtype", over["dtype"]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) * 1024)
+        except (FileNotFoundError, IndexError):
+            pass
+        if peak > budget:
+            proc.kill()
+            proc.wait()
+            return False, peak / 2**30
+        time.sleep(0.2)
+    return proc.returncode == 0 and peak <= budget, peak / 2**30
+
+
+def bench_capacity(stage="ppo", memory="24GiB", **_):
+    """The largest dummy model each recipe trains within a memory budget (binary search over
+    the sizes, which assumes that if a size fails every larger one fails too)."""
+    budget, sizes = parse_memory(memory), dummy_sizes()
+    names = [n for n in sizes if not n.startswith("gpt2")]
+    results = {}
+    for recipe, over in RECIPES.items():
+        lo, hi, best = 0, len(names) - 1, None  # invariant: everything below lo fits
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ok, peak = _fits(stage, names[mid], budget, over)
+            print(f"capacity {recipe}: {names[mid]} ({sizes[names[mid]] / 1e6:.0f}M) "
+                  f"{'fits' if ok else 'does not fit'} (peak {peak:.2f} GiB)", file=sys.stderr)
+            if ok:
+                best, lo = {"model": names[mid], "params": sizes[names[mid]], "peak_mem_gb": peak}, mid + 1
+            else:
+                hi = mid - 1
+        results[recipe] = best
+    plain, ours = results["plain"], results["frugal"]
+    ratio = ours["params"] / plain["params"] if plain and ours else None
+    return {"workload": "capacity", "stage": stage, "memory": memory, **results, "ratio": ratio}
+
 ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_rank": 0})]
 
 
 def add_bench_args(p):
-    p.add_argument("workload", choices=[*WORKLOADS, "all"])
+    p.add_argument("workload", choices=[*WORKLOADS, "capacity", "compare", "sizes", "all"])
+    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo"],
+                   help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools (sft, rm)")
+    p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
+    p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
     p.add_argument("--model", default="default")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8)
@@ -161,12 +268,40 @@ def _row(r) -> str:
                  f"update {r['time_update']['median']:.1f}s")
     if "pairs_per_s" in r:
         extra = f" | pairs/s {r['pairs_per_s']['median']:.2f}"
-    return f"| {r['workload']} | lora {r.get('lora_rank', '-')} | {rate}{extra} | {r['peak_mem_gb']:.2f} GB |"
+    compute = f"{r['tflops']['median']:.3f} ({100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f})" if "mfu" in r else "-"
+    return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')} | {rate}{extra} | {compute} | "
+            f"{r['peak_mem_gb']:.2f} GB |")
+
+
+def _capacity_table(r) -> str:
+    rows = [f"| {name} | {v['model']} | {v['params'] / 1e6:.0f}M | {v['peak_mem_gb']:.2f} GiB |" if v else
+            f"| {name} | none fits | - | - |" for name, v in ((k, r[k]) for k in RECIPES)]
+    ratio = f"x{r['ratio']:.1f}" if r["ratio"] else "n/a"
+    return "\n".join([f"{r['stage']} within {r['memory']}: capacity ratio frugal/plain {ratio}",
+                      "| recipe | largest model | parameters | peak RSS |", "|---|---|---|---|", *rows])
 
 
 def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
                                         "repeats", "dtype")}
+    if args.workload == "compare":
+        from .bench_peers import compare
+
+        r = compare(args.peer, args.stage, **kw)
+        print(f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, batch {r['batch_size']} x {r['length']} tokens "
+              f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
+              f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
+              f"| x{r['ratio']:.2f} ({r['unit']}) |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        return
+    if args.workload in ("sizes", "capacity"):
+        result = (dummy_sizes() if args.workload == "sizes" else bench_capacity(args.stage, args.memory))
+        print("\n".join(f"{k}: {v / 1e6:.0f}M parameters" for k, v in result.items()) if args.workload == "sizes"
+              else _capacity_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.workload == "all":
         results = []
         for name, over in ALL:
@@ -178,7 +313,8 @@ def cmd_bench(args):
     else:
         results = [WORKLOADS[args.workload](**kw)]
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(default_device())}
-    table = "\n".join(["| workload | config | throughput | peak memory |", "|---|---|---|---|",
+    table = "\n".join(["| workload | config | throughput | TFLOPS (MFU of measured peak) | peak memory |",
+                       "|---|---|---|---|---|",
                        *map(_row, results)])
     print(table, file=sys.stderr if args.json == "/dev/stdout" else sys.stdout)
     if args.json:

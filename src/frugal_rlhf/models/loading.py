@@ -5,6 +5,9 @@ Specs:
   converted once to safetensors and cached under ``$FRUGAL_CACHE`` (default ~/.cache/frugal-rlhf).
 - ``tiny-llama``, ``tiny-gpt2``, ``tiny-opt``, ``tiny-bloom``: random ~1M-parameter models with a
   byte-level tokenizer, built in a second, for tests and smoke runs.
+- ``s``, ``m``, ``l``, ``xl``, ``1b``, ``3b``, ``7b`` (Llama shapes) and ``gpt2-s`` ... ``gpt2-xl``:
+  random dummy models for benchmarks, built without a second initialization pass (see
+  ``DUMMY_SIZES``; ``frugal bench sizes`` prints their parameter counts).
 - a ``.gguf`` file: converted and cached like the default.
 - a Hugging Face model directory (any AutoModelForCausalLM), or a PEFT adapter directory
   (its base is loaded and the adapter merged).
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 log = logging.getLogger("frugal_rlhf")
@@ -44,6 +48,57 @@ TINY_FAMILIES = {
     "tiny-bloom": dict(model_type="bloom", hidden_size=128, n_layer=4, n_head=4,
                        hidden_dropout=0.0, attention_dropout=0.0),
 }
+
+
+_LLAMA = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+_GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024)
+DUMMY_SIZES = {  # shapes of well-known models, so parameter counts mean something
+    "s": dict(_LLAMA, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+              tie_word_embeddings=True),
+    "m": dict(_LLAMA, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+              tie_word_embeddings=True),
+    "l": dict(_LLAMA, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+    "1b": dict(_LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),                                  # TinyLlama-1.1B
+    "xl": dict(_LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16),
+    "3b": dict(_LLAMA, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32),
+    "7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "gpt2-s": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),
+    "gpt2-m": dict(_GPT2, n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-l": dict(_GPT2, n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": dict(_GPT2, n_embd=1600, n_layer=48, n_head=25),
+}
+
+
+def build_dummy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random model of a named size. Parameters are created on the meta device and filled
+    once (normal 0.02, norms 1), skipping transformers' per-module init, so a 7B model costs
+    one pass over its memory; buffers (rotary frequencies) are built for real."""
+    from accelerate import init_empty_weights
+
+    kwargs = dict(DUMMY_SIZES[name])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    made = {}
+    for module_name, module in list(model.named_modules()):
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:  # tied weights stay tied
+                data = torch.empty(p.shape, dtype=dtype)
+                if p.dim() > 1:
+                    data.normal_(0.0, 0.02, generator=gen)
+                else:
+                    data.fill_(1.0 if name == "weight" else 0.0)
+                made[id(p)] = nn.Parameter(data)
+            module._parameters[name] = made[id(p)]
+    model.tie_weights()  # from_config under init_empty_weights leaves tied heads untied
+    tokenizer = byte_tokenizer()  # ids < 260: a valid subset of every dummy vocabulary
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
 
 
 def cache_dir() -> Path:
@@ -124,7 +179,7 @@ def convert_gguf(path: Path) -> Path:
 
 def resolve_spec(spec: str) -> str:
     """Map a spec to something from_pretrained understands (or a tiny-* name)."""
-    if spec in TINY_FAMILIES:
+    if spec in TINY_FAMILIES or (spec in DUMMY_SIZES and not Path(spec).exists()):
         return spec
     if spec == "default":
         return str(convert_gguf(default_gguf_path()))
@@ -138,7 +193,7 @@ def resolve_spec(spec: str) -> str:
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return spec  # an "org/name" hub id: from_pretrained fetches it where a hub is reachable
     raise FileNotFoundError(f"model '{spec}' is not a directory, a .gguf file, a hub id, 'default' or one of "
-                            f"{', '.join(TINY_FAMILIES)}")
+                            f"{', '.join([*TINY_FAMILIES, *DUMMY_SIZES])}")
 
 
 def prepare_tokenizer(tokenizer):
@@ -157,6 +212,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     if resolved in TINY_FAMILIES:
         model, tokenizer = build_tiny(resolved)
         return model.to(dtype), prepare_tokenizer(tokenizer)
+    if resolved in DUMMY_SIZES:
+        model, tokenizer = build_dummy(resolved, dtype)
+        return model, prepare_tokenizer(tokenizer)
     path = Path(resolved)
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         return _load_adapter_merged(path, dtype, trust_remote_code)

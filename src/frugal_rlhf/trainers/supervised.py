@@ -99,6 +99,8 @@ class SupervisedTrainer(Trainer):
         elapsed = time.perf_counter() - t0
         out = {"loss": self.strategy.all_reduce_sum(loss_total) / total_weight, "grad_norm": grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
+               "tokens": self.strategy.all_reduce_sum(tokens), "sequences": self.strategy.all_reduce_sum(
+                   sum(b["attention_mask"].shape[0] for b in batches)),
                "tokens_per_s": self.strategy.all_reduce_sum(tokens) / elapsed}
         out.update({k: self.strategy.all_reduce_sum(v) / total_weight for k, v in stats.items()})
         return out

@@ -1,0 +1,173 @@
+"""`frugal bench compare --peer trl --stage sft|rm`: one workload run by frugal-rlhf and by TRL.
+
+Same model, same rows, same lengths, batch size, LoRA rank and targets, dtype and thread count;
+each (tool, repeat) in its own process; the first step of every run is warm-up and excluded;
+the median over repeats of each run's median step rate is reported with min/max, and the ratio.
+
+The rows are built so both tools do the same work per step whatever their truncation and
+padding rules: every conversation is cut to the same token count, below `max_length`, so no
+row is truncated and a batch has (almost) no padding. Rates are samples (SFT) or pairs (reward
+model) per second of optimizer step, data loading excluded on both sides.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def equal_length_rows(tokenizer, n: int, length: int) -> list[dict]:
+    """n (prompt, answer, worse answer) triples from ShareGPT whose chat-formatted text is
+    `length` tokens or within a couple of tokens of it: the prompt is cut to 32 tokens, the
+    answers fill the rest."""
+    from .data.formats import load_dataset_file
+
+    def cut(text, k):
+        return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:k])
+
+    out = []
+    for row in load_dataset_file("sharegpt", "sft", limit=n * 8):
+        msgs = row["messages"]
+        k = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
+        if k is None or len(tokenizer(msgs[k]["content"])["input_ids"]) < length:
+            continue
+        prompt = [{"role": "user", "content": cut(msgs[k - 1]["content"], 32)}]
+        frame = len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": ""}], tokenize=True))
+        answer = cut(msgs[k]["content"], length - frame)
+        worse = cut(" ".join(reversed(msgs[k]["content"].split())), length - frame)  # same words, no sense
+        out.append({"prompt": prompt, "chosen": answer, "rejected": worse})
+        if len(out) == n:
+            return out
+    raise ValueError(f"sharegpt: only {len(out)} conversations have answers of {length}+ tokens, {n} needed")
+
+
+def _write_rows(rows, tmp: Path) -> Path:
+    path = tmp / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype) -> list[float]:
+    from .bench import _train_bench
+
+    rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
+    with tempfile.TemporaryDirectory() as tmp:
+        common = dict(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
+                      lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype)
+        if stage == "sft":
+            from .config import SFTConfig
+            from .trainers.supervised import SFTTrainer
+
+            sft = Path(tmp) / "sft.jsonl"
+            sft.write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
+                                   + "\n" for r in rows))
+            _, metrics = _train_bench("sft", SFTConfig(data=str(sft), **common), SFTTrainer, "tokens_per_s",
+                                      lambda t, m: 0.0)
+        else:
+            from .config import RewardConfig
+            from .trainers.reward import RewardTrainer
+
+            pairs = [{**r, "margin": None} for r in rows]
+            _, metrics = _train_bench("rm", RewardConfig(**common), lambda s, c: RewardTrainer(s, c, rows=pairs),
+                                      "tokens_per_s", lambda t, m: 0.0)
+    # Samples (SFT) or pairs (RM: two sequences each) per second of step, loading excluded.
+    per_item = 1 if stage == "sft" else 2
+    return [m["tokens_per_s"] * m["sequences"] / m["tokens"] / per_item for m in metrics]
+
+
+def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+    from .device import compute_dtype
+    from .models.loading import load_model, resolve_spec
+
+    rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
+    dt = compute_dtype(override=dtype)
+    _, tok = load_model(model, dt)
+    path = resolve_spec(model)
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    common = dict(max_steps=steps, per_device_train_batch_size=batch_size, max_length=max_length, learning_rate=1e-4,
+                  bf16=dt == torch.bfloat16, gradient_checkpointing=False, logging_steps=10**6, save_strategy="no",
+                  report_to=[], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=42)
+    with tempfile.TemporaryDirectory() as tmp:
+        if stage == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            data = Dataset.from_list([{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]}
+                                      for r in rows])
+            trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=dt),
+                                 args=SFTConfig(output_dir=tmp, packing=False, **common), train_dataset=data,
+                                 processing_class=tok,
+                                 peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
+                                 callbacks=[StepTimer()])
+        else:
+            from trl import RewardConfig, RewardTrainer
+
+            data = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                       "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+            hf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dt)
+            hf.config.pad_token_id = tok.pad_token_id
+            trainer = RewardTrainer(model=hf, args=RewardConfig(output_dir=tmp, **common), train_dataset=data,
+                                    processing_class=tok,
+                                    peft_config=LoraConfig(r=lora_rank, target_modules="all-linear",
+                                                           task_type="SEQ_CLS"),
+                                    callbacks=[StepTimer()])
+        trainer.train()
+    return [batch_size / t for t in times[1:]]  # the first step is warm-up
+
+
+RUNNERS = {"frugal": _frugal, "trl": _trl}
+
+
+def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype):
+    """Child-process entry: print the per-step rates as JSON."""
+    torch.manual_seed(0)
+    rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype)
+    print("RATES " + json.dumps(rates))
+
+
+def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
+            dtype="auto", repeats=3, **_):
+    from .models.loading import load_model
+
+    if stage not in ("sft", "rm"):
+        raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm); see docs/benchmarks.md")
+    _, tok = load_model(model)
+    rows = equal_length_rows(tok, batch_size * steps, max_length - 8)
+    medians = {"frugal": [], peer: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = _write_rows(rows, Path(tmp))
+        for r in range(repeats):
+            for tool in medians:  # alternate the tools so drift in the machine hits both
+                code = (f"from frugal_rlhf.bench_peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
+                        f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r})")
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"bench compare: {tool} {stage} failed:\n{proc.stderr[-3000:]}")
+                rates = json.loads(proc.stdout.split("RATES ")[-1])
+                medians[tool].append(statistics.median(rates))
+                print(f"{tool} {stage} repeat {r + 1}: {medians[tool][-1]:.3f}/s", file=sys.stderr)
+    unit = "samples_per_s" if stage == "sft" else "pairs_per_s"
+    result = {"workload": "compare", "peer": peer, "stage": stage, "model": model, "batch_size": batch_size,
+              "length": max_length - 8, "lora_rank": lora_rank, "dtype": dtype, "threads": torch.get_num_threads(),
+              "unit": unit, "repeats": repeats}
+    for tool, values in medians.items():
+        result[tool] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    result["ratio"] = result["frugal"]["median"] / result[peer]["median"]
+    return result
