@@ -136,3 +136,35 @@ def test_seed_shaped_api_with_separate_models(tmp_path):
     ids = torch.tensor([[5, 70, 80, 90]])
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids, torch.ones_like(ids))[0], actor(ids, torch.ones_like(ids))[0])
+
+
+def test_ppo_scores_responses_as_the_reward_model_was_trained(tmp_path):
+    """A response cut at max_new_tokens is scored with an end-of-turn appended, exactly like
+    `RewardModel.score` (and the pairs it was trained on); a finished response is left alone."""
+    from frugal_rlhf.data.tokenize import PromptCollator, encode_prompt
+    from frugal_rlhf.models.roles import RewardModel
+
+    hf, tok = load_model("tiny-llama", torch.float32)
+    rm = RewardModel(SharedLM(hf))
+    rm.tokenizer = tok
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    cfg = PPOConfig(model="tiny-llama", output=str(tmp_path), dtype="fp32", save_every=0, eval_every=0)
+    strategy = NaiveStrategy(seed=0, dtype="fp32")
+    strategy.setup_distributed()
+    actor, critic, ref, _ = shared_roles()
+    trainer = PPOTrainer(strategy, actor, critic, rm, ref, config=cfg, tokenizer=tok, prompts=PROMPTS)
+    prompts = [[{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "A longer question here"}]]
+    batch = PromptCollator(tok.pad_token_id)([{"prompt_ids": encode_prompt(tok, p, 64)} for p in prompts])
+    cut = tok("hello wor", add_special_tokens=False)["input_ids"]            # truncated: no end of turn
+    done = tok("ok", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # finished, then padding
+    width = max(len(cut), len(done))
+    resp = torch.tensor([cut + [tok.pad_token_id] * (width - len(cut)), done + [tok.pad_token_id] * (width - len(done))])
+    rmask = torch.tensor([[1] * len(cut) + [0] * (width - len(cut)), [1] * len(done) + [0] * (width - len(done))])
+    seq, attn = torch.cat([batch["input_ids"], resp], 1), torch.cat([batch["attention_mask"], rmask], 1)
+    with torch.no_grad():
+        got = trainer.reward_fn(seq, attn, batch["input_ids"].shape[1])
+        expected = rm.score(prompts, ["hello wor", "ok"])
+        unclosed = rm(seq, attn)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert abs(float(unclosed[0] - expected[0])) > 1e-3  # scoring without the appended token differs
+    torch.testing.assert_close(unclosed[1], expected[1], rtol=1e-5, atol=1e-5)

@@ -43,6 +43,19 @@ def stop_tokens(tokenizer) -> tuple[int, ...]:
     return tuple(i for i in ids if i is not None)
 
 
+def close_turns(seq, attn, stop_ids, eos_id, pad_id):
+    """Append `eos_id` after the last real token of rows that do not end in a stop token
+    (real tokens are contiguous: prompts padded on the left, responses on the right)."""
+    last = (torch.arange(attn.shape[1], device=attn.device) * attn).argmax(1)
+    rows = torch.arange(seq.shape[0], device=seq.device)
+    open_rows = ~torch.isin(seq[rows, last], torch.tensor(stop_ids, device=seq.device))
+    seq = torch.cat([seq, seq.new_full((seq.shape[0], 1), pad_id)], 1)
+    attn = torch.cat([attn, attn.new_zeros((attn.shape[0], 1))], 1)
+    seq[rows[open_rows], last[open_rows] + 1] = eos_id
+    attn[rows[open_rows], last[open_rows] + 1] = 1
+    return seq, attn
+
+
 class PPOTrainer(Trainer):
     stage = "ppo"
     evaluate_at_start = True
@@ -107,6 +120,11 @@ class PPOTrainer(Trainer):
     def reward_fn(self, seq, attn, prompt_length):
         if self.custom_reward is not None:
             return self.custom_reward(seq, attn, prompt_length)
+        # The reward model learned to score at an end-of-turn token (every training answer ends
+        # with one); a response cut at max_new_tokens gets one appended so it is scored the same
+        # way, instead of at an arbitrary mid-answer token the head never saw.
+        seq, attn = close_turns(seq, attn, self.settings.sample.eos_token_ids, self.tokenizer.eos_token_id,
+                                self.tokenizer.pad_token_id)
         return self.reward_model(seq, attn)
 
     @classmethod
@@ -145,6 +163,7 @@ class PPOTrainer(Trainer):
         self.kl_ctl.update(seq_kl, exp.sequences.shape[0])
         out = {"reward": float(exp.score.mean()), "reward_std": float(exp.score.std()) if len(exp.score) > 1 else 0.0,
                "kl": seq_kl, "kl_coef": self.kl_ctl.value, "response_length": float(mask.sum(1).mean()),
+               "prompt_length": float(batch["attention_mask"].sum(1).float().mean()),
                "explained_variance": L.explained_variance(exp.values, exp.returns, mask),
                "samples_per_s": exp.sequences.shape[0] / sum(timing.values()), **timing, **stats}
         if self.config.normalize_reward:
