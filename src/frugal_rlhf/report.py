@@ -13,14 +13,19 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
 
+def edge_window(n: int) -> int:
+    """How many steps at each end are averaged: single small batches are too noisy to compare."""
+    return max(1, min(5, n // 4))
+
+
 def _last(rows, key):
     vals = [r[key] for r in rows if key in r]
-    return vals[-1] if vals else None
+    return sum(vals[-edge_window(len(vals)):]) / edge_window(len(vals)) if vals else None
 
 
 def _first(rows, key):
     vals = [r[key] for r in rows if key in r]
-    return vals[0] if vals else None
+    return sum(vals[:edge_window(len(vals))]) / edge_window(len(vals)) if vals else None
 
 
 def held_out_comparison(out: Path, cfg) -> dict:
@@ -61,7 +66,7 @@ def write_report(out: Path, cfg) -> dict:
     summary = {
         "model": cfg.model,
         "sft": {"loss_first": _first(sft, "loss"), "loss_last": _last(sft, "loss"),
-                "eval_loss_last": _last(sft, "eval_loss"), "steps": len(sft)},
+                "eval_loss_last": next((r["eval_loss"] for r in reversed(sft) if "eval_loss" in r), None), "steps": len(sft)},
         "prefs": prefs,
         "rm": rm_eval,
         "ppo": {"steps": len([r for r in ppo if r.get("step", 0) > 0]),
@@ -81,7 +86,8 @@ def write_report(out: Path, cfg) -> dict:
                f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below.")
     md = [f"# RLHF run report: {out}", "", f"Model: `{cfg.model}`. {verdict}", "",
           "## Stage 1: supervised fine-tuning", "",
-          f"Loss {summary['sft']['loss_first']:.3f} -> {summary['sft']['loss_last']:.3f} over "
+          f"Loss {summary['sft']['loss_first']:.3f} -> {summary['sft']['loss_last']:.3f} (means of the first and "
+          f"last {edge_window(summary['sft']['steps'])} steps) over "
           f"{summary['sft']['steps']} steps (held-out loss {summary['sft']['eval_loss_last'] or float('nan'):.3f}).",
           "", "![SFT loss](sft/loss.png)", "",
           "## Stage 2: reward model", "",
