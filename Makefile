@@ -38,6 +38,7 @@ bench: install
 	$(VENV)/bin/frugal bench capacity --stage ppo --memory 8GiB --json docs/bench/capacity-ppo.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage sft --json docs/bench/compare-sft.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage rm --json docs/bench/compare-rm.json
+	$(VENV)/bin/frugal bench serve --model default --new-tokens 48 --json docs/bench/serve.json
 
 clean:
 	rm -rf $(VENV) runs

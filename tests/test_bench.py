@@ -37,3 +37,23 @@ def test_capacity_search_finds_the_largest_size_each_recipe_fits(monkeypatch):
     assert r["ratio"] == sizes["3b"] / sizes[r["plain"]["model"]]
     assert len(tried) <= 2 * 3  # binary search: log2(7) probes per recipe
     assert bench.parse_memory("24GiB") == 24 * 2**30 and bench.parse_memory("1.5GB") == 1_500_000_000
+
+
+def test_bench_serve_answers_every_request_and_compares_with_generate(tmp_path):
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--model", "tiny-llama", "--new-tokens", "8", "--dtype", "fp32",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    per_client = r["settings"]["requests_per_client"]
+    served = [row for row in r["rows"] if row["mode"].startswith("server")]
+    assert [row["requests"] for row in served] == [c * per_client for c in (1, 4, 16)]
+    assert all(row["failed"] == 0 and row["tokens_per_s"] > 0 for row in served)
+    assert r["rows"][-1]["mode"] == "generate, one at a time" and r["rows"][-1]["requests"] == 16 * per_client
+
+
+def test_bench_compare_generate_is_our_sampler_against_hf_generate(tmp_path):
+    out = tmp_path / "cmp.json"
+    assert main(["bench", "compare", "--stage", "generate", "--model", "tiny-llama", "--new-tokens", "4",
+                 "--batch-size", "2", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["workload"] == "generate" and set(r) >= {"frugal", "hf_generate", "ratio"}

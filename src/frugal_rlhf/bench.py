@@ -240,9 +240,10 @@ ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_ra
 
 
 def add_bench_args(p):
-    p.add_argument("workload", choices=[*WORKLOADS, "capacity", "compare", "sizes", "all"])
-    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo"],
-                   help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools (sft, rm)")
+    p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
+    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "generate"],
+                   help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
+                        "(sft, rm; generate: our sampler vs HF generate)")
     p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
     p.add_argument("--model", default="default")
@@ -281,24 +282,51 @@ def _capacity_table(r) -> str:
                       "| recipe | largest model | parameters | peak RSS |", "|---|---|---|---|", *rows])
 
 
+def _compare(args, kw):
+    if args.stage == "generate":  # our sampler vs HF generate, same run: the generate workload itself
+        r = bench_generate(**kw)
+        return r, _table([r])
+    from .bench_peers import compare
+
+    r = compare(args.peer, args.stage, **kw)
+    return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, batch {r['batch_size']} x {r['length']} tokens "
+               f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
+               f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
+               f"| x{r['ratio']:.2f} ({r['unit']}) |")
+
+
+def _serve(args, kw):
+    from .serve.bench import bench_serve, format_table
+
+    r = bench_serve(args.model, max_tokens=args.new_tokens, dtype=args.dtype)
+    return r, f"model {r['model']} ({r['dtype']}), {r['settings']}\n" + format_table(r)
+
+
+def _sizes(args, kw):
+    r = dummy_sizes()
+    return r, "\n".join(f"{k}: {v / 1e6:.0f}M parameters" for k, v in r.items())
+
+
+def _capacity(args, kw):
+    r = bench_capacity(args.stage, args.memory)
+    return r, _capacity_table(r)
+
+
+# Workloads that print their own table (the others share `_table`).
+OWN_TABLE = {"compare": _compare, "serve": _serve, "sizes": _sizes, "capacity": _capacity}
+
+
+def _table(results) -> str:
+    return "\n".join(["| workload | config | throughput | TFLOPS (MFU of measured peak) | peak memory |",
+                      "|---|---|---|---|---|", *map(_row, results)])
+
+
 def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
                                         "repeats", "dtype")}
-    if args.workload == "compare":
-        from .bench_peers import compare
-
-        r = compare(args.peer, args.stage, **kw)
-        print(f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, batch {r['batch_size']} x {r['length']} tokens "
-              f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
-              f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
-              f"| x{r['ratio']:.2f} ({r['unit']}) |")
-        if args.json:
-            Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
-        return
-    if args.workload in ("sizes", "capacity"):
-        result = (dummy_sizes() if args.workload == "sizes" else bench_capacity(args.stage, args.memory))
-        print("\n".join(f"{k}: {v / 1e6:.0f}M parameters" for k, v in result.items()) if args.workload == "sizes"
-              else _capacity_table(result))
+    if args.workload in OWN_TABLE:
+        result, table = OWN_TABLE[args.workload](args, kw)
+        print(table)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return
@@ -313,9 +341,7 @@ def cmd_bench(args):
     else:
         results = [WORKLOADS[args.workload](**kw)]
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(default_device())}
-    table = "\n".join(["| workload | config | throughput | TFLOPS (MFU of measured peak) | peak memory |",
-                       "|---|---|---|---|---|",
-                       *map(_row, results)])
+    table = _table(results)
     print(table, file=sys.stderr if args.json == "/dev/stdout" else sys.stdout)
     if args.json:
         payload = {"env": env, "results": results} if args.workload == "all" else results[0]
