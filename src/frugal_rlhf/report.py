@@ -28,6 +28,11 @@ def _first(rows, key):
     return sum(vals[:edge_window(len(vals))]) / edge_window(len(vals)) if vals else None
 
 
+def above_chance(accuracy: float, n_pairs: int) -> bool:
+    """Is a held-out pairwise accuracy more than two standard errors above a coin flip?"""
+    return accuracy > 0.5 + 2 * (0.25 / max(n_pairs, 1)) ** 0.5
+
+
 def held_out_comparison(out: Path, cfg) -> dict:
     from .data.formats import load_dataset_file
     from .device import autocast, compute_dtype, default_device
@@ -77,6 +82,7 @@ def write_report(out: Path, cfg) -> dict:
         "held_out": {k: comparison[k] for k in ("n_prompts", "reward_model", "win_rate", "kl_to_baseline", "length",
                                                 "reference_f1")},
         "held_out_reward_gain": gain,
+        "rm_above_chance": above_chance(rm_eval["accuracy"], rm_eval["n_pairs"]),
         "timings_s": timings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -84,6 +90,11 @@ def write_report(out: Path, cfg) -> dict:
                f"(win rate {comparison['win_rate']:.2f}) at a KL of {comparison['kl_to_baseline']:.2f} nats per answer."
                if gain > 0 else
                f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below.")
+    if not summary["rm_above_chance"]:
+        # A score gain under a reward model that cannot rank held-out pairs is not evidence of better answers.
+        verdict += (f" Caution: the reward model's held-out accuracy ({rm_eval['accuracy']:.2f} on "
+                    f"{rm_eval['n_pairs']} pairs) is not distinguishable from chance, so its score says little about "
+                    "answer quality: judge by the reference F1 and the examples.")
     md = [f"# RLHF run report: {out}", "", f"Model: `{cfg.model}`. {verdict}", "",
           "## Stage 1: supervised fine-tuning", "",
           f"Loss {summary['sft']['loss_first']:.3f} -> {summary['sft']['loss_last']:.3f} (means of the first and "
