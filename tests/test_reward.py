@@ -44,7 +44,10 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path):
     assert result["n_pairs"] == 48
     assert result["accuracy"] >= 0.95, result
     assert result["mean_margin"] > 0
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    train = [m for m in metrics if m["step"] > 0]
+    assert train[-1]["loss"] < train[0]["loss"]
+    # Step 0 is the held-out baseline before any update: the final accuracy is measured against it.
+    assert metrics[0]["step"] == 0 and metrics[0]["eval_accuracy"] < result["accuracy"]
     # A saved reward model reloads and gives identical scores.
     live = trainer.model.eval()
     prompts = ["Say some words (1)", "Say some words (2)"]

@@ -12,13 +12,17 @@ from frugal_rlhf.strategies import NaiveStrategy
 from frugal_rlhf.trainers.supervised import SFTTrainer
 
 
-def run_sft(tmp_path, rows, stop_at=None, **kw):
+def run_sft(tmp_path, rows, stop_at=None, baseline=False, **kw):
+    """Train; returns (trainer, the training steps' metrics) or, with baseline=True, also the
+    step-0 held-out evaluation logged before any update."""
     cfg = SFTConfig(**{"model": "tiny-llama", "output": str(tmp_path / "sft"), "max_steps": 30, "batch_size": 8,
                        "lr": 3e-3, "max_length": 128, "save_every": 0, "eval_every": 0, "dtype": "fp32", **kw})
     strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
     strategy.setup_distributed()
     trainer = SFTTrainer(strategy, cfg, rows=rows)
-    return trainer, trainer.fit(stop_at=stop_at)
+    metrics = trainer.fit(stop_at=stop_at)
+    steps = [m for m in metrics if m["step"] > 0]
+    return (trainer, steps, metrics[0]) if baseline else (trainer, steps)
 
 
 def test_label_masking_token_by_token():
@@ -66,8 +70,9 @@ def test_truncation_cuts_prompt_left_and_never_the_answer_start():
 
 
 def test_full_finetune_loss_falls(tmp_path, rows):
-    _, metrics = run_sft(tmp_path, rows)
+    _, metrics, before = run_sft(tmp_path, rows, baseline=True)
     assert metrics[-1]["loss"] < 0.4 * metrics[0]["loss"]
+    assert before["step"] == 0 and metrics[-1]["eval_loss"] < 0.5 * before["eval_loss"]  # held out, too
 
 
 def test_lora_trains_only_adapter_and_merged_checkpoint_matches(tmp_path, rows):

@@ -59,10 +59,11 @@ def cmd_sft(args):
     strategy.setup_distributed()
     try:
         metrics = SFTTrainer(strategy, cfg).fit()
-        if metrics:
-            first, last = metrics[0], metrics[-1]
-            print(f"sft: {len(metrics)} steps, loss {first['loss']:.4f} -> {last['loss']:.4f}"
-                  + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+        steps = [m for m in metrics if m["step"] > 0]
+        if steps:
+            held_out = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+            print(f"sft: {len(steps)} steps, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}"
+                  + (f", held-out loss {held_out[0]:.4f} -> {held_out[-1]:.4f}" if len(held_out) > 1 else "")
                   + f"; model in {cfg.output}/final")
     finally:
         strategy.cleanup()

@@ -71,7 +71,8 @@ def write_report(out: Path, cfg) -> dict:
     summary = {
         "model": cfg.model,
         "sft": {"loss_first": _first(sft, "loss"), "loss_last": _last(sft, "loss"),
-                "eval_loss_last": next((r["eval_loss"] for r in reversed(sft) if "eval_loss" in r), None), "steps": len(sft)},
+                "eval_loss_last": next((r["eval_loss"] for r in reversed(sft) if "eval_loss" in r), None),
+                "steps": len([r for r in sft if r["step"] > 0])},
         "prefs": prefs,
         "rm": rm_eval,
         "ppo": {"steps": len([r for r in ppo if r.get("step", 0) > 0]),

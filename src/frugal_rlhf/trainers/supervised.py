@@ -46,6 +46,10 @@ def split_rows(rows, eval_split: float, max_eval_rows: int, seed: int):
 class SupervisedTrainer(Trainer):
     """Subclasses implement `loss_sum(batch) -> (summed loss, weight, {stat: summed value})`."""
 
+    # The held-out loss before any update: what "the loss falls" is measured against (single
+    # training steps vary more between batches than a short run moves the loss).
+    evaluate_at_start = True
+
     def __init__(self, strategy, config, model, train_set, eval_set, collate):
         super().__init__(strategy, config)
         self.model = model
