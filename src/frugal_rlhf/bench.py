@@ -88,10 +88,10 @@ def _ppo_flops(trainer, m) -> float:
                             _lora(trainer.reward_model), full=not trainer.actor.adapter)
 
 
-def _train_bench(name, cfg, build, rate_key, step_flops):
-    """Run `build(strategy, cfg)`'s trainer; report throughput, model TFLOPS (from
-    `step_flops(trainer, metrics)` over the whole step time) and MFU against the peak
-    matmul rate measured on the spot in the compute dtype."""
+def _train_bench(name, cfg, build, rate_key, step_flops=None):
+    """Run `build(strategy, cfg)`'s trainer; report throughput and, given `step_flops(trainer,
+    metrics)`, model TFLOPS over the whole step time and MFU against the peak matmul rate
+    measured on the spot in the compute dtype."""
     from .strategies import NaiveStrategy
 
     strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
@@ -99,12 +99,13 @@ def _train_bench(name, cfg, build, rate_key, step_flops):
     trainer = build(strategy, cfg)
     metrics = [m for m in trainer.fit() if m.get("step", 0) > 1]  # step 1 is warm-up
     rates = [m[rate_key] for m in metrics if rate_key in m]
-    tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
-    peak = F.measure_peak_tflops(strategy.device, strategy.dtype)
     out = {"workload": name, "model": cfg.model, "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
            rate_key: _stats(rates), "step_time_s": _stats([m["step_time"] for m in metrics]),
-           "tflops": _stats(tflops), "peak_tflops": peak, "mfu": statistics.median(tflops) / peak,
            "peak_mem_gb": peak_memory_bytes(strategy.device) / 2**30}
+    if step_flops:
+        tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
+        peak = F.measure_peak_tflops(strategy.device, strategy.dtype)
+        out.update(tflops=_stats(tflops), peak_tflops=peak, mfu=statistics.median(tflops) / peak)
     return out, metrics
 
 
@@ -165,15 +166,14 @@ WORKLOADS = {"generate": bench_generate, "sft": bench_sft, "rm": bench_rm, "ppo"
 def dummy_sizes() -> dict[str, int]:
     """Parameter counts of the dummy models, ascending, counted on the meta device (no memory)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .models.loading import DUMMY_SIZES
+    from .models.loading import DUMMY_SIZES, dummy_config
 
     counts = {}
-    for name, kw in DUMMY_SIZES.items():
-        kw = dict(kw)
+    for name in DUMMY_SIZES:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
+            model = AutoModelForCausalLM.from_config(dummy_config(name))
         model.tie_weights()
         counts[name] = sum(p.numel() for p in model.parameters())
     return dict(sorted(counts.items(), key=lambda kv: kv[1]))

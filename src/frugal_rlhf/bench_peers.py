@@ -67,15 +67,14 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
             sft = Path(tmp) / "sft.jsonl"
             sft.write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
                                    + "\n" for r in rows))
-            _, metrics = _train_bench("sft", SFTConfig(data=str(sft), **common), SFTTrainer, "tokens_per_s",
-                                      lambda t, m: 0.0)
+            _, metrics = _train_bench("sft", SFTConfig(data=str(sft), **common), SFTTrainer, "tokens_per_s")
         else:
             from .config import RewardConfig
             from .trainers.reward import RewardTrainer
 
             pairs = [{**r, "margin": None} for r in rows]
             _, metrics = _train_bench("rm", RewardConfig(**common), lambda s, c: RewardTrainer(s, c, rows=pairs),
-                                      "tokens_per_s", lambda t, m: 0.0)
+                                      "tokens_per_s")
     # Samples (SFT) or pairs (RM: two sequences each) per second of step, loading excluded.
     per_item = 1 if stage == "sft" else 2
     return [m["tokens_per_s"] * m["sequences"] / m["tokens"] / per_item for m in metrics]

@@ -18,14 +18,21 @@ def edge_window(n: int) -> int:
     return max(1, min(5, n // 4))
 
 
-def _last(rows, key):
+def _edge_mean(rows, key, last: bool):
+    """Mean of `key` over the first (or last) edge_window steps that logged it."""
     vals = [r[key] for r in rows if key in r]
-    return sum(vals[-edge_window(len(vals)):]) / edge_window(len(vals)) if vals else None
+    if not vals:
+        return None
+    k = edge_window(len(vals))
+    return sum(vals[-k:] if last else vals[:k]) / k
+
+
+def _last(rows, key):
+    return _edge_mean(rows, key, last=True)
 
 
 def _first(rows, key):
-    vals = [r[key] for r in rows if key in r]
-    return sum(vals[:edge_window(len(vals))]) / edge_window(len(vals)) if vals else None
+    return _edge_mean(rows, key, last=False)
 
 
 def above_chance(accuracy: float, n_pairs: int) -> bool:

@@ -70,16 +70,19 @@ DUMMY_SIZES = {  # shapes of well-known models, so parameter counts mean somethi
 }
 
 
+def dummy_config(name: str):
+    kwargs = dict(DUMMY_SIZES[name])
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
 def build_dummy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """A random model of a named size. Parameters are created on the meta device and filled
     once (normal 0.02, norms 1), skipping transformers' per-module init, so a 7B model costs
     one pass over its memory; buffers (rotary frequencies) are built for real."""
     from accelerate import init_empty_weights
 
-    kwargs = dict(DUMMY_SIZES[name])
-    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(dummy_config(name), dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     made = {}
     for module_name, module in list(model.named_modules()):

@@ -14,6 +14,7 @@ import torch
 from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt
 from ..generation import SampleConfig
 from ..models.export import export_adapter, export_merged
+from ..models.roles import last_token_index
 from ..rl import losses as L
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
 from .base import Trainer, make_optimizer, make_scheduler
@@ -46,7 +47,7 @@ def stop_tokens(tokenizer) -> tuple[int, ...]:
 def close_turns(seq, attn, stop_ids, eos_id, pad_id):
     """Append `eos_id` after the last real token of rows that do not end in a stop token
     (real tokens are contiguous: prompts padded on the left, responses on the right)."""
-    last = (torch.arange(attn.shape[1], device=attn.device) * attn).argmax(1)
+    last = last_token_index(attn)
     rows = torch.arange(seq.shape[0], device=seq.device)
     open_rows = ~torch.isin(seq[rows, last], torch.tensor(stop_ids, device=seq.device))
     seq = torch.cat([seq, seq.new_full((seq.shape[0], 1), pad_id)], 1)
