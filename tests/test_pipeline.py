@@ -85,12 +85,12 @@ def test_shipped_configs_name_only_real_fields(name):
 
     from frugal_rlhf.config import PPOConfig, RewardConfig, SFTConfig
     from frugal_rlhf.pipeline import _stage_config, load_pipeline_config
-    from frugal_rlhf.prefs import build_reference_pairs
+    from frugal_rlhf.prefs import build_pairs
 
     cfg = load_pipeline_config(packaged_config(name))
     for cls, section in ((SFTConfig, cfg.sft), (RewardConfig, cfg.rm), (PPOConfig, cfg.ppo)):
         _stage_config(cls, {}, section, f"{name}: {cls.__name__}")
-    assert set(cfg.prefs) <= set(inspect.signature(build_reference_pairs).parameters)
+    assert set(cfg.prefs) <= set(inspect.signature(build_pairs).parameters)
     assert set(cfg.eval) <= {"max_new_tokens", "temperature", "top_p", "batch_size"}
 
 

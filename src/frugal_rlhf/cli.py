@@ -120,13 +120,17 @@ def cmd_ppo(args):
 
 
 def add_prefs_args(p):
-    p.add_argument("--model", default="runs/sft/final", help="the SFT model that writes the rejected answers")
-    p.add_argument("--prompts", default="sharegpt", help="conversations with reference answers")
+    p.add_argument("--model", default="runs/sft/final", help="the SFT model whose samples are ranked")
+    p.add_argument("--prompts", default="sharegpt", help="prompts (conversations with answers for --labeler reference)")
+    p.add_argument("--labeler", default="contrast", choices=["contrast", "reference"],
+                   help="simulated labeler (docs/preferences.md): contrast = normal vs high-temperature sample; "
+                        "reference = dataset answer vs sample")
     p.add_argument("--output", default="prefs.jsonl")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--contrast-temperature", type=float, default=1.2, help="temperature of the rejected sample")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
@@ -136,16 +140,16 @@ def cmd_prefs(args):
     from .data.formats import load_dataset_file
     from .device import autocast, compute_dtype, default_device
     from .models.loading import load_model
-    from .prefs import build_reference_pairs
+    from .prefs import build_pairs
 
     device = default_device()
     dtype = compute_dtype(device, args.dtype)
     model, tok = load_model(args.model, dtype)
     rows = load_dataset_file(args.prompts, "prompt", limit=args.num_prompts * 2)
-    rows = [r for r in rows if r.get("reference")][: args.num_prompts]
-    summary = build_reference_pairs(model.to(device), tok, rows, args.output, args.max_new_tokens, args.temperature,
-                                    args.top_p, args.batch_size, seed=args.seed, device=device,
-                                    autocast=autocast(device, dtype))
+    rows = [r for r in rows if r.get("reference") or args.labeler != "reference"][: args.num_prompts]
+    summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
+                          args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
+                          device=device, autocast=autocast(device, dtype))
     print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
           f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
 

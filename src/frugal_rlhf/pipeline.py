@@ -43,7 +43,7 @@ class PipelineConfig:
     strategy: str = "naive"
     split: SplitConfig = field(default_factory=SplitConfig)
     sft: dict = field(default_factory=dict)     # SFTConfig fields
-    prefs: dict = field(default_factory=dict)   # max_new_tokens, temperature, top_p, batch_size
+    prefs: dict = field(default_factory=dict)   # prefs.build_pairs arguments: labeler, temperatures, ...
     rm: dict = field(default_factory=dict)      # RewardConfig fields
     ppo: dict = field(default_factory=dict)     # PPOConfig fields
     eval: dict = field(default_factory=dict)    # max_new_tokens, temperature, batch_size
@@ -152,14 +152,14 @@ class Pipeline:
         from .data.formats import load_dataset_file
         from .device import autocast, compute_dtype, default_device
         from .models.loading import load_model
-        from .prefs import build_reference_pairs
+        from .prefs import build_pairs
 
         device = default_device()
         dtype = compute_dtype(device, self.cfg.dtype)
         model, tok = load_model(str(self.out / "sft" / "final"), dtype)
         rows = load_dataset_file(str(self.out / "data" / "prefs_prompts.jsonl"), "prompt")
-        summary = build_reference_pairs(model.to(device), tok, rows, self.out / "prefs.jsonl", seed=self.cfg.seed,
-                                        device=device, autocast=autocast(device, dtype), **self.cfg.prefs)
+        summary = build_pairs(model.to(device), tok, rows, self.out / "prefs.jsonl", seed=self.cfg.seed,
+                              device=device, autocast=autocast(device, dtype), **self.cfg.prefs)
         (self.out / "prefs.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def run_rm(self):

@@ -1,14 +1,18 @@
 """Preference pairs for stage 2 without human rankers (`frugal prefs`).
 
-The simulated labeler ("reference" labeler): for each prompt that has a human-written
-reference answer in the data (ShareGPT's first answer), the pair is
-    chosen   = the reference answer, cut to the same token budget as the samples
-    rejected = a sample of the SFT model for that prompt.
-It is independent of the reward model being trained (it never looks at one). Known biases,
-documented in docs/preferences.md: it prefers the reference's style and vocabulary over
-whatever the SFT model writes, including cases where the model's answer is better; it
-says nothing about correctness; cutting both sides to one budget removes the length cue
-only partly (the model may stop early, the reference rarely does).
+Two simulated labelers, both independent of the reward model being trained (neither ever
+looks at one); docs/preferences.md documents each one's known biases.
+
+- "contrast" (the demo's): for each prompt, two samples of the SFT model,
+      chosen   = a sample at the normal temperature (`temperature`, `top_p`)
+      rejected = a sample at a high temperature (`contrast_temperature`, no top-p cut),
+  the same model made worse on purpose, as in contrast-distillation recipes (RLCD, ALMoST).
+  It ranks fluency and coherence, not helpfulness, and needs no reference answers.
+- "reference": for each prompt that has a human-written answer (ShareGPT's first answer),
+      chosen   = the reference answer, cut to the same token budget as the sample
+      rejected = a sample of the SFT model.
+  Its pairs differ mostly in style; a 135M reward model stayed at chance on them
+  (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from .generation import SampleConfig, sample
 from .strategies.base import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
+
+LABELERS = ("contrast", "reference")
 
 
 def cut_to_tokens(tokenizer, text: str, n: int) -> str:
@@ -51,30 +57,42 @@ def generate_responses(model, tokenizer, prompts, sample_cfg: SampleConfig, batc
     return out
 
 
-def build_reference_pairs(model, tokenizer, prompt_rows, output, max_new_tokens=64, temperature=0.8, top_p=0.95,
-                          batch_size=8, max_prompt_length=256, seed=0, device=None, autocast=None) -> dict:
-    """Write chosen=reference / rejected=model-sample pairs as JSONL; return a summary."""
+def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_new_tokens=64, temperature=0.8,
+                top_p=0.95, contrast_temperature=1.2, batch_size=8, max_prompt_length=256, seed=0, device=None,
+                autocast=None) -> dict:
+    """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary."""
     from .runlog import make_progress
     from .trainers.ppo import stop_tokens
 
-    rows = [r for r in prompt_rows if r.get("reference")]
+    if labeler not in LABELERS:
+        raise ValueError(f"unknown labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
+    rows = [r for r in prompt_rows if r.get("reference")] if labeler == "reference" else list(prompt_rows)
     if not rows:
         raise ValueError("no prompt has a reference answer: the reference labeler needs conversations with answers")
-    cfg = SampleConfig(max_new_tokens, temperature, 0, top_p, stop_tokens(tokenizer), tokenizer.pad_token_id)
+    prompts = [r["prompt"] for r in rows]
+    stops = stop_tokens(tokenizer)
+    configs = [SampleConfig(max_new_tokens, temperature, 0, top_p, stops, tokenizer.pad_token_id)]
+    if labeler == "contrast":
+        configs.append(SampleConfig(max_new_tokens, contrast_temperature, 0, 1.0, stops, tokenizer.pad_token_id))
     t0 = time.perf_counter()
+    samples = []
     with make_progress() as progress:
-        task = progress.add_task("prefs", total=len(rows), info="sampling")
-        samples = generate_responses(model, tokenizer, [r["prompt"] for r in rows], cfg, batch_size,
-                                     max_prompt_length, seed, device, autocast,
-                                     lambda n: progress.update(task, completed=n))
-    pairs = []
-    for row, text in zip(rows, samples):
-        chosen = cut_to_tokens(tokenizer, row["reference"], max_new_tokens)
-        if text and text != chosen:  # an empty or identical sample carries no preference
-            pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": text, "labeler": "reference"})
+        task = progress.add_task("prefs", total=len(rows) * len(configs), info="sampling")
+        for k, cfg in enumerate(configs):
+            samples.append(generate_responses(model, tokenizer, prompts, cfg, batch_size, max_prompt_length, seed + k,
+                                              device, autocast,
+                                              lambda n, k=k: progress.update(task, completed=k * len(rows) + n)))
+    if labeler == "reference":
+        sides = [(cut_to_tokens(tokenizer, r["reference"], max_new_tokens), s) for r, s in zip(rows, samples[0])]
+    else:
+        sides = list(zip(*samples))
+    # An empty side, or two identical sides, carries no preference.
+    pairs = [{"prompt": p, "chosen": c, "rejected": r, "labeler": labeler}
+             for p, (c, r) in zip(prompts, sides) if c and r and c != r]
     atomic_write(output, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs)))
     elapsed = time.perf_counter() - t0
     summary = {"pairs": len(pairs), "prompts": len(rows), "seconds": round(elapsed, 1),
-               "pairs_per_s": round(len(pairs) / elapsed, 3), "labeler": "reference"}
-    log.info("prefs: %d pairs from %d prompts in %.0f s -> %s", len(pairs), len(rows), elapsed, output)
+               "pairs_per_s": round(len(pairs) / elapsed, 3), "labeler": labeler}
+    log.info("prefs: %d pairs (%s labeler) from %d prompts in %.0f s -> %s", len(pairs), labeler, len(rows), elapsed,
+             output)
     return summary
