@@ -128,3 +128,38 @@ def test_other_families_train_and_export(tmp_path, rows, family):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
     assert merged.config.model_type == family.split("-")[1]
+
+
+def mixed_length_rows():
+    rows = arithmetic_rows(24)
+    return rows + [{"messages": [{"role": "user", "content": f"spell {i}"},
+                                 {"role": "assistant", "content": "ab" * (3 + 5 * i)}]} for i in range(8)]
+
+
+def test_packed_batch_loss_equals_the_unpacked_one(tmp_path):
+    """Packing changes how rows are laid out, never a number: the summed loss and the token
+    count of a packed batch equal those of the same conversations padded one per row."""
+    from frugal_rlhf.data.tokenize import SFTCollator, pack
+
+    trainer, _ = run_sft(tmp_path, mixed_length_rows(), max_steps=1, lora_rank=4)
+    tok, model = trainer.tokenizer, trainer.model.eval()
+    encoded = [encode_conversation(tok, r["messages"], 128) for r in mixed_length_rows()]
+    packed = pack(encoded, 512, seed=0)
+    assert len(packed) < len(encoded) / 3 and all(len(r["input_ids"]) <= 512 for r in packed)
+    assert sorted(len(r["input_ids"]) for r in encoded) == sorted(  # every conversation, once, whole
+        n for r in packed for n in torch.tensor(r["segments"]).unique(return_counts=True)[1].tolist())
+    collate = SFTCollator(tok.pad_token_id)
+    with torch.no_grad():
+        loss_p, n_p, _ = trainer.loss_sum(collate(packed))
+        loss_u, n_u, _ = trainer.loss_sum(collate(encoded))
+    assert n_p == n_u
+    assert loss_p.item() == pytest.approx(loss_u.item(), rel=1e-4)
+
+
+def test_packing_trains_and_refuses_models_that_mix_sequences(tmp_path):
+    _, metrics = run_sft(tmp_path / "llama", mixed_length_rows(), packing=True, max_steps=12, max_length=384,
+                         batch_size=2)
+    assert metrics[-1]["loss"] < 0.6 * metrics[0]["loss"]
+    assert metrics[0]["sequences"] > 4  # a batch of 2 packed rows holds more than 2 conversations
+    with pytest.raises(ValueError, match=r"--packing: .*BloomForCausalLM.*train without --packing"):
+        run_sft(tmp_path / "bloom", mixed_length_rows(), model="tiny-bloom", packing=True, max_steps=1)

@@ -48,6 +48,7 @@ class TrainConfig:
 @dataclass
 class SFTConfig(TrainConfig):
     output: str = "runs/sft"
+    packing: bool = False              # several conversations per max_length row, attention kept apart
 
 
 @dataclass

@@ -117,7 +117,8 @@ def write_report(out: Path, cfg) -> dict:
           "## Stage 3: PPO", "",
           f"{summary['ppo']['steps']} steps; held-out reward during training "
           f"{_fmt(summary['ppo']['eval_reward_first'])} -> {_fmt(summary['ppo']['eval_reward_last'])}, "
-          f"KL to the reference at the end {_fmt(summary['ppo']['kl_last'])} nats per answer.", "",
+          f"KL to the reference {_fmt(summary['ppo']['kl_last'])} nats per answer (mean of the last "
+          f"{edge_window(len([r for r in ppo if 'kl' in r]))} steps).", "",
           "![PPO](ppo/ppo.png)", "", "![PPO diagnostics](ppo/ppo_diagnostics.png)", "",
           f"## Before / after on {comparison['n_prompts']} held-out prompts", "",
           summary_markdown(comparison, "PPO", "SFT"),

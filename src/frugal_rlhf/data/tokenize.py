@@ -9,6 +9,7 @@ others get a clear error.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -92,13 +93,43 @@ def attention(seqs: list[list[int]], side: str = "right") -> torch.Tensor:
     return pad([[1] * len(s) for s in seqs], 0, side)
 
 
+def pack(rows: list[dict], max_length: int, seed: int) -> list[dict]:
+    """Encoded conversations packed into rows of at most max_length tokens (best fit, in a
+    seeded random order). A packed row's `segments` numbers its conversations 1, 2, ...;
+    the collator turns them into the attention mask, which keeps conversations apart."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    free: list[tuple[int, int]] = []  # (tokens left, bin), sorted: the tightest fit is a bisect away
+    bins: list[list[dict]] = []
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([])
+            left, b = max_length, len(bins) - 1
+        else:
+            left, b = free.pop(k)
+        bins[b].append(rows[i])
+        if left - n > 0:
+            bisect.insort(free, (left - n, b))
+    packed = []
+    for members in bins:
+        packed.append({"input_ids": [t for r in members for t in r["input_ids"]],
+                       # a conversation's first token is never predicted from the one before it
+                       "labels": [IGNORE if j == 0 else t for r in members for j, t in enumerate(r["labels"])],
+                       "segments": [k + 1 for k, r in enumerate(members) for _ in r["input_ids"]]})
+    return packed
+
+
 @dataclass
 class SFTCollator:
+    """Right-padded batches; packed rows carry segment numbers in `attention_mask` (0 = pad)."""
+
     pad_id: int
 
     def __call__(self, rows):
         ids = [r["input_ids"] for r in rows]
-        return {"input_ids": pad(ids, self.pad_id), "attention_mask": attention(ids),
+        mask = pad([r["segments"] for r in rows], 0) if "segments" in rows[0] else attention(ids)
+        return {"input_ids": pad(ids, self.pad_id), "attention_mask": mask,
                 "labels": pad([r["labels"] for r in rows], IGNORE)}
 
 

@@ -130,12 +130,30 @@ def _takes_position_ids(cls) -> bool:
     return "position_ids" in inspect.signature(cls.forward).parameters
 
 
+def packed_attention(segments):
+    """Positions restarting at 0 in every segment, and a block-diagonal causal mask [B, 1, T, T]
+    for rows packed with several sequences (`segments`: 1, 2, ... per sequence, 0 = pad)."""
+    t = segments.shape[1]
+    idx = torch.arange(t, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    positions = idx - torch.where(starts, idx, 0).cummax(-1).values
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal & (segments[:, None, :] > 0)
+    # a pad query attends to itself: a row with no key at all turns softmax into NaN
+    mask |= torch.eye(t, dtype=torch.bool, device=segments.device)
+    return positions, mask[:, None]
+
+
 def _hidden_states(model, input_ids, attention_mask):
-    """Last hidden states of the transformer body (no logits computed)."""
+    """Last hidden states of the transformer body (no logits computed). `attention_mask` is
+    0/1, or segment numbers for packed rows (SFTCollator)."""
     hf = model.get_base_model() if hasattr(model, "peft_config") else model
     body = hf.base_model
     kwargs = {}
-    if _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
+    if attention_mask.max() > 1:
+        kwargs["position_ids"], attention_mask = packed_attention(attention_mask)
+    elif _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state, hf.get_output_embeddings()

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..data.tokenize import IGNORE, SFTCollator, TruncationStats, encode_conversation
+from ..data.tokenize import IGNORE, SFTCollator, TruncationStats, encode_conversation, pack
 from ..models.export import export_adapter, export_merged
 from ..models.roles import Actor
 from .base import Trainer, make_optimizer, make_scheduler
@@ -95,7 +95,7 @@ class SupervisedTrainer(Trainer):
             loss = loss_sum / total_weight * self.strategy.world_size  # DDP averages over ranks
             self.strategy.backward(loss, self.model, self.optim)
             loss_total += float(loss_sum.detach())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int((batch["attention_mask"] > 0).sum())
             for k, v in batch_stats.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
         grad_norm = self.strategy.optimizer_step(self.optim, self.config.max_grad_norm, self.model)
@@ -104,7 +104,7 @@ class SupervisedTrainer(Trainer):
         out = {"loss": self.strategy.all_reduce_sum(loss_total) / total_weight, "grad_norm": grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
                "tokens": self.strategy.all_reduce_sum(tokens), "sequences": self.strategy.all_reduce_sum(
-                   sum(b["attention_mask"].shape[0] for b in batches)),
+                   sum(int(b["attention_mask"].amax(-1).sum()) for b in batches)),  # packed rows count each
                "tokens_per_s": self.strategy.all_reduce_sum(tokens) / elapsed}
         out.update({k: self.strategy.all_reduce_sum(v) / total_weight for k, v in stats.items()})
         return out
@@ -128,6 +128,29 @@ class SupervisedTrainer(Trainer):
         return out
 
 
+@torch.no_grad()
+def check_packing(actor: Actor):
+    """Refuse packing on a model whose forward ignores per-sequence positions or a 4D mask
+    (e.g. BLOOM's ALiBi): packed sequences there would silently attend to each other."""
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12, 13]
+    ids = torch.tensor([a + b])
+    segments = torch.tensor([[1] * len(a) + [2] * len(b)])
+    device = next(actor.parameters()).device
+    try:
+        packed = actor(ids.to(device), segments.to(device))[0][0]
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing: no packing here
+        raise ValueError(f"--packing: this model ({type(actor.lm.hf_model()).__name__}) does not take packed "
+                         f"rows ({e}); train without --packing") from e
+    alone = torch.cat([actor(torch.tensor([a]).to(device), torch.ones(1, len(a), dtype=torch.long, device=device))[0][0],
+                       actor(torch.tensor([b]).to(device), torch.ones(1, len(b), dtype=torch.long, device=device))[0][0]])
+    keep = torch.ones(len(a) + len(b) - 1, dtype=torch.bool)
+    keep[len(a) - 1] = False  # the boundary token is predicted across sequences: not compared
+    atol = 1e-3 if packed.dtype == torch.float32 else 5e-2  # mixing sequences moves log-probs by ~1 or more
+    if not torch.allclose(packed[keep].float().cpu(), alone.float().cpu(), atol=atol):
+        raise ValueError(f"--packing: packed sequences of {type(actor.lm.hf_model()).__name__} see each other "
+                         "(its attention ignores per-sequence positions or the block mask); train without --packing")
+
+
 class SFTTrainer(SupervisedTrainer):
     """Causal-LM loss on the assistant tokens only."""
 
@@ -141,8 +164,15 @@ class SFTTrainer(SupervisedTrainer):
         encode = lambda row: encode_conversation(self.tokenizer, row["messages"], config.max_length,  # noqa: E731
                                                  self.truncation)
         log.info("sft: %d training rows, %d held out", len(train_rows), len(eval_rows))
-        super().__init__(strategy, config, actor, LazyEncoded(train_rows, encode),
-                         LazyEncoded(eval_rows, encode), SFTCollator(self.tokenizer.pad_token_id))
+        train_set = LazyEncoded(train_rows, encode)
+        if config.packing:
+            check_packing(actor)
+            train_set = pack([encode(r) for r in train_rows], config.max_length, config.seed)
+            log.info("packing: %d conversations in %d rows of up to %d tokens (%.0f%% filled)", len(train_rows),
+                     len(train_set), config.max_length,
+                     100 * sum(len(r["input_ids"]) for r in train_set) / (len(train_set) * config.max_length))
+        super().__init__(strategy, config, actor, train_set, LazyEncoded(eval_rows, encode),
+                         SFTCollator(self.tokenizer.pad_token_id))
 
     def weight(self, batch):
         return (batch["labels"][:, 1:] != IGNORE).sum()
