@@ -43,6 +43,11 @@ def test_quick_demo_end_to_end_report_matches_metrics(tmp_path):
     # A reward model that cannot rank held-out pairs gets its score gain flagged, and only then.
     assert summary["rm_above_chance"] == above_chance(summary["rm"]["accuracy"], summary["rm"]["n_pairs"])
     assert ("not distinguishable from chance" in report) == (not summary["rm_above_chance"])
+    # A held-out gain is claimed only beyond two paired standard errors.
+    gain, se = summary["held_out_reward_gain"], comparison["reward_model"]["gain_se"]
+    assert summary["held_out_reward_gain_significant"] == (gain > 2 * se)
+    assert ("more than two standard errors" in report) == (gain > 2 * se)
+    assert ("within noise" in report) == (0 < gain <= 2 * se)
     for png in ("sft/loss.png", "rm/reward.png", "ppo/ppo.png"):
         assert (out / png).stat().st_size > 1000
     # The held-out prompts never reach training.
@@ -92,7 +97,15 @@ def test_shipped_configs_name_only_real_fields(name):
     for cls, section in ((SFTConfig, cfg.sft), (RewardConfig, cfg.rm), (PPOConfig, cfg.ppo)):
         _stage_config(cls, {}, section, f"{name}: {cls.__name__}")
     assert set(cfg.prefs) <= set(inspect.signature(build_pairs).parameters)
-    assert set(cfg.eval) <= {"max_new_tokens", "temperature", "top_p", "batch_size"}
+    assert set(cfg.eval) <= {"max_new_tokens", "temperature", "top_p", "batch_size", "samples_per_prompt"}
+
+
+def test_paired_gain_and_its_standard_error_by_hand():
+    from frugal_rlhf.evaluation import paired_gain
+
+    mean, se = paired_gain([3.0, 1.0, 2.0], [1.0, 1.0, 1.0])  # differences 2, 0, 1: mean 1, sample variance 1
+    assert mean == 1.0 and se == pytest.approx(3 ** -0.5)
+    assert paired_gain([1.0], [0.0])[1] == float("inf")  # one prompt says nothing about noise
 
 
 def test_chance_level_is_two_standard_errors_above_a_coin_flip():

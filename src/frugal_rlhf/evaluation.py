@@ -32,6 +32,16 @@ def unigram_f1(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def paired_gain(new: list[float], old: list[float]) -> tuple[float, float]:
+    """Mean of the per-prompt differences new - old, and its standard error (the two models
+    answer the same prompts with the same seed, so the differences are what varies)."""
+    d = [a - b for a, b in zip(new, old)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("inf")
+    return mean, (var / n) ** 0.5
+
+
 @torch.no_grad()
 def sample_with_logprobs(actor: Actor, tokenizer, prompts, cfg: SampleConfig, seed: int, batch_size: int,
                          max_prompt_length: int, autocast, others=()):
@@ -60,11 +70,17 @@ def sample_with_logprobs(actor: Actor, tokenizer, prompts, cfg: SampleConfig, se
 
 
 def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows, cfg: SampleConfig, seed=1,
-                   batch_size=8, max_prompt_length=256, autocast=None, n_examples=4) -> dict:
-    """rows: {"prompt": messages, "reference": str|None}. Returns a JSON-ready summary."""
+                   batch_size=8, max_prompt_length=256, autocast=None, n_examples=4, samples_per_prompt=1) -> dict:
+    """rows: {"prompt": messages, "reference": str|None}. Returns a JSON-ready summary.
+
+    With samples_per_prompt k > 1 each model answers every prompt k times: sampling noise,
+    most of the noise in a small comparison, shrinks by sqrt(k); the gain's standard error is
+    taken over the per-prompt means, since answers to one prompt are not independent."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext()
+    k = samples_per_prompt
+    rows = [r for r in rows for _ in range(k)]
     prompts = [r["prompt"] for r in rows]
     new_texts, new_len, (lp_new, lp_base_on_new) = sample_with_logprobs(
         model, tokenizer, prompts, cfg, seed, batch_size, max_prompt_length, autocast, others=(baseline,))
@@ -75,9 +91,12 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
     refs = [r.get("reference") for r in rows]
     with_ref = [i for i, ref in enumerate(refs) if ref]
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    per_prompt = lambda xs: [mean(xs[i:i + k]) for i in range(0, len(xs), k)]  # noqa: E731
     summary = {
-        "n_prompts": len(rows),
-        "reward_model": {"model": mean(r_new), "baseline": mean(r_old)},
+        "n_prompts": len(rows) // k,
+        "samples_per_prompt": k,
+        "reward_model": {"model": mean(r_new), "baseline": mean(r_old),
+                         "gain_se": paired_gain(per_prompt(r_new), per_prompt(r_old))[1]},
         "win_rate": mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_new, r_old)]),
         "kl_to_baseline": mean([a - b for a, b in zip(lp_new, lp_base_on_new)]),
         "length": {"model": mean(new_len), "baseline": mean(old_len)},
@@ -85,7 +104,8 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
                          "baseline": mean([unigram_f1(old_texts[i], refs[i]) for i in with_ref]),
                          "n": len(with_ref)},
         "examples": [{"prompt": prompts[i][-1]["content"], "baseline": old_texts[i], "model": new_texts[i],
-                      "reward_baseline": r_old[i], "reward_model": r_new[i]} for i in range(min(n_examples, len(rows)))],
+                      "reward_baseline": r_old[i], "reward_model": r_new[i]}
+                     for i in range(0, min(n_examples * k, len(rows)), k)],
     }
     return summary
 
@@ -102,7 +122,8 @@ def load_policy(spec: str, dtype) -> tuple[Actor, object]:
 
 def summary_markdown(s: dict, model_name="model", baseline_name="baseline") -> str:
     lines = [f"| metric | {baseline_name} | {model_name} |", "|---|---|---|",
-             f"| reward-model score (mean) | {s['reward_model']['baseline']:.3f} | {s['reward_model']['model']:.3f} |",
+             f"| reward-model score (mean) | {s['reward_model']['baseline']:.3f} | {s['reward_model']['model']:.3f} "
+             f"(gain standard error {s['reward_model']['gain_se']:.3f}) |",
              f"| win rate by the reward model | - | {s['win_rate']:.2f} |",
              f"| KL to {baseline_name} (nats/answer) | 0 | {s['kl_to_baseline']:.2f} |",
              f"| answer length (tokens) | {s['length']['baseline']:.1f} | {s['length']['model']:.1f} |",

@@ -60,7 +60,7 @@ def held_out_comparison(out: Path, cfg) -> dict:
                               tok.pad_token_id)
     rows = load_dataset_file(str(out / "data" / "held_out.jsonl"), "prompt")
     return compare_models(ppo, sft, tok, rm, rows, sample_cfg, seed=cfg.seed + 7, batch_size=ev["batch_size"],
-                          autocast=autocast(device, dtype))
+                          autocast=autocast(device, dtype), samples_per_prompt=ev.get("samples_per_prompt", 1))
 
 
 def write_report(out: Path, cfg) -> dict:
@@ -75,6 +75,7 @@ def write_report(out: Path, cfg) -> dict:
     write_comparison(comparison, out, "eval", model_name="PPO", baseline_name="SFT")
     ppo_eval = [r for r in ppo if "eval_reward" in r]
     gain = comparison["reward_model"]["model"] - comparison["reward_model"]["baseline"]
+    se = comparison["reward_model"]["gain_se"]
     summary = {
         "model": cfg.model,
         "sft": {"loss_first": _first(sft, "loss"), "loss_last": _last(sft, "loss"),
@@ -90,14 +91,21 @@ def write_report(out: Path, cfg) -> dict:
         "held_out": {k: comparison[k] for k in ("n_prompts", "reward_model", "win_rate", "kl_to_baseline", "length",
                                                 "reference_f1")},
         "held_out_reward_gain": gain,
+        "held_out_reward_gain_significant": gain > 2 * se,
         "rm_above_chance": above_chance(rm_eval["accuracy"], rm_eval["n_pairs"]),
         "timings_s": timings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    verdict = (f"PPO raised the held-out reward-model score by {gain:+.3f} "
-               f"(win rate {comparison['win_rate']:.2f}) at a KL of {comparison['kl_to_baseline']:.2f} nats per answer."
-               if gain > 0 else
-               f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below.")
+    if gain > 2 * se:
+        verdict = (f"PPO raised the held-out reward-model score by {gain:+.3f} (more than two standard errors, "
+                   f"{2 * se:.3f}; win rate {comparison['win_rate']:.2f}) at a KL of "
+                   f"{comparison['kl_to_baseline']:.2f} nats per answer.")
+    elif gain > 0:
+        verdict = (f"The held-out reward-model score rose by {gain:+.3f}, but that is within noise (two standard "
+                   f"errors are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show that PPO "
+                   "improved it.")
+    else:
+        verdict = f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below."
     if not summary["rm_above_chance"]:
         # A score gain under a reward model that cannot rank held-out pairs is not evidence of better answers.
         verdict += (f" Caution: the reward model's held-out accuracy ({rm_eval['accuracy']:.2f} on "
@@ -120,7 +128,8 @@ def write_report(out: Path, cfg) -> dict:
           f"KL to the reference {_fmt(summary['ppo']['kl_last'])} nats per answer (mean of the last "
           f"{edge_window(len([r for r in ppo if 'kl' in r]))} steps).", "",
           "![PPO](ppo/ppo.png)", "", "![PPO diagnostics](ppo/ppo_diagnostics.png)", "",
-          f"## Before / after on {comparison['n_prompts']} held-out prompts", "",
+          f"## Before / after on {comparison['n_prompts']} held-out prompts "
+          f"({comparison['samples_per_prompt']} answers each)", "",
           summary_markdown(comparison, "PPO", "SFT"),
           "Unigram F1 against the held-out human answers is a measure the policy never optimized.", "",
           "## Examples", ""]
