@@ -61,8 +61,12 @@ def cmd_sft(args):
         metrics = SFTTrainer(strategy, cfg).fit()
         steps = [m for m in metrics if m["step"] > 0]
         if steps:
+            from .report import edge_window, first_mean, last_mean
+
             held_out = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-            print(f"sft: {len(steps)} steps, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}"
+            # single steps are one batch each: means of a few steps at each end say more
+            print(f"sft: {len(steps)} steps, training loss {first_mean(steps, 'loss'):.4f} -> {last_mean(steps, 'loss'):.4f} "
+                  f"(means of the first and last {edge_window(len(steps))} steps)"
                   + (f", held-out loss {held_out[0]:.4f} -> {held_out[-1]:.4f}" if len(held_out) > 1 else "")
                   + f"; model in {cfg.output}/final")
     finally:

@@ -27,11 +27,11 @@ def _edge_mean(rows, key, last: bool):
     return sum(vals[-k:] if last else vals[:k]) / k
 
 
-def _last(rows, key):
+def last_mean(rows, key):
     return _edge_mean(rows, key, last=True)
 
 
-def _first(rows, key):
+def first_mean(rows, key):
     return _edge_mean(rows, key, last=False)
 
 
@@ -78,16 +78,16 @@ def write_report(out: Path, cfg) -> dict:
     se = comparison["reward_model"]["gain_se"]
     summary = {
         "model": cfg.model,
-        "sft": {"loss_first": _first(sft, "loss"), "loss_last": _last(sft, "loss"),
+        "sft": {"loss_first": first_mean(sft, "loss"), "loss_last": last_mean(sft, "loss"),
                 "eval_loss_last": next((r["eval_loss"] for r in reversed(sft) if "eval_loss" in r), None),
                 "steps": len([r for r in sft if r["step"] > 0])},
         "prefs": prefs,
         "rm": rm_eval,
         "ppo": {"steps": len([r for r in ppo if r.get("step", 0) > 0]),
-                "train_reward_first": _first(ppo, "reward"), "train_reward_last": _last(ppo, "reward"),
+                "train_reward_first": first_mean(ppo, "reward"), "train_reward_last": last_mean(ppo, "reward"),
                 "eval_reward_first": ppo_eval[0]["eval_reward"] if ppo_eval else None,
                 "eval_reward_last": ppo_eval[-1]["eval_reward"] if ppo_eval else None,
-                "kl_last": _last(ppo, "kl"), "peak_mem_gb": max((r.get("peak_mem_gb", 0) for r in ppo), default=None)},
+                "kl_last": last_mean(ppo, "kl"), "peak_mem_gb": max((r.get("peak_mem_gb", 0) for r in ppo), default=None)},
         "held_out": {k: comparison[k] for k in ("n_prompts", "reward_model", "win_rate", "kl_to_baseline", "length",
                                                 "reference_f1")},
         "held_out_reward_gain": gain,
