@@ -29,7 +29,7 @@ def letter_reward(tok):
     return reward
 
 
-def run_ppo(tmp_path, stop_at=None, **kw):
+def run_ppo(tmp_path, stop_at=None, ptx_rows=None, **kw):
     actor, critic, ref, tok = shared_roles()
     cfg = PPOConfig(**{"model": "tiny-llama", "output": str(tmp_path / "ppo"), "max_steps": 30, "lora_rank": 8,
                        "rollout_batch_size": 16, "batch_size": 8, "lr": 3e-3, "max_new_tokens": 12,
@@ -37,7 +37,7 @@ def run_ppo(tmp_path, stop_at=None, **kw):
     strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
     strategy.setup_distributed()
     trainer = PPOTrainer(strategy, actor, critic, None, ref, config=cfg, tokenizer=tok, reward_fn=letter_reward(tok),
-                         prompts=PROMPTS, eval_prompts=PROMPTS[:8])
+                         prompts=PROMPTS, eval_prompts=PROMPTS[:8], ptx_rows=ptx_rows)
     metrics = trainer.fit(stop_at=stop_at)
     return trainer, [m for m in metrics if m["step"] > 0]
 
@@ -168,3 +168,24 @@ def test_ppo_scores_responses_as_the_reward_model_was_trained(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert abs(float(unclosed[0] - expected[0])) > 1e-3  # scoring without the appended token differs
     torch.testing.assert_close(unclosed[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_ptx_keeps_the_demonstrations_likely(tmp_path):
+    """PPO-ptx mixes the SFT loss into the actor's: the demonstrations stay (here: become) likelier
+    than under PPO alone."""
+    from conftest import arithmetic_rows
+    from frugal_rlhf.data.tokenize import IGNORE, SFTCollator, encode_conversation
+
+    rows = arithmetic_rows(32)
+
+    def demo_nll(trainer):
+        tok = trainer.tokenizer
+        batch = SFTCollator(tok.pad_token_id)([encode_conversation(tok, r["messages"], 128) for r in rows])
+        with torch.no_grad():
+            logp, _ = trainer.actor(batch["input_ids"], batch["attention_mask"])
+        mask = (batch["labels"][:, 1:] != IGNORE).float()
+        return float(-(logp * mask).sum() / mask.sum())
+
+    with_ptx, _ = run_ppo(tmp_path / "ptx", max_steps=6, ptx_coef=1.0, ptx_rows=rows)
+    without, _ = run_ppo(tmp_path / "plain", max_steps=6, ptx_coef=0.0, ptx_rows=rows)
+    assert demo_nll(with_ptx) < 0.8 * demo_nll(without)

@@ -92,11 +92,11 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
     with_ref = [i for i, ref in enumerate(refs) if ref]
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
     per_prompt = lambda xs: [mean(xs[i:i + k]) for i in range(0, len(xs), k)]  # noqa: E731
+    gain, gain_se = paired_gain(per_prompt(r_new), per_prompt(r_old))
     summary = {
         "n_prompts": len(rows) // k,
         "samples_per_prompt": k,
-        "reward_model": {"model": mean(r_new), "baseline": mean(r_old),
-                         "gain_se": paired_gain(per_prompt(r_new), per_prompt(r_old))[1]},
+        "reward_model": {"model": mean(r_new), "baseline": mean(r_old), "gain": gain, "gain_se": gain_se},
         "win_rate": mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_new, r_old)]),
         "kl_to_baseline": mean([a - b for a, b in zip(lp_new, lp_base_on_new)]),
         "length": {"model": mean(new_len), "baseline": mean(old_len)},

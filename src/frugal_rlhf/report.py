@@ -74,8 +74,7 @@ def write_report(out: Path, cfg) -> dict:
     comparison = held_out_comparison(out, cfg)
     write_comparison(comparison, out, "eval", model_name="PPO", baseline_name="SFT")
     ppo_eval = [r for r in ppo if "eval_reward" in r]
-    gain = comparison["reward_model"]["model"] - comparison["reward_model"]["baseline"]
-    se = comparison["reward_model"]["gain_se"]
+    gain, se = comparison["reward_model"]["gain"], comparison["reward_model"]["gain_se"]
     summary = {
         "model": cfg.model,
         "sft": {"loss_first": first_mean(sft, "loss"), "loss_last": last_mean(sft, "loss"),

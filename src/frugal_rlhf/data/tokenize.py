@@ -128,9 +128,10 @@ class SFTCollator:
 
     def __call__(self, rows):
         ids = [r["input_ids"] for r in rows]
-        mask = pad([r["segments"] for r in rows], 0) if "segments" in rows[0] else attention(ids)
+        packed = "segments" in rows[0]
+        mask = pad([r["segments"] for r in rows], 0) if packed else attention(ids)
         return {"input_ids": pad(ids, self.pad_id), "attention_mask": mask,
-                "labels": pad([r["labels"] for r in rows], IGNORE)}
+                "labels": pad([r["labels"] for r in rows], IGNORE), "packed": packed}
 
 
 @dataclass

@@ -145,13 +145,14 @@ def packed_attention(segments):
     return positions, mask[:, None]
 
 
-def _hidden_states(model, input_ids, attention_mask):
+def _hidden_states(model, input_ids, attention_mask, packed: bool = False):
     """Last hidden states of the transformer body (no logits computed). `attention_mask` is
-    0/1, or segment numbers for packed rows (SFTCollator)."""
+    0/1, or with `packed` segment numbers (SFTCollator). The caller says which: inspecting the
+    mask would cost a device sync on every forward of every role."""
     hf = model.get_base_model() if hasattr(model, "peft_config") else model
     body = hf.base_model
     kwargs = {}
-    if attention_mask.max() > 1:
+    if packed:
         kwargs["position_ids"], attention_mask = packed_attention(attention_mask)
     elif _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -217,9 +218,9 @@ class Role(nn.Module):
         names = self.trainable_state_names()
         return {n: t for n, t in self.state_dict().items() if n in names}
 
-    def hidden(self, input_ids, attention_mask):
+    def hidden(self, input_ids, attention_mask, packed: bool = False):
         with self.lm.role(self.adapter) as model:
-            return _hidden_states(model, input_ids, attention_mask)
+            return _hidden_states(model, input_ids, attention_mask, packed)
 
 
 class Actor(Role):
@@ -228,9 +229,9 @@ class Actor(Role):
     kind = "actor"
 
     def forward(self, input_ids, attention_mask, num_actions: int | None = None,
-                temperature: float = 1.0, with_entropy: bool = False):
+                temperature: float = 1.0, with_entropy: bool = False, packed: bool = False):
         """Log-probs of the last `num_actions` tokens (all but the first when None)."""
-        hidden, lm_head = self.hidden(input_ids, attention_mask)
+        hidden, lm_head = self.hidden(input_ids, attention_mask, packed)
         n = num_actions or input_ids.shape[1] - 1
         # Position i predicts token i+1: only the positions that predict actions go through the head.
         return token_logprobs(hidden[:, -n - 1:-1], lm_head, input_ids[:, -n:], temperature, with_entropy)

@@ -76,6 +76,10 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.run: RunDir | None = None
 
+    def to_device(self, batch: dict) -> dict:
+        """A collated batch on the strategy's device (its non-tensor fields as they are)."""
+        return {k: v.to(self.strategy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     # ---- to implement -------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
         raise NotImplementedError

@@ -207,7 +207,7 @@ class PPOTrainer(Trainer):
     def ptx_loss(self):
         if self.ptx_loader is None or not self.config.ptx_coef:
             return 0.0
-        batch = {k: v.to(self.strategy.device) for k, v in self.ptx_loader.next_batch().items()}
+        batch = self.to_device(self.ptx_loader.next_batch())
         logp, _ = self.actor(batch["input_ids"], batch["attention_mask"])
         mask = (batch["labels"][:, 1:] != IGNORE).float()
         return self.config.ptx_coef * -(logp * mask).sum() / mask.sum().clamp(min=1)

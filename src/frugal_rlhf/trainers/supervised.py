@@ -80,12 +80,9 @@ class SupervisedTrainer(Trainer):
             rows = load_dataset_file(config.data, kind, config.skip_bad_rows, config.max_rows)
         return split_rows(rows, config.eval_split, config.max_eval_rows, config.seed)
 
-    def _to_device(self, batch):
-        return {k: v.to(self.strategy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
     def train_step(self, step):
         self.model.train()
-        batches = [self._to_device(self.loader.next_batch()) for _ in range(self.config.grad_accum)]
+        batches = [self.to_device(self.loader.next_batch()) for _ in range(self.config.grad_accum)]
         total_weight = self.strategy.all_reduce_sum(sum(float(self.weight(b)) for b in batches))
         loss_total, stats, tokens = 0.0, {}, 0
         t0 = time.perf_counter()
@@ -118,7 +115,7 @@ class SupervisedTrainer(Trainer):
         loss, weight, stats = 0.0, 0.0, {}
         for batch in self.eval_loader:
             with self.strategy.autocast():
-                loss_sum, w, batch_stats = self.loss_sum(self._to_device(batch))
+                loss_sum, w, batch_stats = self.loss_sum(self.to_device(batch))
             loss, weight = loss + float(loss_sum), weight + float(w)
             for k, v in batch_stats.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
@@ -133,16 +130,17 @@ def check_packing(actor: Actor):
     """Refuse packing on a model whose forward ignores per-sequence positions or a 4D mask
     (e.g. BLOOM's ALiBi): packed sequences there would silently attend to each other."""
     a, b = [5, 6, 7, 8, 9], [10, 11, 12, 13]
-    ids = torch.tensor([a + b])
-    segments = torch.tensor([[1] * len(a) + [2] * len(b)])
     device = next(actor.parameters()).device
+
+    def logp(ids, mask, packed=False):
+        return actor(torch.tensor([ids], device=device), torch.tensor([mask], device=device), packed=packed)[0][0]
+
     try:
-        packed = actor(ids.to(device), segments.to(device))[0][0]
+        packed = logp(a + b, [1] * len(a) + [2] * len(b), packed=True)
     except Exception as e:  # noqa: BLE001 - any failure means the same thing: no packing here
         raise ValueError(f"--packing: this model ({type(actor.lm.hf_model()).__name__}) does not take packed "
                          f"rows ({e}); train without --packing") from e
-    alone = torch.cat([actor(torch.tensor([a]).to(device), torch.ones(1, len(a), dtype=torch.long, device=device))[0][0],
-                       actor(torch.tensor([b]).to(device), torch.ones(1, len(b), dtype=torch.long, device=device))[0][0]])
+    alone = torch.cat([logp(a, [1] * len(a)), logp(b, [1] * len(b))])
     keep = torch.ones(len(a) + len(b) - 1, dtype=torch.bool)
     keep[len(a) - 1] = False  # the boundary token is predicted across sequences: not compared
     atol = 1e-3 if packed.dtype == torch.float32 else 5e-2  # mixing sequences moves log-probs by ~1 or more
@@ -178,7 +176,7 @@ class SFTTrainer(SupervisedTrainer):
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def loss_sum(self, batch):
-        logp, _ = self.model(batch["input_ids"], batch["attention_mask"])
+        logp, _ = self.model(batch["input_ids"], batch["attention_mask"], packed=batch["packed"])
         mask = (batch["labels"][:, 1:] != IGNORE).float()
         return -(logp * mask).sum(), mask.sum(), {}
 
