@@ -25,6 +25,7 @@ from conftest import arithmetic_rows  # noqa: E402
 
 from frugal_rlhf.config import RewardConfig, SFTConfig  # noqa: E402
 from frugal_rlhf.strategies import make_strategy  # noqa: E402
+from frugal_rlhf.strategies.base import set_seed  # noqa: E402
 
 GLOBAL_BATCH = 8
 SHARED_LR = 1e-2
@@ -143,16 +144,53 @@ def run_ppo(args, strategy):
         resp, mask = seq[:, prompt_length:], attn[:, prompt_length:].float()
         return (torch.isin(resp, letters.to(resp.device)).float() * mask).sum(1) / mask.sum(1).clamp(min=1)
 
+    # --greedy: deterministic rollouts and one mini-batch per rollout, so that 2 ranks x 4 rows
+    # meet the single process's 8 rows exactly (sampling draws differ with the batch split).
+    per_rank = 8 // strategy.world_size
     cfg = PPOConfig(model="tiny-llama", output=str(Path(args.out) / "ppo"), max_steps=args.steps, lora_rank=4,
-                    rollout_batch_size=8 // strategy.world_size, batch_size=4 // strategy.world_size, lr=3e-3,
-                    max_new_tokens=8, dtype="fp32", save_every=args.steps, eval_every=0, seed=7)
+                    rollout_batch_size=per_rank, batch_size=per_rank if args.greedy else per_rank // 2, lr=3e-3,
+                    max_new_tokens=8, dtype="fp32", save_every=args.steps, eval_every=0, seed=7,
+                    temperature=0.0 if args.greedy else 1.0, ppo_epochs=2)
     trainer = PPOTrainer(strategy, actor, critic, None, ref, config=cfg, tokenizer=tok, reward_fn=letter_reward,
                          prompts=[f"Write letters {i}" for i in range(64)])
     metrics = trainer.fit()
+    for name in ("actor", "critic"):
+        strategy.save_model(trainer.models[name], Path(args.out) / f"ppo-{name}.safetensors")
     out = {"reward": [m["reward"] for m in metrics if "reward" in m],
            "policy_loss": [m.get("policy_loss") for m in metrics if "reward" in m],
-           "drift": [replica_drift(strategy, trainer.actor), replica_drift(strategy, trainer.critic)]}
+           "value_loss": [m.get("value_loss") for m in metrics if "reward" in m],
+           "response_length": [m["response_length"] for m in metrics if "reward" in m],
+           "drift": ([replica_drift(strategy, trainer.actor), replica_drift(strategy, trainer.critic)]
+                     if args.strategy == "ddp" else [])}
     return out, trainer
+
+
+def run_uneven(args, strategy):
+    """Generation in which rank 0 stops after 1 token and rank 1 runs to 12, then one update:
+    per-token gathers would leave rank 1 waiting for a rank that stopped (a hang)."""
+    from frugal_rlhf.generation import SampleConfig, sample
+    from frugal_rlhf.models.loading import load_model
+    from frugal_rlhf.models.roles import Actor, SharedLM
+
+    hf, tok = load_model("tiny-llama", torch.float32)
+    lm = SharedLM(hf)
+    lm.add_adapter("actor", 4)
+    actor = Actor(lm, "actor")
+    optim = torch.optim.SGD(actor.trainable_parameters(), lr=SHARED_LR)
+    actor, optim = strategy.prepare((actor, optim))
+    ids = torch.randint(3, 250, (4, 6), generator=torch.Generator().manual_seed(strategy.rank)).to(strategy.device)
+    stop = tuple(range(len(tok))) if strategy.rank == 0 else ()  # rank 0: every token ends the answer
+    with strategy.unsharded(actor), actor.lm.role(actor.adapter) as model:
+        out = sample(model, ids, torch.ones_like(ids), SampleConfig(12, 1.0, eos_token_ids=stop),
+                     torch.Generator().manual_seed(0))
+    logp, _ = actor(out.sequences, out.attention_mask, out.action_mask.shape[1])
+    strategy.backward(-(logp * out.action_mask).sum(), actor, optim)
+    strategy.optimizer_step(optim, 1.0, actor)
+    lengths = strategy.all_gather(torch.tensor([out.action_mask.shape[1]])).tolist()
+    result = {"lengths": lengths}
+    if hasattr(strategy, "local_numel"):  # resharded after generation: half the elements again
+        result["local_numel"], result["full_numel"] = strategy.local_numel(actor)
+    return result, actor
 
 
 def run(argv=None):
@@ -166,6 +204,7 @@ def run(argv=None):
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--load", default=None)
+    p.add_argument("--greedy", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -181,16 +220,13 @@ def run(argv=None):
             strategy.save_model(actor, Path(args.out) / "reloaded.safetensors")
             keep.append(actor)
         for task in args.tasks.split(","):
+            set_seed(7)  # each task starts from the same random state, whichever ran before it
             if task == "resume":  # continue the sft run from its last checkpoint for 2 more steps
                 result[task], model = run_supervised(args, strategy, "sft", resume=True)
             elif task == "ppo":
                 result[task], model = run_ppo(args, strategy)
-            elif task == "ppo_refused":  # FSDP must refuse roles on one shared base, on every rank
-                try:
-                    run_ppo(args, strategy)
-                    result[task], model = "ran", None
-                except NotImplementedError as e:
-                    result[task], model = str(e), None
+            elif task == "uneven":
+                result[task], model = run_uneven(args, strategy)
             elif task == "shared":
                 result[task], model = run_shared(args, strategy)
             else:

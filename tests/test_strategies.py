@@ -69,8 +69,8 @@ def launch(out: Path, *flags: str) -> dict:
 def naive(tmp_path_factory):
     """The single-process reference: every task the distributed runs are compared with."""
     out = tmp_path_factory.mktemp("naive")
-    proc = subprocess.run([sys.executable, str(WORKER), "--strategy", "naive", "--tasks", "sft,resume,rm,shared",
-                           "--steps", str(STEPS), "--out", str(out)], env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(WORKER), "--strategy", "naive", "--tasks", "sft,resume,rm,shared,ppo",
+                           "--greedy", "--steps", str(STEPS), "--out", str(out)], env=_env(), capture_output=True, text=True,
                           timeout=120, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lora = tmp_path_factory.mktemp("naive-lora")
@@ -131,7 +131,7 @@ def test_make_strategy_and_launch_errors(monkeypatch):
 
 def test_ddp_matches_single_process(naive, tmp_path):
     """SFT, reward model, and actor + critic on one shared base (manual all-reduce) under DDP."""
-    result = launch(tmp_path, "--strategy", "ddp", "--tasks", "sft,rm,shared,ppo")
+    result = launch(tmp_path, "--strategy", "ddp", "--tasks", "sft,rm,shared,ppo", "--greedy")
     ref = naive["result"]
     assert result["world_size"] == 2
     for task in ("sft", "rm"):
@@ -147,6 +147,21 @@ def test_ddp_matches_single_process(naive, tmp_path):
                             atol_all=ATOL_SGD)
     assert result["shared"]["whiten_err"] < 1e-12  # global whitening statistics over both ranks
     assert_export_is_trained_model(tmp_path)
+    assert_same_ppo(result["ppo"], naive, tmp_path)
+    assert result["ppo"]["drift"] == [0.0, 0.0]  # both ranks' replicas identical
+
+
+def assert_same_ppo(got: dict, naive: dict, run: Path):
+    """A greedy PPO run (2 epochs over one mini-batch of the rollout) on 2 x 4 rows equals one
+    process on 8 rows: the rewards, losses (metrics averaged over ranks) and trained weights.
+    Every answer is 8 tokens long, so the mean of the ranks' token means is the global mean."""
+    ref = naive["result"]["ppo"]
+    assert got["response_length"] == ref["response_length"] == [8.0] * STEPS
+    assert got["reward"] == pytest.approx(ref["reward"], rel=1e-6)
+    for key in ("policy_loss", "value_loss"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+    for role in ("actor", "critic"):
+        assert_same_weights(run / f"ppo-{role}.safetensors", naive["out"] / f"ppo-{role}.safetensors")
 
 
 @pytest.mark.parametrize("stage,offload", [(2, "none"), (3, "cpu")])
@@ -192,11 +207,28 @@ def test_fsdp3_sharding_checkpoints_and_resume(naive, tmp_path):
     assert (ckpt / "model.optim.pt").exists() and (ckpt / "model.safetensors").exists()
 
 
+def test_fsdp_ppo_on_one_shared_base(naive, tmp_path):
+    """Actor, critic and reference on one base sharded once (ZeRO-3 + CPU offload): the shared
+    two-role update and a greedy PPO run equal one process; generation in which rank 0 stops
+    after 1 token and rank 1 after 12 completes (the actor is gathered once, not per token),
+    and the base is sharded in halves again afterwards."""
+    result = launch(tmp_path, "--strategy", "fsdp", "--stage", "3", "--offload", "cpu", "--tasks",
+                    "shared,ppo,uneven", "--greedy")
+    ref = naive["result"]["shared"]
+    assert result["shared"]["loss"] == pytest.approx(ref["loss"], rel=RTOL_LOSS)
+    assert pytest.approx(sum(result["shared"]["grad_norm"], []), rel=RTOL_LOSS) == sum(ref["grad_norm"], [])
+    for role in ("actor", "critic"):
+        assert_same_weights(tmp_path / f"shared-{role}.safetensors", naive["out"] / f"shared-{role}.safetensors",
+                            atol_all=ATOL_SGD)
+    assert_same_ppo(result["ppo"], naive, tmp_path)
+    uneven = result["uneven"]
+    assert uneven["lengths"] == [1, 12]
+    assert 0.45 < uneven["local_numel"] / uneven["full_numel"] < 0.55
+
+
 def test_fsdp_lora_matches_single_process(naive, tmp_path):
-    """peft LoRA wrapped by FSDP after get_peft_model: only the adapter trains, as in one process.
-    Roles on one shared base are refused with a clear error (each role would shard the base)."""
-    result = launch(tmp_path, "--strategy", "fsdp", "--stage", "3", "--tasks", "sft,ppo_refused", "--lora", "4")
-    assert "share one base" in result["ppo_refused"] and "ddp" in result["ppo_refused"]
+    """peft LoRA wrapped by FSDP after get_peft_model: only the adapter trains, as in one process."""
+    result = launch(tmp_path, "--strategy", "fsdp", "--stage", "3", "--tasks", "sft", "--lora", "4")
     assert_same_run(result["sft"], naive["lora_result"]["sft"])
     assert_same_weights(tmp_path / "sft.safetensors", naive["lora"] / "sft.safetensors")
     assert all(".lora_" in k for k in load_file(tmp_path / "sft.safetensors"))

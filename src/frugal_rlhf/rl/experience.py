@@ -87,13 +87,14 @@ def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generat
 
 @torch.no_grad()
 def make_experience(actor, critic, reward_fn, reference, input_ids, attention_mask, settings: RolloutSettings,
-                    kl_coef: float, generator, autocast_factory, moments: RunningMoments | None = None,
-                    whiten=None):
-    """One rollout batch -> Experience, plus timings {gen, score} in seconds.
+                    kl_coef: float, generator, strategy, moments: RunningMoments | None = None):
+    """One rollout batch (this rank's share) -> Experience, plus timings {gen, score} in seconds.
 
-    reward_fn(sequences, attention_mask, prompt_length) -> [B] scores.
-    whiten(advantages, mask) lets a distributed strategy whiten with global statistics.
+    reward_fn(sequences, attention_mask, prompt_length) -> [B] scores. The strategy gives the
+    autocast, and the statistics of all ranks' batches for advantage whitening and reward
+    normalization (one process: this batch's).
     """
+    autocast_factory = strategy.autocast
     t0 = time.perf_counter()
     out = rollout(actor, input_ids, attention_mask, settings, generator, autocast_factory())
     t1 = time.perf_counter()
@@ -106,14 +107,14 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
         score = reward_fn(seq, attn, out.prompt_length).float()
     raw_score = score
     if settings.normalize_reward and moments is not None:
-        moments.update(score)
+        moments.update(strategy.all_gather(score))
         score = moments.normalize(score)
     rewards, kl = L.shape_rewards(score, logprobs.float(), ref_logprobs.float(), mask, kl_coef,
                                   settings.kl_estimator, settings.reward_clip)
     values = values * mask
     advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
     if settings.whiten_advantages:
-        advantages = (whiten or L.masked_whiten)(advantages, mask)
+        advantages = strategy.whiten(advantages, mask)
     exp = Experience(seq, attn, mask, logprobs.float(), ref_logprobs.float(), values, rewards, advantages,
                      returns, raw_score, kl)
     return exp, {"time_gen": t1 - t0, "time_score": time.perf_counter() - t1}

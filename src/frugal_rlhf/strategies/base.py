@@ -143,6 +143,11 @@ class NaiveStrategy:
         Every rank enters it: a sharded strategy gathers here."""
         return contextlib.nullcontext()
 
+    def unsharded(self, *models):
+        """Context in which the models' parameters are whole on every rank, for many small
+        forwards (generation). Collective; a sharded strategy gathers once here."""
+        return contextlib.nullcontext()
+
     def backward(self, loss, model, optim):
         loss.backward()
 
@@ -155,6 +160,20 @@ class NaiveStrategy:
 
     def all_reduce_sum(self, value: float) -> float:
         return value
+
+    def mean_over_ranks(self, metrics: dict) -> dict:
+        """Scalar metrics averaged over ranks (every rank holds an equal share of the batch)."""
+        return metrics
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` (equal shapes) concatenated along dim 0, in rank order."""
+        return x
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Advantage whitening with the statistics of the global batch."""
+        from ..rl.losses import masked_whiten
+
+        return masked_whiten(x, mask)
 
     def barrier(self):
         pass

@@ -89,6 +89,17 @@ class DistributedStrategy(NaiveStrategy):
         dist.all_reduce(t)
         return float(t.item())
 
+    def mean_over_ranks(self, metrics: dict) -> dict:
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return dict(zip(keys, (t / self.world_size).tolist()))
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x, device=self._comm_device()) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.to(self._comm_device()).contiguous())
+        return torch.cat(parts).to(x.device)
+
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8):
         """losses.masked_whiten with the statistics of every rank's batch (PPO advantages)."""
         m = mask.to(torch.float64)

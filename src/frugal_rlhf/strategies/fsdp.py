@@ -7,15 +7,18 @@
 - bf16 compute: MixedPrecisionPolicy(param_dtype=bf16) gathers parameters in bf16 and reduces
   gradients in fp32; the sharded fp32 parameters are the master weights.
 
-Each transformer block is its own FSDP unit and the role module is the root, so the role's
-own forward (which calls the transformer body and a chunked LM head directly) runs the root's
-hooks. Checkpoints are gathered into the single-file safetensors format NaiveStrategy writes:
+Each transformer block is its own FSDP unit. The root is a SharedRoot holding the models
+prepared together that share parameters (PPO's actor and critic on one base) or one model;
+every model's forward is routed through the root, so a role's forward (which calls the
+transformer body and a chunked LM head directly) runs the root's hooks, and one sharded base
+serves every role. Generation gathers the actor once per rollout (`unsharded`). Checkpoints are gathered into the single-file safetensors format NaiveStrategy writes:
 a model saved under FSDP loads under naive or DDP, and the reverse.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import warnings
 
@@ -31,7 +34,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from .base import atomic_write, module_state_names
@@ -81,6 +91,24 @@ def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     return skeleton
 
 
+class SharedRoot(nn.Module):
+    """The FSDP root of models that share parameters (PPO's roles on one base) or of one model.
+
+    Each model's forward is routed through `run`, so every role's call runs FSDP's root hooks:
+    one sharding of the base serves actor, critic, reference and reward alike.
+    """
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def run(self, model, *args, **kwargs):
+        return type(model).forward(model, *args, **kwargs)
+
+    def touch(self):
+        """A forward that does nothing: FSDP's lazy initialization, before a gather."""
+
+
 class FSDPStrategy(DistributedStrategy):
     def __init__(self, seed: int = 42, dtype: str | None = None, stage: int = 3, offload: str = "none"):
         super().__init__(seed=seed, dtype=dtype)
@@ -89,7 +117,8 @@ class FSDPStrategy(DistributedStrategy):
         if offload not in ("none", "cpu"):
             raise ValueError(f"offload must be 'none' or 'cpu', not '{offload}'")
         self.stage, self.offload = stage, offload
-        self._prepared: dict[int, int] = {}  # id(param) -> id(model), to refuse double sharding
+        self._root_of_param: dict[int, nn.Module] = {}  # id(sharded param) -> its FSDP root
+        self._roots: dict[int, nn.Module] = {}  # id(model) -> the FSDP root its forward runs through
         self._owner: dict[int, nn.Module] = {}  # id(optimizer) -> its sharded model
         self._skeletons: dict[int, nn.Module] = {}  # id(sharded model) -> meta skeleton for export
         self._full: dict[int, nn.Module] = {}  # id(sharded model) -> full copy, while exporting
@@ -103,34 +132,94 @@ class FSDPStrategy(DistributedStrategy):
                                 else OffloadPolicy())
         return kw
 
-    def _prepare_model(self, model, optim=None):
-        if model is None:
-            return None
-        shared = {self._prepared[id(p)] for p in model.parameters() if id(p) in self._prepared}
-        if shared:
-            raise NotImplementedError(
-                "FSDP cannot shard roles that share one base (each would shard the same parameters): "
-                "use --strategy ddp, or separate models for the roles")
-        names = {id(p): n for n, p in model.named_parameters()}
-        if optim is not None and optim.state:
-            raise ValueError("prepare() the model before loading optimizer state into its optimizer")
-        self._skeletons[id(model)] = meta_skeleton(model)
-        model.to(self.device)
-        self.sync_from_rank0(model)  # guard: every rank must shard the same values
+    def prepare(self, *items):
+        """Shard each group of models that share parameters under one FSDP root; a model whose
+        parameters are already sharded (a frozen role on a base prepared before) joins its root."""
+        pairs = [it if isinstance(it, tuple) else (it, None) for it in items]
+        groups: list[list[tuple]] = []
+        for model, optim in pairs:
+            if model is None:
+                continue
+            if any(id(p) in self._root_of_param for p in model.parameters()):
+                self._attach(model, optim)
+                continue
+            ids = {id(p) for p in model.parameters()}
+            joined = [g for g in groups if any(ids & {id(p) for p in m.parameters()} for m, _ in g)]
+            merged = [pair for g in joined for pair in g] + [(model, optim)]
+            groups = [g for g in groups if g not in joined] + [merged]
+        for group in groups:
+            self._shard(group)
+        out = [(m, o) if isinstance(it, tuple) else m for it, (m, o) in zip(items, pairs)]
+        return out[0] if len(out) == 1 else out
+
+    def _shard(self, group):
+        for _, optim in group:
+            if optim is not None and optim.state:
+                raise ValueError("prepare() the model before loading optimizer state into its optimizer")
+        models = [m for m, _ in group]
+        root = SharedRoot(models)
+        names = {id(p): n for n, p in root.named_parameters()}
+        for m in models:
+            self._skeletons[id(m)] = meta_skeleton(m)
+        root.to(self.device)
+        self.sync_from_rank0(root)  # guard: every rank must shard the same values
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         kw = self._policies()
-        for block in transformer_blocks(model):
+        for block in transformer_blocks(root):
             fully_shard(block, mesh=mesh, **kw)
-        fully_shard(model, mesh=mesh, **kw)
-        for p in model.parameters():
-            self._prepared[id(p)] = id(model)
-        if optim is not None:
-            # fully_shard replaced the parameters with sharded ones: point the optimizer at them.
-            new = dict(model.named_parameters())
-            for group in optim.param_groups:
-                group["params"] = [new[names[id(p)]] for p in group["params"]]
-            self._owner[id(optim)] = model
-        return model
+        fully_shard(root, mesh=mesh, **kw)
+        register_fsdp_forward_method(root, "run")
+        register_fsdp_forward_method(root, "touch")
+        for p in root.parameters():
+            self._root_of_param[id(p)] = root
+        new = dict(root.named_parameters())
+        for model, optim in group:
+            self._route(model, root)
+            if optim is not None:
+                # fully_shard replaced the parameters with sharded ones: point the optimizer at them.
+                for g in optim.param_groups:
+                    g["params"] = [new[names[id(p)]] for p in g["params"]]
+                self._owner[id(optim)] = model
+
+    def _attach(self, model, optim):
+        """A model on an already sharded base (PPO's reference or reward model): its forward
+        runs through that base's root; its own extra tensors (a frozen head) are replicated."""
+        roots = {self._root_of_param[id(p)] for p in model.parameters() if id(p) in self._root_of_param}
+        root = next(iter(roots))
+        extra = [p for p in model.parameters() if id(p) not in self._root_of_param]
+        if optim is not None or len(roots) > 1 or any(p.requires_grad for p in extra):
+            raise NotImplementedError(
+                "FSDP: models trained on one shared base must be prepared together, in one prepare() call")
+        for p in extra:
+            p.data = p.data.to(self.device)
+        self._route(model, root)
+
+    def _route(self, model, root):
+        # Calls of model(...) go through the root's registered method, so FSDP's root hooks
+        # gather the root-level parameters (embeddings, norm, heads) for every role.
+        model.forward = functools.partial(root.run, model)
+        self._roots[id(model)] = root
+
+    @contextlib.contextmanager
+    def unsharded(self, *models):
+        """Collective: every FSDP unit of the models' roots all-gathered once and kept whole until
+        exit. Generation runs one forward per token: resharding after each would all-gather the
+        whole model per token (and tie every rank to the same number of tokens)."""
+        roots = list({id(r): r for r in (self._roots.get(id(m)) for m in models) if r is not None}.values())
+        units = [u for r in roots for u in r.modules() if isinstance(u, FSDPModule)]
+        for root in roots:
+            root.touch()  # FSDP picks its root at the first call through it
+        for unit in units:
+            unit.unshard()
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            roots_ids = {id(r) for r in roots}
+            for unit in units:
+                # the root keeps FSDP's own rule (no reshard after forward); blocks follow the stage
+                unit.set_reshard_after_forward(self.stage == 3 and id(unit) not in roots_ids, recurse=False)
+                unit.reshard()
 
     def unwrap(self, model):
         """The role itself (FSDP keeps its class); inside full_models(), a full CPU copy."""
@@ -140,8 +229,10 @@ class FSDPStrategy(DistributedStrategy):
     def full_models(self, *models):
         """Collective: gather full copies of `models` on rank 0 (unwrap() returns them inside)."""
         for model in models:
-            if id(model) not in self._skeletons:  # not sharded by this strategy: already whole
+            if id(model) not in self._roots:  # not sharded by this strategy: already whole
                 continue
+            if id(model) not in self._skeletons:
+                raise NotImplementedError("FSDP exports only models prepared with their base, not ones attached to it")
             state = self._gather(model, trainable_only=False)
             if self.is_rank0:
                 self._full[id(model)] = materialize(copy.deepcopy(self._skeletons[id(model)]), state)

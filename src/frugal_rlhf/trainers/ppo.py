@@ -150,25 +150,30 @@ class PPOTrainer(Trainer):
     def train_step(self, step):
         batch = self.loader.next_batch()
         dev = self.strategy.device
-        exp, timing = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
-                                      batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
-                                      self.kl_ctl.value, self.gen.generator, self.strategy.autocast, self.moments,
-                                      getattr(self.strategy, "whiten", None))
+        with self.strategy.unsharded(self.actor):
+            exp, timing = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
+                                          batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
+                                          self.kl_ctl.value, self.gen.generator, self.strategy, self.moments)
         t0 = time.perf_counter()
         stats = self.update(exp)
         timing["time_update"] = time.perf_counter() - t0
         for sched in self.schedulers.values():
             sched.step()
         mask = exp.action_mask
-        seq_kl = float((exp.kl * mask).sum(1).mean())
-        self.kl_ctl.update(seq_kl, exp.sequences.shape[0])
-        out = {"reward": float(exp.score.mean()), "reward_std": float(exp.score.std()) if len(exp.score) > 1 else 0.0,
-               "kl": seq_kl, "kl_coef": self.kl_ctl.value, "response_length": float(mask.sum(1).mean()),
-               "prompt_length": float(batch["attention_mask"].sum(1).float().mean()),
-               "explained_variance": L.explained_variance(exp.values, exp.returns, mask),
-               "samples_per_s": exp.sequences.shape[0] / sum(timing.values()), **timing, **stats}
+        local = {"kl": float((exp.kl * mask).sum(1).mean()), "response_length": float(mask.sum(1).mean()),
+                 "prompt_length": float(batch["attention_mask"].sum(1).float().mean()),
+                 "explained_variance": L.explained_variance(exp.values, exp.returns, mask), **timing, **stats}
         if self.config.normalize_reward:
-            out["reward_norm"] = float(self.moments.normalize(exp.score).mean())
+            local["reward_norm"] = float(self.moments.normalize(exp.score).mean())
+        # Every rank logs, and the KL controller adapts to, the global batch (a rank's own
+        # share would let adaptive KL coefficients drift apart between ranks).
+        out = self.strategy.mean_over_ranks(local)
+        scores = self.strategy.all_gather(exp.score)
+        out["reward"] = float(scores.mean())
+        out["reward_std"] = float(scores.std()) if len(scores) > 1 else 0.0
+        out["samples_per_s"] = len(scores) / sum(out[k] for k in timing)
+        self.kl_ctl.update(out["kl"], len(scores))
+        out["kl_coef"] = self.kl_ctl.value
         self.warn(out)
         return out
 
@@ -244,9 +249,10 @@ class PPOTrainer(Trainer):
         dev = self.strategy.device
         for i in range(0, len(self.eval_rows), self.config.rollout_batch_size):
             batch = collate(self.eval_rows[i:i + self.config.rollout_batch_size])
-            exp, _ = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
-                                     batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
-                                     0.0, gen, self.strategy.autocast)
+            with self.strategy.unsharded(self.actor):
+                exp, _ = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
+                                         batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
+                                         0.0, gen, self.strategy)
             scores.append(exp.score)
             kls.append((exp.kl * exp.action_mask).sum(1))
         return {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean())}
