@@ -106,7 +106,7 @@ def assert_export_is_trained_model(run: Path):
         assert torch.equal(v, trained["body." + k]), k
 
 
-def test_make_strategy_and_launch_errors(monkeypatch):
+def test_make_strategy_and_launch_errors(monkeypatch, capsys):
     from frugal_rlhf.strategies import make_strategy
     from frugal_rlhf.strategies.ddp import DDPStrategy
     from frugal_rlhf.strategies.fsdp import FSDPStrategy
@@ -127,6 +127,12 @@ def test_make_strategy_and_launch_errors(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ValueError, match="torchrun"):
         make_strategy("ddp").setup_distributed()
+    # several processes of the one-process strategy would each train alone: refused
+    from frugal_rlhf.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["sft", "--model", "tiny-llama", "--data", "x.jsonl", "--nproc-per-node", "2"]) == 2
+    assert "needs a distributed strategy" in capsys.readouterr().err
 
 
 def test_ddp_matches_single_process(naive, tmp_path):
@@ -235,16 +241,25 @@ def test_fsdp_lora_matches_single_process(naive, tmp_path):
     assert (tmp_path / "sft/adapter/adapter_config.json").exists()
 
 
-@pytest.mark.parametrize("strategy", [["--strategy", "ddp"], ["--strategy", "fsdp", "--zero-stage", "3"]])
-def test_cli_sft_under_torchrun(tmp_path, rows, strategy):
-    """`torchrun ... -m frugal_rlhf.cli sft --strategy ...` end to end (3 held-out rows: both
-    ranks evaluate their slice of the last, partial batch)."""
+@pytest.mark.parametrize("launcher,strategy", [
+    ("torchrun", ["--strategy", "ddp"]),
+    ("frugal", ["--strategy", "fsdp", "--zero-stage", "3", "--nproc-per-node", "2"]),
+])
+def test_cli_sft_multiprocess(tmp_path, rows, launcher, strategy):
+    """`torchrun ... -m frugal_rlhf.cli sft --strategy ...`, and `frugal sft --nproc-per-node 2`
+    which starts torchrun itself, end to end (3 held-out rows: both ranks evaluate their slice
+    of the last, partial batch)."""
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    proc = torchrun(["-m", "frugal_rlhf.cli", "sft", "--model", "tiny-llama", "--data", str(data), "--max-steps", "3",
-                     "--dtype", "fp32", *strategy, "--batch-size", "4", "--max-length", "64",
-                     "--save-every", "0", "--eval-every", "0", "--output", str(out)])
+    args = ["-m", "frugal_rlhf.cli", "sft", "--model", "tiny-llama", "--data", str(data), "--max-steps", "3",
+            "--dtype", "fp32", *strategy, "--batch-size", "4", "--max-length", "64",
+            "--save-every", "0", "--eval-every", "0", "--output", str(out)]
+    if launcher == "torchrun":
+        proc = torchrun(args)
+    else:
+        proc = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-4000:]
     assert "sft: 3 steps" in proc.stdout  # printed by rank 0 only
     assert proc.stdout.count("sft: 3 steps") == 1
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import subprocess
 import sys
 import types
 import typing
@@ -286,15 +288,42 @@ def build_parser():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if isinstance(stage, str):
             add_config_flags(p, STAGE_CONFIGS[stage])
+            p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                           help="start N processes on this machine with torchrun (with --strategy ddp|fsdp|deepspeed)")
         else:
             stage(p)
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=fn, stage=stage if isinstance(stage, str) else None)
     return parser
 
 
+def launch_torchrun(args, argv) -> int:
+    """`frugal STAGE --nproc-per-node N ...` = `torchrun --standalone --nproc_per_node N -m
+    frugal_rlhf.cli STAGE ...`: the same command, one process per rank."""
+    if config_from_args(STAGE_CONFIGS[args.stage], args).strategy == "naive":
+        raise ValueError("--nproc-per-node needs a distributed strategy: add --strategy ddp, fsdp or deepspeed")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(args.nproc_per_node), "-m", "frugal_rlhf.cli", *rest]
+    return subprocess.run(cmd).returncode
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if (getattr(args, "nproc_per_node", None) or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        try:
+            return launch_torchrun(args, argv)
+        except ValueError as e:
+            print(f"frugal {args.command}: error: {e}", file=sys.stderr)
+            return 2
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
