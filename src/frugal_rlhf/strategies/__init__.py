@@ -1,7 +1,7 @@
 """Placement strategies: Naive (one device); distributed ones extend it."""
 from .base import NaiveStrategy, ResumableLoader
 
-STRATEGIES = ("naive", "ddp", "fsdp")
+STRATEGIES = ("naive", "ddp", "fsdp", "deepspeed")
 
 
 def make_strategy(name: str = "naive", seed: int = 42, dtype: str | None = None, zero_stage: int = 3,
@@ -16,6 +16,10 @@ def make_strategy(name: str = "naive", seed: int = 42, dtype: str | None = None,
         from .fsdp import FSDPStrategy
 
         return FSDPStrategy(seed=seed, dtype=dtype, stage=zero_stage, offload=offload)
+    if name == "deepspeed":
+        from .deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(seed=seed, dtype=dtype, stage=zero_stage, offload=offload)
     raise ValueError(f"unknown strategy '{name}' (available: {', '.join(STRATEGIES)})")
 
 

@@ -148,7 +148,8 @@ class NaiveStrategy:
         forwards (generation). Collective; a sharded strategy gathers once here."""
         return contextlib.nullcontext()
 
-    def backward(self, loss, model, optim):
+    def backward(self, loss, model, optim, last: bool = True):
+        """`last=False`: more micro-batches of this step follow before optimizer_step."""
         loss.backward()
 
     def optimizer_step(self, optim, max_grad_norm: float | None = None, model=None) -> float:

@@ -86,11 +86,11 @@ class SupervisedTrainer(Trainer):
         total_weight = self.strategy.all_reduce_sum(sum(float(self.weight(b)) for b in batches))
         loss_total, stats, tokens = 0.0, {}, 0
         t0 = time.perf_counter()
-        for batch in batches:
+        for i, batch in enumerate(batches):
             with self.strategy.autocast():
                 loss_sum, _, batch_stats = self.loss_sum(batch)
             loss = loss_sum / total_weight * self.strategy.world_size  # DDP averages over ranks
-            self.strategy.backward(loss, self.model, self.optim)
+            self.strategy.backward(loss, self.model, self.optim, last=i == len(batches) - 1)
             loss_total += float(loss_sum.detach())
             tokens += int((batch["attention_mask"] > 0).sum())
             for k, v in batch_stats.items():
