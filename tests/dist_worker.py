@@ -43,7 +43,7 @@ def train_config(cls, args, strategy, task):
     return cls(model="tiny-llama", output=str(Path(args.out) / task), max_steps=args.steps,
                batch_size=GLOBAL_BATCH // (strategy.world_size * args.accum), grad_accum=args.accum, lr=3e-3, max_length=64, warmup_ratio=0.0,
                save_every=args.steps, eval_every=0, eval_split=0.0, dtype=args.dtype, seed=7,
-               lora_rank=args.lora)
+               lora_rank=args.lora, checkpoint_format=args.ckpt_format)
 
 
 def run_supervised(args, strategy, task, resume=False):
@@ -205,6 +205,7 @@ def run(argv=None):
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--load", default=None)
     p.add_argument("--greedy", action="store_true")
+    p.add_argument("--ckpt-format", default="full")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -188,10 +188,18 @@ def assert_same_ppo(got: dict, naive: dict, run: Path):
 
 @pytest.mark.parametrize("stage,offload", [(2, "none"), (3, "cpu")])
 def test_fsdp_matches_single_process(naive, tmp_path, stage, offload):
-    result = launch(tmp_path, "--strategy", "fsdp", "--stage", str(stage), "--offload", offload, "--tasks", "sft")
-    assert_same_run(result["sft"], naive["result"]["sft"])
+    """SFT under FSDP equals one process, and so does a run resumed from a sharded checkpoint
+    (each rank saved and reloaded only its shard of the model and of the AdamW state)."""
+    result = launch(tmp_path, "--strategy", "fsdp", "--stage", str(stage), "--offload", offload, "--tasks",
+                    "sft,resume", "--ckpt-format", "sharded")
+    for task in ("sft", "resume"):
+        assert_same_run(result[task], naive["result"][task])
     assert_same_weights(tmp_path / "sft.safetensors", naive["out"] / "sft.safetensors")
-    assert_export_is_trained_model(tmp_path)
+    assert_same_weights(tmp_path / "resumed.safetensors", naive["out"] / "resumed.safetensors")
+    ckpt = tmp_path / "sft/checkpoints" / f"step-{STEPS:07d}"
+    assert sorted(p.name for p in ckpt.glob("model*")) == [f"model.rank0000{r}-of-00002.safetensors" for r in (0, 1)]
+    # after the resumed run, the export is the 5-step model, as in one process
+    assert_same_weights(tmp_path / "sft/final/model.safetensors", naive["out"] / "sft/final/model.safetensors")
 
 
 def test_fsdp3_sharding_checkpoints_and_resume(naive, tmp_path):

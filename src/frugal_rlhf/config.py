@@ -32,6 +32,7 @@ class TrainConfig:
     eval_every: int = 50               # 0 = only at the end
     save_every: int = 50               # 0 = no intermediate checkpoints
     keep_checkpoints: int = 2
+    checkpoint_format: str = "full"    # full: one file any strategy loads | sharded (fsdp): each rank its shard
     gradient_checkpointing: bool = False
     seed: int = 42
     dtype: str = "auto"                # auto | bf16 | fp32 (compute dtype; trained weights stay fp32)

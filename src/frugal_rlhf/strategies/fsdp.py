@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -89,6 +91,20 @@ def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     if unset:
         raise RuntimeError(f"export: no gathered value for {unset[:5]} (missing {result.missing_keys[:5]})")
     return skeleton
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded) tensor, as a CPU copy safetensors can store."""
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().to("cpu").contiguous().clone()
+
+
+def _copy_local(target: torch.Tensor, value: torch.Tensor, path, name) -> torch.Tensor:
+    local = target.to_local() if isinstance(target, DTensor) else target
+    if local.shape != value.shape:
+        raise ValueError(f"{path}: shard of {name} is {tuple(value.shape)}, this rank holds {tuple(local.shape)}: "
+                         f"the checkpoint was written by another number of processes or strategy")
+    local.copy_(value)
+    return target
 
 
 class SharedRoot(nn.Module):
@@ -291,6 +307,45 @@ class FSDPStrategy(DistributedStrategy):
         state = torch.load(path, map_location="cpu", weights_only=True) if self.is_rank0 else {}
         set_optimizer_state_dict(self._owner[id(optim)], optim, state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    # ---- sharded checkpoints: each rank writes and reads only its own shard ----------------------
+    def shard_path(self, ckpt_dir, name):
+        return Path(ckpt_dir) / f"{name}.rank{self.rank:05d}-of-{self.world_size:05d}.safetensors"
+
+    def save_shard(self, model, optim, ckpt_dir, name):
+        """This rank's shards of the model's trained parameters and of their optimizer state,
+        in safetensors (no gather, no pickle; the optimizer's hyperparameters as JSON metadata).
+        It resumes under FSDP with the same number of processes; `full` checkpoints go anywhere."""
+        names = module_state_names(model)
+        params = {n: p for n, p in model.named_parameters() if n in names}
+        tensors = {f"param/{n}": _local(p) for n, p in params.items()}
+        for n, p in params.items():
+            for key, value in optim.state.get(p, {}).items():
+                tensors[f"optim/{n}/{key}"] = _local(value)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
+        meta = {"world_size": str(self.world_size), "param_groups": json.dumps(groups)}
+        atomic_write(self.shard_path(ckpt_dir, name), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def load_shard(self, model, optim, ckpt_dir, name):
+        path = self.shard_path(ckpt_dir, name)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no shard for rank {self.rank} of {self.world_size}; a sharded "
+                                    f"checkpoint resumes under --strategy fsdp with the processes that wrote it")
+        with safe_open(path, framework="pt") as f:
+            meta, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        params = {n: p for n, p in model.named_parameters() if n in module_state_names(model)}
+        missing = {f"param/{n}" for n in params} - saved.keys()
+        if missing:
+            raise KeyError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]})")
+        with torch.no_grad():
+            for n, p in params.items():
+                _copy_local(p, saved[f"param/{n}"], path, n)
+                state = {key.split("/")[-1]: v for key, v in saved.items() if key.startswith(f"optim/{n}/")}
+                if state:
+                    optim.state[p] = {k: (v if v.dim() == 0 else _copy_local(torch.zeros_like(p), v, path, n))
+                                      for k, v in state.items()}
+        for group, hyper in zip(optim.param_groups, json.loads(meta["param_groups"])):
+            group.update(hyper)
 
     def cleanup(self):
         self._skeletons.clear()

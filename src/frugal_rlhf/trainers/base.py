@@ -75,6 +75,11 @@ class Trainer:
         self.out = Path(config.output)
         self.ckpt_root = self.out / "checkpoints"
         self.run: RunDir | None = None
+        self.sharded = getattr(config, "checkpoint_format", "full") == "sharded"
+        if self.sharded and not hasattr(strategy, "save_shard"):
+            raise ValueError("--checkpoint-format sharded needs --strategy fsdp (other strategies write full checkpoints)")
+        if getattr(config, "checkpoint_format", "full") not in ("full", "sharded"):
+            raise ValueError(f"checkpoint_format must be 'full' or 'sharded', not '{config.checkpoint_format}'")
 
     def to_device(self, batch: dict) -> dict:
         """A collated batch on the strategy's device (its non-tensor fields as they are)."""
@@ -137,9 +142,12 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.strategy.barrier()
         for name, model in self.models.items():
+            if self.sharded:  # each rank its own shard of model and optimizer: no gather
+                self.strategy.save_shard(model, self.optimizers[name], tmp, name)
+                continue
             self.strategy.save_model(model, tmp / f"{name}.safetensors")
-        for name, optim in self.optimizers.items():
-            self.strategy.save_optimizer(optim, tmp / f"{name}.optim.pt")
+            self.strategy.save_optimizer(self.optimizers[name], tmp / f"{name}.optim.pt")
+        self.strategy.barrier()  # every rank's files are in place before rank 0 renames the directory
         if self.strategy.is_rank0:
             state = {"step": step, "rng": _portable_rng(),
                      "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
@@ -164,9 +172,11 @@ class Trainer:
             return 0
         ckpt = ckpts[-1]
         for name, model in self.models.items():
+            if not (ckpt / f"{name}.safetensors").exists() and hasattr(self.strategy, "load_shard"):
+                self.strategy.load_shard(model, self.optimizers[name], ckpt, name)
+                continue
             self.strategy.load_model(model, ckpt / f"{name}.safetensors")
-        for name, optim in self.optimizers.items():
-            self.strategy.load_optimizer(optim, ckpt / f"{name}.optim.pt")
+            self.strategy.load_optimizer(self.optimizers[name], ckpt / f"{name}.optim.pt")
         state = torch.load(ckpt / "state.pt", weights_only=True)
         for k, v in self.stateful.items():
             v.load_state_dict(state["stateful"][k])
