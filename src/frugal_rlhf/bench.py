@@ -243,7 +243,7 @@ def add_bench_args(p):
     p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
     p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "generate"],
                    help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
-                        "(sft, rm; generate: our sampler vs HF generate)")
+                        "(sft, rm; generate: our sampler vs HF generate); strategies: sft or ppo")
     p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
     p.add_argument("--model", default="default")
@@ -255,6 +255,9 @@ def add_bench_args(p):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
+    p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
+    p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
 
 
 def _row(r) -> str:
@@ -312,8 +315,17 @@ def _capacity(args, kw):
     return r, _capacity_table(r)
 
 
+def _strategies(args, kw):
+    from .bench_strategies import bench_strategies, format_table
+
+    r = bench_strategies(args.stage, args.model, args.data, args.reward_model, args.nproc_per_node, args.steps,
+                         args.batch_size, args.max_length, args.new_tokens, args.lora_rank)
+    return r, format_table(r)
+
+
 # Workloads that print their own table (the others share `_table`).
-OWN_TABLE = {"compare": _compare, "serve": _serve, "sizes": _sizes, "capacity": _capacity}
+OWN_TABLE = {"compare": _compare, "serve": _serve, "sizes": _sizes, "capacity": _capacity,
+             "strategies": _strategies}
 
 
 def _table(results) -> str:

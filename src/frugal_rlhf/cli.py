@@ -292,14 +292,14 @@ def build_parser():
                            help="start N processes on this machine with torchrun (with --strategy ddp|fsdp|deepspeed)")
         else:
             stage(p)
-        p.set_defaults(fn=fn, stage=stage if isinstance(stage, str) else None)
+        p.set_defaults(fn=fn, config_stage=stage if isinstance(stage, str) else None)
     return parser
 
 
 def launch_torchrun(args, argv) -> int:
     """`frugal STAGE --nproc-per-node N ...` = `torchrun --standalone --nproc_per_node N -m
     frugal_rlhf.cli STAGE ...`: the same command, one process per rank."""
-    if config_from_args(STAGE_CONFIGS[args.stage], args).strategy == "naive":
+    if config_from_args(STAGE_CONFIGS[args.config_stage], args).strategy == "naive":
         raise ValueError("--nproc-per-node needs a distributed strategy: add --strategy ddp, fsdp or deepspeed")
     rest, skip = [], False
     for a in argv:
@@ -318,7 +318,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    if (getattr(args, "nproc_per_node", None) or 1) > 1 and "WORLD_SIZE" not in os.environ:
+    if args.config_stage and (args.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:
         try:
             return launch_torchrun(args, argv)
         except ValueError as e:

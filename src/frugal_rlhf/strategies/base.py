@@ -162,6 +162,9 @@ class NaiveStrategy:
     def all_reduce_sum(self, value: float) -> float:
         return value
 
+    def max_over_ranks(self, value: float) -> float:
+        return value
+
     def mean_over_ranks(self, metrics: dict) -> dict:
         """Scalar metrics averaged over ranks (every rank holds an equal share of the batch)."""
         return metrics

@@ -89,6 +89,11 @@ class DistributedStrategy(NaiveStrategy):
         dist.all_reduce(t)
         return float(t.item())
 
+    def max_over_ranks(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def mean_over_ranks(self, metrics: dict) -> dict:
         keys = sorted(metrics)
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self._comm_device())

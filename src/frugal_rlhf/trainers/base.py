@@ -116,7 +116,8 @@ class Trainer:
                     metrics.update(self.evaluate())
                 if step == cfg.max_steps:
                     metrics.update(self.evaluate())
-                metrics["peak_mem_gb"] = peak_memory_bytes(self.strategy.device) / 2**30
+                # the largest rank's peak (rank 0 alone would hide an uneven one)
+                metrics["peak_mem_gb"] = self.strategy.max_over_ranks(peak_memory_bytes(self.strategy.device)) / 2**30
                 self.run.log({"step": step, **metrics})
                 progress.update(task, advance=1, info=self.progress_info(metrics))
                 if cfg.save_every and (step % cfg.save_every == 0 or step == last):
