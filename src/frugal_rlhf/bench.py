@@ -100,6 +100,7 @@ def _train_bench(name, cfg, build, rate_key, step_flops=None):
     metrics = [m for m in trainer.fit() if m.get("step", 0) > 1]  # step 1 is warm-up
     rates = [m[rate_key] for m in metrics if rate_key in m]
     out = {"workload": name, "model": cfg.model, "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
+           "gradient_checkpointing": cfg.gradient_checkpointing,
            rate_key: _stats(rates), "step_time_s": _stats([m["step_time"] for m in metrics]),
            "peak_mem_gb": peak_memory_bytes(strategy.device) / 2**30}
     if step_flops:
@@ -109,14 +110,15 @@ def _train_bench(name, cfg, build, rate_key, step_flops=None):
     return out, metrics
 
 
-def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", **_):
+def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto",
+              gradient_checkpointing=False, **_):
     from .config import SFTConfig
     from .trainers.supervised import SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SFTConfig(model=model, data="sharegpt", max_rows=400, output=tmp, max_steps=steps, batch_size=batch_size,
                         max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0,
-                        dtype=dtype)
+                        dtype=dtype, gradient_checkpointing=gradient_checkpointing)
         out, _ = _train_bench("sft", cfg, SFTTrainer, "tokens_per_s", lambda t, m: _supervised_flops(t, m, True))
     return out
 
@@ -136,26 +138,35 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
     return out
 
 
-def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8, dtype="auto", **_):
-    """PPO steps with a fresh reward model; lora_rank 0 = the plain recipe (four full models)."""
-    from .config import PPOConfig
+def fresh_reward_model(model, lora_rank, dtype, path):
+    """An untrained reward model on `model` (what PPO's cost depends on is its size, not its scores)."""
     from .models.reward_io import save_reward_model
     from .models.roles import RewardModel
+
+    rm = RewardModel(model, lora_rank=lora_rank, dtype=dtype)
+    save_reward_model(rm, rm.tokenizer, path, base=model)
+    return str(path)
+
+
+def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8, dtype="auto",
+              gradient_checkpointing=False, **_):
+    """PPO steps with a fresh reward model; lora_rank 0 = the plain recipe (four full models)."""
+    from .config import PPOConfig
     from .trainers.ppo import PPOTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        rm = RewardModel(model, lora_rank=lora_rank or 8, dtype=dtype)
-        save_reward_model(rm, rm.tokenizer, Path(tmp) / "rm", base=model)
-        del rm
+        fresh_reward_model(model, lora_rank or 8, dtype, Path(tmp) / "rm")
         prompts = Path(tmp) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in _prompts(64)))
         cfg = PPOConfig(model=model, reward_model=str(Path(tmp) / "rm"), prompts=str(prompts), output=f"{tmp}/ppo",
                         max_steps=steps, rollout_batch_size=batch_size, batch_size=batch_size,
                         max_new_tokens=new_tokens, lora_rank=lora_rank, save_every=0, eval_every=0, eval_prompts=0,
-                        dtype=dtype, max_prompt_length=128)
+                        dtype=dtype, max_prompt_length=128, gradient_checkpointing=gradient_checkpointing)
         out, metrics = _train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s", _ppo_flops)
     for key in ("time_gen", "time_score", "time_update"):
         out[key] = _stats([m[key] for m in metrics])
+    for key in ("mem_rollout_gb", "mem_update_gb"):  # each phase's own peak (resettable peak RSS)
+        out[key] = max(m[key] for m in metrics)
     out["new_tokens"] = new_tokens
     return out
 
@@ -254,6 +265,7 @@ def add_bench_args(p):
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="sft, ppo: recompute activations in backward")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
     p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
@@ -269,7 +281,8 @@ def _row(r) -> str:
                 f"{r['hf_generate']['tokens_per_s']['median']:.1f} (x{r['ratio']:.2f})")
     if r["workload"] == "ppo":
         extra = (f" | gen {r['time_gen']['median']:.1f}s score {r['time_score']['median']:.1f}s "
-                 f"update {r['time_update']['median']:.1f}s")
+                 f"update {r['time_update']['median']:.1f}s; peak rollout {r['mem_rollout_gb']:.2f} GB, "
+                 f"update {r['mem_update_gb']:.2f} GB")
     if "pairs_per_s" in r:
         extra = f" | pairs/s {r['pairs_per_s']['median']:.2f}"
     compute = f"{r['tflops']['median']:.3f} ({100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f})" if "mfu" in r else "-"
@@ -335,7 +348,7 @@ def _table(results) -> str:
 
 def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
-                                        "repeats", "dtype")}
+                                        "repeats", "dtype", "gradient_checkpointing")}
     if args.workload in OWN_TABLE:
         result, table = OWN_TABLE[args.workload](args, kw)
         print(table)
@@ -347,7 +360,8 @@ def cmd_bench(args):
         for name, over in ALL:
             cmd = [sys.executable, "-m", "frugal_rlhf.cli", "bench", name, "--json", "/dev/stdout"]
             for k, v in {**kw, **over}.items():
-                cmd += [f"--{k.replace('_', '-')}", str(v)]
+                flag = f"--{k.replace('_', '-')}"
+                cmd += ([flag] if v is True else []) if isinstance(v, bool) else [flag, str(v)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results.append(json.loads(out[out.index("{"):out.rindex("}") + 1]))
     else:

@@ -31,6 +31,19 @@ def equal_length_rows(tokenizer, n: int, length: int) -> list[dict]:
     def cut(text, k):
         return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:k])
 
+    def templated(prompt, answer):
+        return len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True))
+
+    def fit(prompt, text, k):
+        # Decoding k tokens and encoding them again in the chat template can give more tokens
+        # (other merges at the cut, the template's own tokens): cut until the templated row,
+        # as every tool tokenizes it, is at most `length` (TRL drops longer rows; we'd truncate).
+        answer = cut(text, k)
+        while (over := templated(prompt, answer) - length) > 0:
+            k -= over
+            answer = cut(text, k)
+        return answer
+
     out = []
     for row in load_dataset_file("sharegpt", "sft", limit=n * 8):
         msgs = row["messages"]
@@ -38,9 +51,9 @@ def equal_length_rows(tokenizer, n: int, length: int) -> list[dict]:
         if k is None or len(tokenizer(msgs[k]["content"])["input_ids"]) < length:
             continue
         prompt = [{"role": "user", "content": cut(msgs[k - 1]["content"], 32)}]
-        frame = len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": ""}], tokenize=True))
-        answer = cut(msgs[k]["content"], length - frame)
-        worse = cut(" ".join(reversed(msgs[k]["content"].split())), length - frame)  # same words, no sense
+        room = length - templated(prompt, "")
+        answer = fit(prompt, msgs[k]["content"], room)
+        worse = fit(prompt, " ".join(reversed(msgs[k]["content"].split())), room)  # same words, no sense
         out.append({"prompt": prompt, "chosen": answer, "rejected": worse})
         if len(out) == n:
             return out

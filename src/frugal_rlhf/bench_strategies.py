@@ -35,15 +35,13 @@ def _skip_reason(stage: str, name: str) -> str | None:
     return None
 
 
-def stage_flags(stage, model, data, reward_model, batch_size, max_length, new_tokens, lora_rank, steps):
+def stage_flags(stage, model, data, reward_model, max_length, new_tokens, lora_rank, steps):
     """The stage's own flags with a per-process batch of `batch_size` rows."""
     common = ["--model", model, "--lora-rank", str(lora_rank), "--max-steps", str(steps), "--save-every", "0",
               "--eval-every", "0", "--dtype", "auto"]
     if stage == "sft":
         return common + ["--data", data, "--max-length", str(max_length), "--eval-split", "0"], ["--batch-size"]
     if stage == "ppo":
-        if not reward_model:
-            raise ValueError("bench strategies --stage ppo needs --reward-model (a `frugal rm` output)")
         return common + ["--prompts", data, "--reward-model", reward_model, "--max-new-tokens", str(new_tokens),
                          "--eval-prompts", "0", "--max-length", str(max_length)], ["--rollout-batch-size",
                                                                                    "--batch-size"]
@@ -59,23 +57,34 @@ def run_config(stage, flags, batch_flags, batch_size, nproc, name, strategy_flag
     if procs > 1:
         cmd += ["--nproc-per-node", str(procs)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    if proc.returncode != 0:  # torchrun ends its report with banners: show the error's own line
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        return {"error": (errors or proc.stderr.splitlines() or [f"exit {proc.returncode}"])[-1].strip()}
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step_time" in m]
-    times = [m["step_time"] for m in steps[1:]] or [steps[0]["step_time"]]
-    return {"processes": procs, "step_time": {"median": statistics.median(times), "min": min(times),
-                                              "max": max(times), "n": len(times)},
-            "peak_mem_gb_per_rank": max(m["peak_mem_gb"] for m in steps),
-            "global_batch": batch_size * nproc}
+    measured = steps[1:] or steps
+    times = [m["step_time"] for m in measured]
+    out = {"processes": procs, "step_time": {"median": statistics.median(times), "min": min(times),
+                                             "max": max(times), "n": len(times)},
+           "peak_mem_gb_per_rank": max(m["peak_mem_gb"] for m in steps), "global_batch": batch_size * nproc}
+    for key in ("time_gen", "time_score", "time_update"):  # PPO's phases
+        if key in measured[0]:
+            out[key] = statistics.median(m[key] for m in measured)
+    for key in ("mem_rollout_gb", "mem_update_gb"):
+        if key in measured[0]:
+            out[key] = max(m[key] for m in steps)
+    return out
 
 
 def bench_strategies(stage="sft", model="default", data=None, reward_model=None, nproc=2, steps=4, batch_size=2,
                      max_length=256, new_tokens=32, lora_rank=8, only=None):
     data = data or "sharegpt"
-    flags, batch_flags = stage_flags(stage, model, data, reward_model, batch_size, max_length, new_tokens, lora_rank,
-                                     steps)
     results = {}
     with tempfile.TemporaryDirectory() as work:
+        if stage == "ppo" and not reward_model:
+            from .bench import fresh_reward_model
+
+            reward_model = fresh_reward_model(model, lora_rank, "auto", Path(work) / "rm")
+        flags, batch_flags = stage_flags(stage, model, data, reward_model, max_length, new_tokens, lora_rank, steps)
         for name, strategy_flags in CONFIGS:
             if only and name not in only:
                 continue
@@ -94,8 +103,12 @@ def format_table(r) -> str:
     for name, v in r["results"].items():
         if "step_time" in v:
             t = v["step_time"]
-            lines.append(f"| {name} | {v['processes']} | {t['median']:.2f} s [{t['min']:.2f}-{t['max']:.2f}] | "
-                         f"{v['peak_mem_gb_per_rank']:.2f} GB |")
+            phases = (f" (generation {v['time_gen']:.1f}, scoring {v['time_score']:.1f}, update {v['time_update']:.1f})"
+                      if "time_gen" in v else "")
+            memory = (f" (rollout {v['mem_rollout_gb']:.2f}, update {v['mem_update_gb']:.2f})"
+                      if "mem_rollout_gb" in v else "")
+            lines.append(f"| {name} | {v['processes']} | {t['median']:.2f} s [{t['min']:.2f}-{t['max']:.2f}]{phases} | "
+                         f"{v['peak_mem_gb_per_rank']:.2f} GB{memory} |")
         else:
             lines.append(f"| {name} | - | {v.get('skipped') or v.get('error')} | - |")
     return "\n".join(lines)

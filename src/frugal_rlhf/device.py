@@ -49,9 +49,35 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def peak_memory_bytes(device: torch.device | None = None) -> int:
-    """Peak memory of this process: max allocated on CUDA, peak RSS on CPU."""
-    device = device or default_device()
+_run_peak = 0  # the process's peak before the last reset_phase_peak()
+
+
+def _current_peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:  # VmHWM can be reset (reset_phase_peak); ru_maxrss cannot
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> int:
+    """Peak memory of this process so far: max allocated on CUDA, peak RSS on CPU."""
+    return max(_run_peak, _current_peak(device or default_device()))
+
+
+def reset_phase_peak(device: torch.device | None = None) -> int:
+    """End a phase: return its peak (since the previous reset) and start the next one.
+    peak_memory_bytes() still covers the whole run."""
+    global _run_peak
+    device = device or default_device()
+    peak = _current_peak(device)
+    _run_peak = max(_run_peak, peak)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux: "5" resets VmHWM to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+    return peak

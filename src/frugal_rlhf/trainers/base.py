@@ -81,6 +81,13 @@ class Trainer:
         if getattr(config, "checkpoint_format", "full") not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', not '{config.checkpoint_format}'")
 
+    def checkpoint_activations(self, *roles):
+        """With config.gradient_checkpointing, each block's activations are recomputed in
+        backward instead of kept (~30% more compute, activation memory of one block)."""
+        if self.config.gradient_checkpointing:
+            for role in roles:
+                role.lm.hf_model().gradient_checkpointing_enable({"use_reentrant": False})
+
     def to_device(self, batch: dict) -> dict:
         """A collated batch on the strategy's device (its non-tensor fields as they are)."""
         return {k: v.to(self.strategy.device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt
+from ..device import reset_phase_peak
 from ..generation import SampleConfig
 from ..models.export import export_adapter, export_merged
 from ..models.roles import last_token_index
@@ -69,6 +70,7 @@ class PPOTrainer(Trainer):
         cfg = self.config
         self.tokenizer = tokenizer or actor.tokenizer
         self.reward_model, self.reference = reward_model, initial_model
+        self.checkpoint_activations(actor, critic)  # the update's two forwards with gradients
         actor_optim = actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
                                                     cfg.weight_decay)
         critic_optim = critic_optim or make_optimizer(critic.trainable_parameters(),
@@ -150,13 +152,16 @@ class PPOTrainer(Trainer):
     def train_step(self, step):
         batch = self.loader.next_batch()
         dev = self.strategy.device
+        reset_phase_peak(dev)
         with self.strategy.unsharded(self.actor):
             exp, timing = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
                                           batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
                                           self.kl_ctl.value, self.gen.generator, self.strategy, self.moments)
+        memory = {"mem_rollout_gb": reset_phase_peak(dev) / 2**30}  # generation and scoring
         t0 = time.perf_counter()
         stats = self.update(exp)
         timing["time_update"] = time.perf_counter() - t0
+        memory["mem_update_gb"] = reset_phase_peak(dev) / 2**30
         for sched in self.schedulers.values():
             sched.step()
         mask = exp.action_mask
@@ -174,6 +179,7 @@ class PPOTrainer(Trainer):
         out["samples_per_s"] = len(scores) / sum(out[k] for k in timing)
         self.kl_ctl.update(out["kl"], len(scores))
         out["kl_coef"] = self.kl_ctl.value
+        out.update({k: self.strategy.max_over_ranks(v) for k, v in memory.items()})
         self.warn(out)
         return out
 
@@ -185,6 +191,11 @@ class PPOTrainer(Trainer):
         for _ in range(cfg.ppo_epochs):
             for mb in exp.minibatches(cfg.batch_size, self.gen.generator):
                 n = mb.num_actions
+                # Actor, then critic, each forward followed by its backward: the actor's
+                # activations are freed before the critic's forward, and with activation
+                # checkpointing a block is recomputed while its own adapter is still active
+                # (recomputing the actor's blocks after the critic's forward ran them with the
+                # critic's adapter: wrong gradients, found by the test).
                 with self.strategy.autocast():
                     logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=temp,
                                                with_entropy=True)
@@ -192,12 +203,16 @@ class PPOTrainer(Trainer):
                                                 cfg.clip_eps)
                     ent = L.masked_mean(entropy, mb.action_mask)
                     actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
-                    values = self.critic(mb.sequences, mb.attention_mask, n).float()
-                    vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
-                if not (torch.isfinite(actor_loss) and torch.isfinite(vf_loss)):
+                if not torch.isfinite(actor_loss):
                     self.skip_nan()
                     continue
                 self.strategy.backward(actor_loss, self.actor, self.actor_optim)
+                with self.strategy.autocast():
+                    values = self.critic(mb.sequences, mb.attention_mask, n).float()
+                    vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
+                if not torch.isfinite(vf_loss):
+                    self.skip_nan()
+                    continue
                 self.strategy.backward(cfg.vf_coef * vf_loss, self.critic, self.critic_optim)
                 a_norm = self.strategy.optimizer_step(self.actor_optim, cfg.max_grad_norm, self.actor)
                 c_norm = self.strategy.optimizer_step(self.critic_optim, cfg.max_grad_norm, self.critic)

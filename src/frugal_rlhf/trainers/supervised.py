@@ -53,8 +53,7 @@ class SupervisedTrainer(Trainer):
     def __init__(self, strategy, config, model, train_set, eval_set, collate):
         super().__init__(strategy, config)
         self.model = model
-        if config.gradient_checkpointing:
-            model.lm.hf_model().gradient_checkpointing_enable({"use_reentrant": False})
+        self.checkpoint_activations(model)
         optim = make_optimizer(model.trainable_parameters(), config.learning_rate(), config.weight_decay)
         self.scheduler = make_scheduler(optim, config)
         self.model, self.optim = strategy.prepare((model, optim))
