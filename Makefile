@@ -39,6 +39,10 @@ bench: install
 	$(VENV)/bin/frugal bench compare --peer trl --stage sft --json docs/bench/compare-sft.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage rm --json docs/bench/compare-rm.json
 	$(VENV)/bin/frugal bench serve --model default --new-tokens 48 --json docs/bench/serve.json
+	$(VENV)/bin/frugal bench strategies --stage sft --steps 4 --batch-size 2 --max-length 256 \
+		--json docs/bench/strategies-sft.json
+	$(VENV)/bin/frugal bench strategies --stage ppo --steps 3 --batch-size 4 --new-tokens 32 --lora-rank 16 \
+		--json docs/bench/strategies-ppo.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -57,3 +57,22 @@ def test_bench_compare_generate_is_our_sampler_against_hf_generate(tmp_path):
                  "--batch-size", "2", "--repeats", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["workload"] == "generate" and set(r) >= {"frugal", "hf_generate", "ratio"}
+
+
+def test_bench_strategies_runs_the_command_under_each_strategy(tmp_path, rows):
+    """`frugal bench strategies`: one process against 2 under DDP on the same global batch; the
+    per-rank peak and step times come from the runs' own metrics; a refused configuration is
+    reported with its reason instead of a number."""
+    from frugal_rlhf.bench_strategies import bench_strategies, format_table
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = bench_strategies("sft", "tiny-llama", str(data), steps=2, batch_size=2, max_length=64,
+                         only=("naive", "ddp"))
+    naive, ddp = r["results"]["naive"], r["results"]["ddp"]
+    assert (naive["processes"], ddp["processes"]) == (1, 2)
+    assert naive["global_batch"] == ddp["global_batch"] == 4
+    assert all(v["step_time"]["n"] == 1 and v["peak_mem_gb_per_rank"] > 0 for v in (naive, ddp))
+    assert "ddp | 2 |" in format_table(r)
+    ppo = bench_strategies("ppo", "tiny-llama", only=("deepspeed zero-3",), reward_model="unused")
+    assert ppo["results"]["deepspeed zero-3"]["skipped"].startswith(("refused", "DeepSpeed not installed"))

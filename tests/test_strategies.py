@@ -188,13 +188,14 @@ def assert_same_ppo(got: dict, naive: dict, run: Path):
 
 @pytest.mark.parametrize("stage,offload", [(2, "none"), (3, "cpu")])
 def test_fsdp_matches_single_process(naive, tmp_path, stage, offload):
-    """SFT under FSDP equals one process, and so does a run resumed from a sharded checkpoint
-    (each rank saved and reloaded only its shard of the model and of the AdamW state)."""
+    """SFT, reward model and greedy PPO under FSDP equal one process, and so does an SFT run
+    resumed from a sharded checkpoint (each rank saved and reloaded only its shard of the model
+    and of the AdamW state)."""
     result = launch(tmp_path, "--strategy", "fsdp", "--stage", str(stage), "--offload", offload, "--tasks",
-                    "sft,resume", "--ckpt-format", "sharded")
-    for task in ("sft", "resume"):
-        assert_same_run(result[task], naive["result"][task])
-    assert_same_weights(tmp_path / "sft.safetensors", naive["out"] / "sft.safetensors")
+                    "sft,resume,rm,ppo", "--ckpt-format", "sharded", "--greedy")
+    assert_same_supervised(result, naive["result"], tmp_path, naive["out"])
+    assert_same_run(result["resume"], naive["result"]["resume"])
+    assert_same_ppo(result["ppo"], naive, tmp_path)
     assert_same_weights(tmp_path / "resumed.safetensors", naive["out"] / "resumed.safetensors")
     ckpt = tmp_path / "sft/checkpoints" / f"step-{STEPS:07d}"
     assert sorted(p.name for p in ckpt.glob("model*")) == [f"model.rank0000{r}-of-00002.safetensors" for r in (0, 1)]

@@ -32,7 +32,10 @@ def equal_length_rows(tokenizer, n: int, length: int) -> list[dict]:
         return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:k])
 
     def templated(prompt, answer):
-        return len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True))
+        # The rendered text's tokens (apply_chat_template(tokenize=True) returns a dict in
+        # transformers 5, whose len() is its number of keys: an earlier version counted 2).
+        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def fit(prompt, text, k):
         # Decoding k tokens and encoding them again in the chat template can give more tokens

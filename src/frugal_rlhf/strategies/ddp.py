@@ -133,6 +133,18 @@ class DistributedStrategy(NaiveStrategy):
                     t.copy_(buf)
 
 
+class ZeroStrategy(DistributedStrategy):
+    """What the ZeRO-style strategies (FSDP, DeepSpeed) share: a stage and optional CPU offload."""
+
+    def __init__(self, seed: int = 42, dtype: str | None = None, stage: int = 3, offload: str = "none"):
+        super().__init__(seed=seed, dtype=dtype)
+        if stage not in (2, 3):
+            raise ValueError(f"{type(self).__name__} supports ZeRO stage 2 or 3, not {stage}")
+        if offload not in ("none", "cpu"):
+            raise ValueError(f"offload must be 'none' or 'cpu', not '{offload}'")
+        self.stage, self.offload = stage, offload
+
+
 class DDPStrategy(DistributedStrategy):
     """DistributedDataParallel: a full replica per rank, gradients averaged over ranks.
 
@@ -156,10 +168,8 @@ class DDPStrategy(DistributedStrategy):
         return super().prepare(*items)
 
     def _prepare_model(self, model, optim=None):
-        if model is None:
-            return None
-        model = model.to(self.device)
-        if optim is None:  # not trained by the caller (reference, reward model): only placed
+        model = super()._prepare_model(model, optim)
+        if model is None or optim is None:  # not trained by the caller (reference, reward model): only placed
             return model
         params = trainable_params(model)
         optimized = {id(p) for group in optim.param_groups for p in group["params"]}

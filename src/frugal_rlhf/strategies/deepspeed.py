@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .base import atomic_write, module_state
-from .ddp import DistributedStrategy
+from .ddp import ZeroStrategy
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -40,14 +40,9 @@ def import_deepspeed():
     return deepspeed
 
 
-class DeepSpeedStrategy(DistributedStrategy):
+class DeepSpeedStrategy(ZeroStrategy):
     def __init__(self, seed: int = 42, dtype: str | None = None, stage: int = 2, offload: str = "none"):
-        super().__init__(seed=seed, dtype=dtype)
-        if stage not in (2, 3):
-            raise ValueError(f"DeepSpeed strategy supports ZeRO stage 2 or 3, not {stage}")
-        if offload not in ("none", "cpu"):
-            raise ValueError(f"offload must be 'none' or 'cpu', not '{offload}'")
-        self.stage, self.offload = stage, offload
+        super().__init__(seed=seed, dtype=dtype, stage=stage, offload=offload)
         self._engines: dict[int, object] = {}  # id(optimizer) -> engine
         self._trained: set[int] = set()  # ids of parameters that belong to some engine's module
 
@@ -70,10 +65,8 @@ class DeepSpeedStrategy(DistributedStrategy):
         }
 
     def _prepare_model(self, model, optim=None):
-        if model is None:
-            return None
-        model = model.to(self.device)
-        if optim is None:  # not trained by the caller (reference, reward model): only placed
+        model = super()._prepare_model(model, optim)
+        if model is None or optim is None:  # not trained by the caller (reference, reward model): only placed
             return model
         shared = [p for p in model.parameters() if id(p) in self._trained]
         if shared and self.stage == 3:

@@ -47,7 +47,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from .base import atomic_write, module_state_names
-from .ddp import DistributedStrategy
+from .ddp import ZeroStrategy
 
 # Roles return views (log-probs reshaped, scores squeezed) and every caller uses them out of
 # place, which is what this FSDP2 warning asks for; it would otherwise print at every forward.
@@ -125,14 +125,9 @@ class SharedRoot(nn.Module):
         """A forward that does nothing: FSDP's lazy initialization, before a gather."""
 
 
-class FSDPStrategy(DistributedStrategy):
+class FSDPStrategy(ZeroStrategy):
     def __init__(self, seed: int = 42, dtype: str | None = None, stage: int = 3, offload: str = "none"):
-        super().__init__(seed=seed, dtype=dtype)
-        if stage not in (2, 3):
-            raise ValueError(f"FSDP supports ZeRO stage 2 or 3, not {stage}")
-        if offload not in ("none", "cpu"):
-            raise ValueError(f"offload must be 'none' or 'cpu', not '{offload}'")
-        self.stage, self.offload = stage, offload
+        super().__init__(seed=seed, dtype=dtype, stage=stage, offload=offload)
         self._root_of_param: dict[int, nn.Module] = {}  # id(sharded param) -> its FSDP root
         self._roots: dict[int, nn.Module] = {}  # id(model) -> the FSDP root its forward runs through
         self._owner: dict[int, nn.Module] = {}  # id(optimizer) -> its sharded model
