@@ -205,3 +205,20 @@ def test_gradient_checkpointing_changes_memory_not_the_update(tmp_path):
         assert recomputed[0][key] == pytest.approx(base[0][key], rel=1e-4, abs=1e-6), key
     m = recomputed[0]
     assert 0 < m["mem_rollout_gb"] <= m["peak_mem_gb"] and 0 < m["mem_update_gb"] <= m["peak_mem_gb"]
+
+
+def test_nonfinite_losses_skip_the_update_then_stop(tmp_path):
+    """A reward that is NaN makes every PPO loss non-finite: each update is skipped (the
+    adapters keep their values) and the third in a row stops the run with a clear error."""
+    actor, critic, ref, tok = shared_roles()
+    before = {k: v.clone() for k, v in actor.trainable_state_dict().items()}
+    cfg = PPOConfig(model="tiny-llama", output=str(tmp_path / "ppo"), max_steps=5, lora_rank=8, rollout_batch_size=4,
+                    batch_size=4, max_new_tokens=4, dtype="fp32", save_every=0, eval_every=0)
+    strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
+    strategy.setup_distributed()
+    trainer = PPOTrainer(strategy, actor, critic, None, ref, config=cfg, tokenizer=tok, prompts=PROMPTS,
+                         reward_fn=lambda seq, attn, n: torch.full((seq.shape[0],), float("nan")))
+    with pytest.raises(FloatingPointError, match="3 times in a row"):
+        trainer.fit()
+    assert trainer.nan_steps == 3
+    assert all(torch.equal(v, before[k]) for k, v in actor.trainable_state_dict().items())

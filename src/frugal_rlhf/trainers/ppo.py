@@ -203,14 +203,14 @@ class PPOTrainer(Trainer):
                                                 cfg.clip_eps)
                     ent = L.masked_mean(entropy, mb.action_mask)
                     actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
-                if not torch.isfinite(actor_loss):
+                if self.any_rank_nonfinite(actor_loss):
                     self.skip_nan()
                     continue
                 self.strategy.backward(actor_loss, self.actor, self.actor_optim)
                 with self.strategy.autocast():
                     values = self.critic(mb.sequences, mb.attention_mask, n).float()
                     vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
-                if not torch.isfinite(vf_loss):
+                if self.any_rank_nonfinite(vf_loss):
                     self.skip_nan()
                     continue
                 self.strategy.backward(cfg.vf_coef * vf_loss, self.critic, self.critic_optim)
@@ -231,6 +231,11 @@ class PPOTrainer(Trainer):
         logp, _ = self.actor(batch["input_ids"], batch["attention_mask"])
         mask = (batch["labels"][:, 1:] != IGNORE).float()
         return self.config.ptx_coef * -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+    def any_rank_nonfinite(self, loss) -> bool:
+        # Decided by all ranks together: a rank that skipped its backward while the others ran
+        # theirs would leave them waiting in the gradient all-reduce.
+        return self.strategy.all_reduce_sum(float(not torch.isfinite(loss))) > 0
 
     def skip_nan(self):
         self.nan_steps += 1
