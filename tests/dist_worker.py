@@ -42,7 +42,9 @@ def preference_rows(n=48):
 def train_config(cls, args, strategy, task):
     return cls(model="tiny-llama", output=str(Path(args.out) / task), max_steps=args.steps,
                batch_size=GLOBAL_BATCH // (strategy.world_size * args.accum), grad_accum=args.accum, lr=3e-3, max_length=64, warmup_ratio=0.0,
-               save_every=args.steps, eval_every=0, eval_split=0.0, dtype=args.dtype, seed=7,
+               # 8 held-out rows, evaluated at the last step right before its checkpoint: under
+               # FSDP ZeRO-2 that no-grad pass leaves blocks gathered when the checkpoint is taken
+               save_every=args.steps, eval_every=0, eval_split=0.125, dtype=args.dtype, seed=7,
                lora_rank=args.lora, checkpoint_format=args.ckpt_format)
 
 
@@ -59,6 +61,7 @@ def run_supervised(args, strategy, task, resume=False):
         trainer = RewardTrainer(strategy, train_config(RewardConfig, args, strategy, task), rows=preference_rows())
     metrics = trainer.fit()
     strategy.save_model(trainer.model, Path(args.out) / f"{'resumed' if resume else task}.safetensors")
+    metrics = [m for m in metrics if "loss" in m]  # training steps (not the step-0 evaluation)
     out = {"loss": [m["loss"] for m in metrics], "grad_norm": [m["grad_norm"] for m in metrics]}
     if hasattr(strategy, "local_numel"):
         local, full = strategy.local_numel(trainer.model)

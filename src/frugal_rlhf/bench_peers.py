@@ -44,6 +44,8 @@ def equal_length_rows(tokenizer, n: int, length: int) -> list[dict]:
         answer = cut(text, k)
         while (over := templated(prompt, answer) - length) > 0:
             k -= over
+            if k <= 0:
+                raise ValueError(f"a prompt alone exceeds {length} tokens: raise --max-length")
             answer = cut(text, k)
         return answer
 

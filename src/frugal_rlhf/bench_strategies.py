@@ -31,7 +31,7 @@ def _skip_reason(stage: str, name: str) -> str | None:
     if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         return "DeepSpeed not installed"
     if stage == "ppo" and name == "deepspeed zero-3":
-        return "refused: ZeRO-3 engines cannot share PPO's one base (use fsdp zero-3)"
+        return "refused: no PPO rollouts under DeepSpeed ZeRO-3 (use fsdp zero-3)"
     return None
 
 

@@ -81,6 +81,14 @@ class DeepSpeedStrategy(ZeroStrategy):
     def unwrap(self, model):
         return getattr(model, "module", model)
 
+    def unsharded(self, *models):
+        if self.stage == 3:
+            # ZeRO-3 gathers parameters per module per token, and a rank whose answers ended
+            # early would leave the others waiting in a gather: no PPO under ZeRO-3.
+            raise NotImplementedError("PPO rollouts under DeepSpeed ZeRO-3 are not supported: use --zero-stage 2, "
+                                      "or --strategy fsdp --zero-stage 3 (gathers the actor once per rollout)")
+        return super().unsharded(*models)
+
     def backward(self, loss, model, optim, last: bool = True):
         engine = self._engines[id(optim)]
         engine.set_gradient_accumulation_boundary(last)

@@ -226,10 +226,8 @@ class FSDPStrategy(ZeroStrategy):
         try:
             yield
         finally:
-            roots_ids = {id(r) for r in roots}
-            for unit in units:
-                # the root keeps FSDP's own rule (no reshard after forward); blocks follow the stage
-                unit.set_reshard_after_forward(self.stage == 3 and id(unit) not in roots_ids, recurse=False)
+            for unit in units:  # back to how _shard made them (the root included: its flag was explicit)
+                unit.set_reshard_after_forward(self.stage == 3, recurse=False)
                 unit.reshard()
 
     def unwrap(self, model):
@@ -311,6 +309,7 @@ class FSDPStrategy(ZeroStrategy):
         """This rank's shards of the model's trained parameters and of their optimizer state,
         in safetensors (no gather, no pickle; the optimizer's hyperparameters as JSON metadata).
         It resumes under FSDP with the same number of processes; `full` checkpoints go anywhere."""
+        self._reshard(model)
         names = module_state_names(model)
         params = {n: p for n, p in model.named_parameters() if n in names}
         tensors = {f"param/{n}": _local(p) for n, p in params.items()}
@@ -321,6 +320,14 @@ class FSDPStrategy(ZeroStrategy):
         meta = {"world_size": str(self.world_size), "param_groups": json.dumps(groups)}
         atomic_write(self.shard_path(ckpt_dir, name), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
+    def _reshard(self, model):
+        """Put the shards back on the modules. A no-grad forward under ZeRO-2 (an evaluation)
+        leaves blocks gathered until the next backward, with the full tensors registered in
+        place of the shards; no communication is needed to drop them."""
+        for unit in self._roots[id(model)].modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+
     def load_shard(self, model, optim, ckpt_dir, name):
         path = self.shard_path(ckpt_dir, name)
         if not path.exists():
@@ -328,6 +335,10 @@ class FSDPStrategy(ZeroStrategy):
                                     f"checkpoint resumes under --strategy fsdp with the processes that wrote it")
         with safe_open(path, framework="pt") as f:
             meta, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        if int(meta["world_size"]) != self.world_size:
+            raise ValueError(f"{path}: written by {meta['world_size']} processes, this run has {self.world_size}: "
+                             f"a sharded checkpoint resumes with the processes that wrote it")
+        self._reshard(model)
         params = {n: p for n, p in model.named_parameters() if n in module_state_names(model)}
         missing = {f"param/{n}" for n in params} - saved.keys()
         if missing:
