@@ -82,23 +82,20 @@ class DistributedStrategy(NaiveStrategy):
     def _comm_device(self):
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
+    def _all_reduce(self, values, op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
     def all_reduce_sum(self, value: float) -> float:
-        if not dist.is_initialized():
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return float(t.item())
+        return self._all_reduce([value])[0] if dist.is_initialized() else float(value)
 
     def max_over_ranks(self, value: float) -> float:
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
+        return self._all_reduce([value], dist.ReduceOp.MAX)[0]
 
     def mean_over_ranks(self, metrics: dict) -> dict:
         keys = sorted(metrics)
-        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return dict(zip(keys, (t / self.world_size).tolist()))
+        return {k: v / self.world_size for k, v in zip(keys, self._all_reduce(metrics[k] for k in keys))}
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x, device=self._comm_device()) for _ in range(self.world_size)]

@@ -22,9 +22,6 @@ import os
 
 import torch
 
-from safetensors.torch import save_file
-
-from .base import atomic_write, module_state
 from .ddp import ZeroStrategy
 
 log = logging.getLogger("frugal_rlhf")
@@ -109,9 +106,7 @@ class DeepSpeedStrategy(ZeroStrategy):
 
     def save_model(self, model, path, only_rank0=True):
         with self._gathered(model):  # every rank takes part; rank 0 writes
-            state = module_state(self.unwrap(model))
-        if self.is_rank0 or not only_rank0:
-            atomic_write(path, lambda tmp: save_file(state, tmp))
+            super().save_model(model, path, only_rank0)
 
     def load_model(self, model, path, strict=True):
         with self._gathered(model, modifier_rank=0):

@@ -93,6 +93,11 @@ def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     return skeleton
 
 
+def _units(root: nn.Module) -> list[nn.Module]:
+    """The FSDP units under a root (its blocks and the root itself)."""
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a (possibly sharded) tensor, as a CPU copy safetensors can store."""
     return (t.to_local() if isinstance(t, DTensor) else t).detach().to("cpu").contiguous().clone()
@@ -217,7 +222,7 @@ class FSDPStrategy(ZeroStrategy):
         exit. Generation runs one forward per token: resharding after each would all-gather the
         whole model per token (and tie every rank to the same number of tokens)."""
         roots = list({id(r): r for r in (self._roots.get(id(m)) for m in models) if r is not None}.values())
-        units = [u for r in roots for u in r.modules() if isinstance(u, FSDPModule)]
+        units = [u for r in roots for u in _units(r)]
         for root in roots:
             root.touch()  # FSDP picks its root at the first call through it
         for unit in units:
@@ -317,16 +322,15 @@ class FSDPStrategy(ZeroStrategy):
             for key, value in optim.state.get(p, {}).items():
                 tensors[f"optim/{n}/{key}"] = _local(value)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
-        meta = {"world_size": str(self.world_size), "param_groups": json.dumps(groups)}
+        meta = {"param_groups": json.dumps(groups)}  # the world size is in the file name
         atomic_write(self.shard_path(ckpt_dir, name), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     def _reshard(self, model):
         """Put the shards back on the modules. A no-grad forward under ZeRO-2 (an evaluation)
         leaves blocks gathered until the next backward, with the full tensors registered in
         place of the shards; no communication is needed to drop them."""
-        for unit in self._roots[id(model)].modules():
-            if isinstance(unit, FSDPModule):
-                unit.reshard()
+        for unit in _units(self._roots[id(model)]):
+            unit.reshard()
 
     def load_shard(self, model, optim, ckpt_dir, name):
         path = self.shard_path(ckpt_dir, name)
@@ -335,9 +339,6 @@ class FSDPStrategy(ZeroStrategy):
                                     f"checkpoint resumes under --strategy fsdp with the processes that wrote it")
         with safe_open(path, framework="pt") as f:
             meta, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-        if int(meta["world_size"]) != self.world_size:
-            raise ValueError(f"{path}: written by {meta['world_size']} processes, this run has {self.world_size}: "
-                             f"a sharded checkpoint resumes with the processes that wrote it")
         self._reshard(model)
         params = {n: p for n, p in model.named_parameters() if n in module_state_names(model)}
         missing = {f"param/{n}" for n in params} - saved.keys()

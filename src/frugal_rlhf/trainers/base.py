@@ -75,11 +75,11 @@ class Trainer:
         self.out = Path(config.output)
         self.ckpt_root = self.out / "checkpoints"
         self.run: RunDir | None = None
-        self.sharded = getattr(config, "checkpoint_format", "full") == "sharded"
+        if config.checkpoint_format not in ("full", "sharded"):
+            raise ValueError(f"checkpoint_format must be 'full' or 'sharded', not '{config.checkpoint_format}'")
+        self.sharded = config.checkpoint_format == "sharded"
         if self.sharded and not hasattr(strategy, "save_shard"):
             raise ValueError("--checkpoint-format sharded needs --strategy fsdp (other strategies write full checkpoints)")
-        if getattr(config, "checkpoint_format", "full") not in ("full", "sharded"):
-            raise ValueError(f"checkpoint_format must be 'full' or 'sharded', not '{config.checkpoint_format}'")
 
     def checkpoint_activations(self, *roles):
         """With config.gradient_checkpointing, each block's activations are recomputed in
