@@ -91,3 +91,24 @@ def test_pairs_use_the_ppo_format():
     prompt = encode_prompt(tok, row["prompt"], 64)
     assert enc["chosen"][:len(prompt)] == prompt == enc["rejected"][:len(prompt)]
     assert tok.decode(enc["chosen"][len(prompt):]) == "yes<|im_end|>"
+
+
+def test_artifact_on_a_relative_base_path_loads_from_another_directory(tmp_path, monkeypatch):
+    """`frugal rm --model runs/sft/final` names its base relative to where it ran; the artifact
+    stores it resolved, so PPO started from another directory still finds the base."""
+    from frugal_rlhf.models.loading import load_model
+    from frugal_rlhf.models.reward_io import save_reward_model
+
+    hf, tok = load_model("tiny-llama", torch.float32)
+    (tmp_path / "work").mkdir()
+    hf.save_pretrained(tmp_path / "work" / "base")
+    tok.save_pretrained(tmp_path / "work" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    rm = RewardModel("base", lora_rank=4, dtype="fp32")
+    save_reward_model(rm, rm.tokenizer, "rm", base="base")
+    monkeypatch.chdir(tmp_path)
+    meta = json.loads((tmp_path / "work/rm/reward_model.json").read_text())
+    assert meta["base"] == str((tmp_path / "work/base").resolve())
+    loaded = load_reward_model(tmp_path / "work/rm", dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.allclose(loaded(ids, torch.ones_like(ids)), rm(ids, torch.ones_like(ids)), atol=1e-5)

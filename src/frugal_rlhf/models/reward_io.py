@@ -42,6 +42,8 @@ def save_reward_model(rm: RewardModel, tokenizer, path, base: str):
     """Write the artifact (adapter + head naming `base`) and its standalone merged form."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if Path(base).exists():  # a local base named relative to today's directory: keep it findable from any other
+        base = str(Path(base).resolve())
     final = export_merged(rm, tokenizer, path / "final")
     _save_head(rm, final)
     _write_meta(final, ".", True, None)
