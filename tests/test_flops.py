@@ -69,6 +69,9 @@ def test_ppo_step_is_the_sum_of_its_passes():
     expected = (fwd(p + r - 1, r, 7) + fwd(p + r, r, 7) + fwd(p + r, r) + fwd(p + r, 0, 5) + fwd(p + r, 0, 3)
                 + 2 * (F.train_flops(shape, 4, p + r, r, 7) + F.train_flops(shape, 4, p + r, 0, 5)))
     assert F.ppo_step_flops(shape, 4, p, r, 2, 7, 5, 3) == expected
+    # GRPO: no critic forward (fwd(p + r, 0, 5)) and no critic training
+    grpo = fwd(p + r - 1, r, 7) + fwd(p + r, r, 7) + fwd(p + r, r) + fwd(p + r, 0, 3) + 2 * F.train_flops(shape, 4, p + r, r, 7)
+    assert F.ppo_step_flops(shape, 4, p, r, 2, 7, 0, 3, critic=False) == grpo
 
 
 def test_dummy_sizes_build_with_their_parameter_counts():

@@ -164,6 +164,17 @@ def _ploss(ratio_val, adv_val, **kw):
     return loss.item(), logp.grad.item(), stats
 
 
+def test_group_advantages_hand_values():
+    # Groups [1, 2, 3] (mean 2, sample std 1) and [5, 5, 5] (all equal: no signal).
+    close(L.group_advantages(t([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3), [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], 1e-5)
+    # [0, 4]: mean 2, sample std sqrt(8)
+    close(L.group_advantages(t([0.0, 4.0]), 2), [-2 / math.sqrt(8), 2 / math.sqrt(8)], 1e-5)
+    with pytest.raises(ValueError, match="groups of 2"):
+        L.group_advantages(t([1.0, 2.0, 3.0]), 2)
+    with pytest.raises(ValueError):
+        L.group_advantages(t([1.0, 2.0]), 1)
+
+
 def test_policy_loss_inside_band_equals_unclipped():
     loss, grad, stats = _ploss(1.1, 2.0)
     close(loss, -2.0 * 1.1, 1e-6)

@@ -31,6 +31,8 @@ def letter_reward(tok):
 
 def run_ppo(tmp_path, stop_at=None, ptx_rows=None, **kw):
     actor, critic, ref, tok = shared_roles()
+    if kw.get("advantage") == "group":
+        critic = None
     cfg = PPOConfig(**{"model": "tiny-llama", "output": str(tmp_path / "ppo"), "max_steps": 30, "lora_rank": 8,
                        "rollout_batch_size": 16, "batch_size": 8, "lr": 3e-3, "max_new_tokens": 12,
                        "kl_coef": 0.01, "dtype": "fp32", "save_every": 0, "eval_every": 0, "ppo_epochs": 2, **kw})
@@ -54,6 +56,17 @@ def test_ppo_raises_reward_and_kl_coef_holds_policy_near_reference(tmp_path):
     _, held = run_ppo(tmp_path / "held", kl_coef=1.0)
     assert held[-1]["kl"] < 3.0 and held[-1]["kl"] < 0.2 * free[-1]["kl"], (held[-1]["kl"], free[-1]["kl"])
     assert mean([m["reward"] for m in held[-5:]]) < mean(rewards[-5:]) - 0.2
+
+
+def test_grpo_raises_reward_without_a_critic(tmp_path):
+    # 4 prompts x 4 completions a step: the same 16 sequences a step as the PPO test, no critic.
+    trainer, m = run_ppo(tmp_path, advantage="group", group_size=4, rollout_batch_size=4)
+    assert trainer.critic is None and set(trainer.models) == {"actor"}
+    rewards = [x["reward"] for x in m]
+    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.3, rewards
+    assert "value_loss" not in m[-1] and m[-1]["kl_loss"] >= 0
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        run_ppo(tmp_path / "bad", advantage="group", group_size=1)
 
 
 def test_ppo_resume_equals_uninterrupted(tmp_path):
@@ -222,3 +235,44 @@ def test_nonfinite_losses_skip_the_update_then_stop(tmp_path):
         trainer.fit()
     assert trainer.nan_steps == 3
     assert all(torch.equal(v, before[k]) for k, v in actor.trainable_state_dict().items())
+
+
+def test_shared_prompt_prefix_gives_the_same_outputs(tmp_path):
+    # GRPO scores each prompt's completions with the prompt encoded once per group; every role's
+    # output must equal the plain forward over whole rows (left-padded prompts, ragged answers).
+    from frugal_rlhf.models.roles import RewardModel, scalar_head
+
+    actor, critic, ref, tok = shared_roles()
+    for name in ("actor", "critic"):  # non-zero adapters, so a role mix-up would show
+        for n, p in actor.lm.model.named_parameters():
+            if f"lora_B.{name}" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    critic.head.weight.data.normal_()
+    reward = RewardModel(actor.lm, "critic", scalar_head(critic.head.in_features))
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(5, 200, (2, 7), generator=g).repeat_interleave(3, 0)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[3:, :3] = 0  # the second prompt is 4 tokens, left-padded
+    answers = torch.randint(5, 200, (6, 5), generator=g)
+    answer_mask = torch.ones_like(answers)
+    answer_mask[1, 2:] = 0
+    answer_mask[4, 4:] = 0
+    seq, attn = torch.cat([prompts, answers], 1), torch.cat([prompt_mask, answer_mask], 1)
+    shared = (3, 6)
+    with torch.no_grad():
+        pairs = [(actor(seq, attn, 5)[0], actor(seq, attn, 5, shared_prefix=shared)[0]),
+                 (ref(seq, attn, 5)[0], ref(seq, attn, 5, shared_prefix=shared)[0]),
+                 (critic(seq, attn, 5), critic(seq, attn, 5, shared)),
+                 (reward(seq, attn), reward(seq, attn, shared))]
+    real = answer_mask.bool()
+    for plain, grouped in pairs[:3]:  # per answer token
+        torch.testing.assert_close(grouped[real], plain[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pairs[3][1], pairs[3][0], atol=1e-5, rtol=1e-4)  # per row
+    assert not torch.allclose(pairs[0][0], pairs[1][0])  # the actor's adapter is really on
+    grads = []  # and the update's gradients through the repeated keys and values
+    for kw in ({}, {"shared_prefix": shared}):
+        actor.zero_grad()
+        (actor(seq, attn, 5, **kw)[0] * answer_mask).sum().backward()
+        grads.append([p.grad.clone() for p in actor.trainable_parameters()])
+    for plain, grouped in zip(*grads):
+        torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-4)

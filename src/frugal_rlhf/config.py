@@ -76,6 +76,8 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = 8        # prompts per PPO step
     batch_size: int = 4                # mini-batch for the update
     ppo_epochs: int = 1
+    advantage: str = "gae"             # gae (learned critic) | group (GRPO: no critic; needs group_size >= 2)
+    group_size: int = 1                # completions sampled per prompt (a step has rollout_batch_size x this)
     lr: float | None = None
     critic_lr: float | None = None
     max_prompt_length: int = 256

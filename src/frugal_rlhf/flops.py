@@ -75,18 +75,20 @@ def train_flops(shape: Shape, seqs: float, seq_len: float, head_tokens: float, l
 
 
 def ppo_step_flops(shape: Shape, samples: int, prompt_len: float, response_len: float, ppo_epochs: int,
-                   actor_lora: int = 0, critic_lora: int = 0, reward_lora: int = 0, full: bool = False) -> float:
+                   actor_lora: int = 0, critic_lora: int = 0, reward_lora: int = 0, full: bool = False,
+                   critic: bool = True) -> float:
     """One PPO step on `samples` rollouts: generation, the four experience forwards (actor
-    log-probs, reference, critic values, reward) and `ppo_epochs` of actor + critic training."""
+    log-probs, reference, critic values, reward) and `ppo_epochs` of actor + critic training.
+    critic=False: GRPO, whose step has no critic forward or training."""
     seq = prompt_len + response_len
     # Prefill feeds the prompt, each decode step one token; the last sampled token is never fed.
     gen = forward_flops(shape, samples, seq - 1, response_len, actor_lora)
     experience = (forward_flops(shape, samples, seq, response_len, actor_lora)       # old log-probs
                   + forward_flops(shape, samples, seq, response_len)                # reference
-                  + forward_flops(shape, samples, seq, 0, critic_lora)              # values
+                  + critic * forward_flops(shape, samples, seq, 0, critic_lora)     # values
                   + forward_flops(shape, samples, seq, 0, reward_lora))             # reward
     update = ppo_epochs * (train_flops(shape, samples, seq, response_len, actor_lora, full)
-                           + train_flops(shape, samples, seq, 0, critic_lora, full))
+                           + critic * train_flops(shape, samples, seq, 0, critic_lora, full))
     return gen + experience + update
 
 

@@ -6,7 +6,8 @@
 
 Separate models remain possible: full fine-tuning (lora_rank 0) gives the actor its own
 trainable copy and the reference a frozen one; `critic_model` puts the critic on another
-base; a reward model trained on another base is loaded on its own.
+base; a reward model trained on another base is loaded on its own. GRPO (`advantage: group`)
+has no critic.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ log = logging.getLogger("frugal_rlhf")
 @dataclass
 class PPORoles:
     actor: Actor
-    critic: Critic
+    critic: Critic | None
     reward_model: RewardModel
     reference: Actor
     tokenizer: object
@@ -58,7 +59,9 @@ def build_ppo_roles(cfg) -> PPORoles:
     reward = load_reward_model(rm_path, shared=lm if rm_on_base else None, dtype=dtype)
     if not rm_on_base:
         log.info("reward model base %s differs from %s: loading it separately", rm_meta["base"], cfg.model)
-    if cfg.critic_model:
+    if cfg.advantage == "group":
+        critic = None
+    elif cfg.critic_model:
         critic = Critic(cfg.critic_model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                         lora_targets=cfg.lora_targets, dtype=cfg.dtype)
     elif cfg.critic_init == "reward" and rm_on_base:
@@ -77,6 +80,7 @@ def _separate_full(cfg, dtype) -> PPORoles:
     actor = Actor(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     hf, _ = load_model(cfg.model, dtype, cfg.trust_remote_code)
     reference = Actor(SharedLM(hf.requires_grad_(False)), None)
-    critic = Critic(cfg.critic_model or cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    critic = None if cfg.advantage == "group" else Critic(cfg.critic_model or cfg.model, dtype=cfg.dtype,
+                                                          trust_remote_code=cfg.trust_remote_code)
     reward = load_reward_model(cfg.reward_model, dtype=dtype)
     return PPORoles(actor, critic, reward, reference, actor.tokenizer, shared=False)

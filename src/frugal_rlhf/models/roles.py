@@ -145,10 +145,15 @@ def packed_attention(segments):
     return positions, mask[:, None]
 
 
-def _hidden_states(model, input_ids, attention_mask, packed: bool = False):
+def _hidden_states(model, input_ids, attention_mask, packed: bool = False, shared_prefix: tuple[int, int] = (1, 0)):
     """Last hidden states of the transformer body (no logits computed). `attention_mask` is
     0/1, or with `packed` segment numbers (SFTCollator). The caller says which: inspecting the
-    mask would cost a device sync on every forward of every role."""
+    mask would cost a device sync on every forward of every role.
+
+    `shared_prefix` (group, p): rows come in groups of `group` whose first `p` columns are
+    identical (GRPO's completions of one prompt). The body then runs those columns once per
+    group, repeats their keys and values for the group, and runs only the rest of each row:
+    the hidden states returned are those of the last T - p columns (exact, not an estimate)."""
     hf = model.get_base_model() if hasattr(model, "peft_config") else model
     body = hf.base_model
     kwargs = {}
@@ -156,7 +161,16 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False):
         kwargs["position_ids"], attention_mask = packed_attention(attention_mask)
     elif _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    group, p = shared_prefix
+    if group > 1 and p > 0 and not packed:
+        first = {k: v[::group, :p] for k, v in kwargs.items()}
+        cache = body(input_ids=input_ids[::group, :p], attention_mask=attention_mask[::group, :p], use_cache=True,
+                     **first).past_key_values
+        cache.batch_repeat_interleave(group)
+        out = body(input_ids=input_ids[:, p:], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                   **{k: v[:, p:] for k, v in kwargs.items()})
+    else:
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state, hf.get_output_embeddings()
 
 
@@ -218,9 +232,9 @@ class Role(nn.Module):
         names = self.trainable_state_names()
         return {n: t for n, t in self.state_dict().items() if n in names}
 
-    def hidden(self, input_ids, attention_mask, packed: bool = False):
+    def hidden(self, input_ids, attention_mask, packed: bool = False, shared_prefix: tuple[int, int] = (1, 0)):
         with self.lm.role(self.adapter) as model:
-            return _hidden_states(model, input_ids, attention_mask, packed)
+            return _hidden_states(model, input_ids, attention_mask, packed, shared_prefix)
 
 
 class Actor(Role):
@@ -229,9 +243,11 @@ class Actor(Role):
     kind = "actor"
 
     def forward(self, input_ids, attention_mask, num_actions: int | None = None,
-                temperature: float = 1.0, with_entropy: bool = False, packed: bool = False):
-        """Log-probs of the last `num_actions` tokens (all but the first when None)."""
-        hidden, lm_head = self.hidden(input_ids, attention_mask, packed)
+                temperature: float = 1.0, with_entropy: bool = False, packed: bool = False,
+                shared_prefix: tuple[int, int] = (1, 0)):
+        """Log-probs of the last `num_actions` tokens (all but the first when None).
+        `shared_prefix` (group, p) must leave the position before the first action: p < T - n."""
+        hidden, lm_head = self.hidden(input_ids, attention_mask, packed, shared_prefix)
         n = num_actions or input_ids.shape[1] - 1
         # Position i predicts token i+1: only the positions that predict actions go through the head.
         return token_logprobs(hidden[:, -n - 1:-1], lm_head, input_ids[:, -n:], temperature, with_entropy)
@@ -247,8 +263,8 @@ class Critic(Role):
         # advantages, and the value loss trains the head directly anyway.
         return scalar_head(self.lm.hf_model().config.get_text_config().hidden_size, random=False)
 
-    def forward(self, input_ids, attention_mask, num_actions: int):
-        hidden, _ = self.hidden(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, num_actions: int, shared_prefix: tuple[int, int] = (1, 0)):
+        hidden, _ = self.hidden(input_ids, attention_mask, shared_prefix=shared_prefix)
         return self.head(hidden[:, -num_actions - 1:-1].float()).squeeze(-1)
 
 
@@ -270,10 +286,12 @@ class RewardModel(Role):
         """Scores [N] of (prompt, response) pairs; prompts are strings or message lists."""
         return score_texts(self, self.tokenizer, prompts, responses, **kw)
 
-    def forward(self, input_ids, attention_mask):
-        hidden, _ = self.hidden(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, shared_prefix: tuple[int, int] = (1, 0)):
+        """`shared_prefix` (group, p) must end before every row's last token."""
+        hidden, _ = self.hidden(input_ids, attention_mask, shared_prefix=shared_prefix)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.head(hidden[rows, last_token_index(attention_mask)].float()).squeeze(-1)
+        skipped = input_ids.shape[1] - hidden.shape[1]  # the shared prefix's columns, if any
+        return self.head(hidden[rows, last_token_index(attention_mask) - skipped].float()).squeeze(-1)
 
 
 def scalar_head(hidden_size: int, random: bool = True) -> nn.Linear:

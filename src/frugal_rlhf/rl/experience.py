@@ -36,9 +36,11 @@ class Experience:
     def select(self, index) -> "Experience":
         return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
-    def minibatches(self, size: int, generator: torch.Generator):
-        """The replay buffer of one rollout: shuffled mini-batches of `size` sequences."""
-        order = torch.randperm(self.sequences.shape[0], generator=generator)
+    def minibatches(self, size: int, generator: torch.Generator, group: int = 1):
+        """The replay buffer of one rollout: shuffled mini-batches of `size` sequences. With
+        `group` > 1 whole groups are shuffled, their rows kept adjacent and in order."""
+        n = self.sequences.shape[0] // group
+        order = (torch.randperm(n, generator=generator)[:, None] * group + torch.arange(group)).view(-1)
         for start in range(0, len(order), size):
             yield self.select(order[start:start + size])
 
@@ -77,6 +79,8 @@ class RolloutSettings:
     reward_clip: float | None = None
     normalize_reward: bool = False
     whiten_advantages: bool = True
+    advantage: str = "gae"             # gae: critic + GAE; group: GRPO, KL in the loss instead of the reward
+    group_size: int = 1
 
 
 def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generator, autocast):
@@ -92,29 +96,41 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
 
     reward_fn(sequences, attention_mask, prompt_length) -> [B] scores. The strategy gives the
     autocast, and the statistics of all ranks' batches for advantage whitening and reward
-    normalization (one process: this batch's).
+    normalization (one process: this batch's). Each prompt is sampled `group_size` times, the
+    copies adjacent. With no critic (GRPO) the values are 0 and advantages are group-relative.
     """
+    if settings.group_size > 1:
+        input_ids = input_ids.repeat_interleave(settings.group_size, 0)
+        attention_mask = attention_mask.repeat_interleave(settings.group_size, 0)
     autocast_factory = strategy.autocast
     t0 = time.perf_counter()
     out = rollout(actor, input_ids, attention_mask, settings, generator, autocast_factory())
     t1 = time.perf_counter()
     seq, attn, mask = out.sequences, out.attention_mask, out.action_mask.float()
     n, temp = mask.shape[1], settings.sample.temperature if settings.sample.temperature > 0 else 1.0
+    # A group's copies of a prompt are encoded once (all but the prompt's last token, whose
+    # output predicts the first response token).
+    shared = (settings.group_size, out.prompt_length - 1)
     with autocast_factory():
-        logprobs, _ = actor(seq, attn, n, temperature=temp)
-        ref_logprobs, _ = reference(seq, attn, n, temperature=temp)
-        values = critic(seq, attn, n).float()
+        logprobs, _ = actor(seq, attn, n, temperature=temp, shared_prefix=shared)
+        ref_logprobs, _ = reference(seq, attn, n, temperature=temp, shared_prefix=shared)
+        values = critic(seq, attn, n, shared).float() if critic is not None else torch.zeros_like(mask)
         score = reward_fn(seq, attn, out.prompt_length).float()
     raw_score = score
     if settings.normalize_reward and moments is not None:
         moments.update(strategy.all_gather(score))
         score = moments.normalize(score)
-    rewards, kl = L.shape_rewards(score, logprobs.float(), ref_logprobs.float(), mask, kl_coef,
+    group = settings.advantage == "group"
+    rewards, kl = L.shape_rewards(score, logprobs.float(), ref_logprobs.float(), mask, 0.0 if group else kl_coef,
                                   settings.kl_estimator, settings.reward_clip)
     values = values * mask
-    advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
-    if settings.whiten_advantages:
-        advantages = strategy.whiten(advantages, mask)
+    if group:  # the clipped score of each completion against its group, at every response token
+        advantages = L.group_advantages(rewards.sum(1), settings.group_size)[:, None] * mask
+        returns = advantages
+    else:
+        advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
+        if settings.whiten_advantages:
+            advantages = strategy.whiten(advantages, mask)
     exp = Experience(seq, attn, mask, logprobs.float(), ref_logprobs.float(), values, rewards, advantages,
                      returns, raw_score, kl)
     return exp, {"time_gen": t1 - t0, "time_score": time.perf_counter() - t1}

@@ -131,6 +131,19 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, returns
 
 
+# ------------------------------------------------------------------ group advantages
+def group_advantages(score: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """GRPO (Shao et al. 2024): each completion's score against the other completions of the
+    same prompt, ``(s - mean_group) / (std_group + eps)``, which replaces a learned critic.
+    ``score`` is [B] with the ``group_size`` completions of a prompt adjacent; returns [B].
+    A group whose completions all score the same gets 0 (no signal, no update)."""
+    if group_size < 2 or score.numel() % group_size:
+        raise ValueError(f"group advantages need groups of 2+ completions; got {score.numel()} scores "
+                         f"in groups of {group_size}")
+    g = score.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+
+
 # ------------------------------------------------------------------------ PPO losses
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                 clip_eps: float = 0.2, clip_eps_high: float | None = None):

@@ -2,7 +2,10 @@
 
 One step = one rollout batch of prompts -> Experience -> `ppo_epochs` passes over shuffled
 mini-batches updating actor (clipped surrogate [+ entropy bonus] [+ PPO-ptx]) and critic
-(clipped value loss toward returns = advantages + old values).
+(clipped value loss toward returns = advantages + old values). With `advantage: group`
+(GRPO) there is no critic: each prompt is sampled `group_size` times, a completion's
+advantage is its score against its group's, and the KL to the reference is a loss term
+(k3, weighted by the KL coefficient) instead of a per-token reward penalty.
 """
 from __future__ import annotations
 
@@ -68,20 +71,30 @@ class PPOTrainer(Trainer):
 
         super().__init__(strategy, config or PPOConfig())
         cfg = self.config
+        if cfg.advantage not in ("gae", "group"):
+            raise ValueError(f"advantage: expected 'gae' or 'group', got {cfg.advantage!r}")
+        if cfg.advantage == "group" and (cfg.group_size < 2 or critic is not None):
+            raise ValueError("advantage 'group' (GRPO) needs group_size >= 2 and no critic")
+        if cfg.advantage == "gae" and critic is None:
+            raise ValueError("advantage 'gae' needs a critic")
         self.tokenizer = tokenizer or actor.tokenizer
         self.reward_model, self.reference = reward_model, initial_model
-        self.checkpoint_activations(actor, critic)  # the update's two forwards with gradients
-        actor_optim = actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
-                                                    cfg.weight_decay)
-        critic_optim = critic_optim or make_optimizer(critic.trainable_parameters(),
-                                                      cfg.critic_lr or cfg.learning_rate(), cfg.weight_decay)
-        (self.actor, self.actor_optim), (self.critic, self.critic_optim) = strategy.prepare(
-            (actor, actor_optim), (critic, critic_optim))
+        trained = {"actor": (actor, actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
+                                                                  cfg.weight_decay))}
+        if critic is not None:
+            trained["critic"] = (critic, critic_optim or make_optimizer(
+                critic.trainable_parameters(), cfg.critic_lr or cfg.learning_rate(), cfg.weight_decay))
+        self.checkpoint_activations(*(m for m, _ in trained.values()))  # the update's forwards with gradients
+        prepared = strategy.prepare(*trained.values())  # one call: FSDP shards models sharing a base together
+        trained = dict(zip(trained, prepared if critic is not None else [prepared]))
+        self.actor, self.actor_optim = trained["actor"]
+        self.critic, self.critic_optim = trained.get("critic", (None, None))
         self.reward_model, self.reference = strategy.prepare(reward_model, initial_model)
         # A programmatic reward (sequences, attention_mask, prompt_length) -> [B] replaces the model.
         self.custom_reward = reward_fn
-        self.schedulers = {"actor": make_scheduler(self.actor_optim, cfg),
-                           "critic": make_scheduler(self.critic_optim, cfg)}
+        self.models = {k: m for k, (m, _) in trained.items()}
+        self.optimizers = {k: o for k, (_, o) in trained.items()}
+        self.schedulers = {k: make_scheduler(o, cfg) for k, o in self.optimizers.items()}
         self.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                        else L.FixedKLController(cfg.kl_coef))
         self.moments = RunningMoments()
@@ -89,9 +102,8 @@ class PPOTrainer(Trainer):
         self.settings = RolloutSettings(
             SampleConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop_tokens(self.tokenizer),
                          self.tokenizer.pad_token_id),
-            cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.reward_clip, cfg.normalize_reward, cfg.whiten_advantages)
-        self.models = {"actor": self.actor, "critic": self.critic}
-        self.optimizers = {"actor": self.actor_optim, "critic": self.critic_optim}
+            cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.reward_clip, cfg.normalize_reward, cfg.whiten_advantages,
+            cfg.advantage, cfg.group_size)
         self.stateful = {**{f"sched_{k}": v for k, v in self.schedulers.items()}, "kl": self.kl_ctl,
                          "moments": self.moments, "generator": self.gen}
         self.nan_steps = 0
@@ -128,7 +140,7 @@ class PPOTrainer(Trainer):
         # way, instead of at an arbitrary mid-answer token the head never saw.
         seq, attn = close_turns(seq, attn, self.settings.sample.eos_token_ids, self.tokenizer.eos_token_id,
                                 self.tokenizer.pad_token_id)
-        return self.reward_model(seq, attn)
+        return self.reward_model(seq, attn, (self.settings.group_size, prompt_length - 1))
 
     @classmethod
     def from_config(cls, strategy, cfg):
@@ -167,7 +179,9 @@ class PPOTrainer(Trainer):
         mask = exp.action_mask
         local = {"kl": float((exp.kl * mask).sum(1).mean()), "response_length": float(mask.sum(1).mean()),
                  "prompt_length": float(batch["attention_mask"].sum(1).float().mean()),
-                 "explained_variance": L.explained_variance(exp.values, exp.returns, mask), **timing, **stats}
+                 **timing, **stats}
+        if self.critic is not None:
+            local["explained_variance"] = L.explained_variance(exp.values, exp.returns, mask)
         if self.config.normalize_reward:
             local["reward_norm"] = float(self.moments.normalize(exp.score).mean())
         # Every rank logs, and the KL controller adapts to, the global batch (a rank's own
@@ -185,12 +199,16 @@ class PPOTrainer(Trainer):
 
     def update(self, exp) -> dict:
         cfg, sums, count = self.config, {}, 0
-        self.actor.train()
-        self.critic.train()
+        for model in self.models.values():
+            model.train()
         temp = cfg.temperature if cfg.temperature > 0 else 1.0
+        # Mini-batches of whole groups let the update encode each prompt once per group too
+        # (not under activation checkpointing, which runs the body without a KV cache).
+        group = cfg.group_size if cfg.batch_size % cfg.group_size == 0 and not cfg.gradient_checkpointing else 1
         for _ in range(cfg.ppo_epochs):
-            for mb in exp.minibatches(cfg.batch_size, self.gen.generator):
+            for mb in exp.minibatches(cfg.batch_size, self.gen.generator, group):
                 n = mb.num_actions
+                shared = (group, mb.sequences.shape[1] - n - 1)
                 # Actor, then critic, each forward followed by its backward: the actor's
                 # activations are freed before the critic's forward, and with activation
                 # checkpointing a block is recomputed while its own adapter is still active
@@ -198,27 +216,33 @@ class PPOTrainer(Trainer):
                 # critic's adapter: wrong gradients, found by the test).
                 with self.strategy.autocast():
                     logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=temp,
-                                               with_entropy=True)
+                                               with_entropy=True, shared_prefix=shared)
                     pg_loss, pg = L.policy_loss(logp.float(), mb.logprobs, mb.advantages, mb.action_mask,
                                                 cfg.clip_eps)
                     ent = L.masked_mean(entropy, mb.action_mask)
                     actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
+                    if self.critic is None:  # GRPO: the KL to the reference is a loss term
+                        kl_loss = L.masked_mean(L.kl_penalty(logp.float(), mb.ref_logprobs, "k3"), mb.action_mask)
+                        actor_loss = actor_loss + self.kl_ctl.value * kl_loss
+                        pg["kl_loss"] = float(kl_loss.detach())
                 if self.any_rank_nonfinite(actor_loss):
                     self.skip_nan()
                     continue
                 self.strategy.backward(actor_loss, self.actor, self.actor_optim)
-                with self.strategy.autocast():
-                    values = self.critic(mb.sequences, mb.attention_mask, n).float()
-                    vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
-                if self.any_rank_nonfinite(vf_loss):
-                    self.skip_nan()
-                    continue
-                self.strategy.backward(cfg.vf_coef * vf_loss, self.critic, self.critic_optim)
-                a_norm = self.strategy.optimizer_step(self.actor_optim, cfg.max_grad_norm, self.actor)
-                c_norm = self.strategy.optimizer_step(self.critic_optim, cfg.max_grad_norm, self.critic)
+                row = {"policy_loss": float(pg_loss.detach()), "entropy": float(ent.detach()), **pg}
+                if self.critic is not None:
+                    with self.strategy.autocast():
+                        values = self.critic(mb.sequences, mb.attention_mask, n, shared).float()
+                        vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
+                    if self.any_rank_nonfinite(vf_loss):
+                        self.skip_nan()
+                        continue
+                    self.strategy.backward(cfg.vf_coef * vf_loss, self.critic, self.critic_optim)
+                    row.update(value_loss=float(vf_loss.detach()), **vf)
+                for name, model in self.models.items():
+                    row[f"{name}_grad_norm"] = self.strategy.optimizer_step(self.optimizers[name], cfg.max_grad_norm,
+                                                                            model)
                 self.nan_steps = 0
-                row = {"policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()), "entropy": float(ent.detach()),
-                       "actor_grad_norm": a_norm, "critic_grad_norm": c_norm, **pg, **vf}
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -239,8 +263,8 @@ class PPOTrainer(Trainer):
 
     def skip_nan(self):
         self.nan_steps += 1
-        self.actor_optim.zero_grad(set_to_none=True)
-        self.critic_optim.zero_grad(set_to_none=True)
+        for optim in self.optimizers.values():
+            optim.zero_grad(set_to_none=True)
         log.warning("non-finite PPO loss: update skipped (%d in a row)", self.nan_steps)
         if self.nan_steps >= 3:
             raise FloatingPointError("PPO produced non-finite losses 3 times in a row: lower the learning rate, "
