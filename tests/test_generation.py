@@ -72,6 +72,18 @@ def test_cached_equals_reference_sampling(model):
     assert not torch.equal(fast.sequences, other.sequences)
 
 
+def test_group_prefill_equals_sampling_every_copy(model):
+    # GRPO's copies of a prompt share one prefill: the samples must be those of the plain path.
+    ids, mask = _left_pad(PROMPTS)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    cfg = SampleConfig(max_new_tokens=10, temperature=1.0, pad_token_id=PAD, eos_token_ids=(7,))
+    plain = sample(model, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    grouped = sample(model, ids, mask, cfg, generator=torch.Generator().manual_seed(0), group=3)
+    assert torch.equal(grouped.sequences, plain.sequences)
+    assert torch.equal(grouped.action_mask, plain.action_mask)
+    assert not torch.equal(plain.sequences[0], plain.sequences[1])  # copies sample different answers
+
+
 def test_left_padding_invariance(model):
     # position_ids from the mask matter for gpt2's absolute positions; rotary (llama) only
     # sees relative offsets, so there the padding mask in the cached steps is what counts.

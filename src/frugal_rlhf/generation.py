@@ -85,7 +85,7 @@ def _forward(model, state: dict, **kwargs) -> Tensor:
     return out.logits[:, -1]
 
 
-def _run(model, input_ids, attention_mask, config, generator, on_step, use_cache) -> Rollout:
+def _run(model, input_ids, attention_mask, config, generator, on_step, use_cache, group=1) -> Rollout:
     device = input_ids.device
     batch, prompt_length = input_ids.shape
     seqs, mask = input_ids.long(), attention_mask.long().to(device)
@@ -97,8 +97,14 @@ def _run(model, input_ids, attention_mask, config, generator, on_step, use_cache
     if config.max_new_tokens > 0:
         # Prefill: the whole prompt once. With use_cache and no cache passed in, the model
         # builds its own DynamicCache from its config (right layer types, e.g. sliding window).
-        logits = _forward(model, state, input_ids=seqs, attention_mask=mask,
-                          position_ids=_positions(mask), use_cache=use_cache)
+        if group > 1:  # rows come in groups of `group` copies of one prompt: prefill each once
+            logits = _forward(model, state, input_ids=seqs[::group], attention_mask=mask[::group],
+                              position_ids=_positions(mask[::group]), use_cache=True)
+            state["cache"].batch_repeat_interleave(group)
+            logits = logits.repeat_interleave(group, 0)
+        else:
+            logits = _forward(model, state, input_ids=seqs, attention_mask=mask,
+                              position_ids=_positions(mask), use_cache=use_cache)
     for step in range(config.max_new_tokens):
         token = choose_next(logits, config, generator)
         alive = ~finished
@@ -141,13 +147,14 @@ def _guarded(model, *args) -> Rollout:
 
 def sample(model, input_ids: Tensor, attention_mask: Tensor, config: SampleConfig,
            generator: torch.Generator | None = None,
-           on_step: Callable[[Tensor, Tensor], bool] | None = None) -> Rollout:
+           on_step: Callable[[Tensor, Tensor], bool] | None = None, group: int = 1) -> Rollout:
     """Sample up to `config.max_new_tokens` tokens per row using a KV cache.
 
     `on_step(new_tokens [B], finished [B])` runs after every step (streaming); returning
-    False stops generation after that step (cancellation).
+    False stops generation after that step (cancellation). `group` > 1: the rows are groups
+    of that many adjacent copies of a prompt (GRPO), whose prompt is prefilled once.
     """
-    return _guarded(model, input_ids, attention_mask, config, generator, on_step, True)
+    return _guarded(model, input_ids, attention_mask, config, generator, on_step, True, group)
 
 
 def reference_sample(model, input_ids: Tensor, attention_mask: Tensor, config: SampleConfig,

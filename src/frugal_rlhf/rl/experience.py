@@ -86,7 +86,7 @@ class RolloutSettings:
 def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generator, autocast):
     """Sample responses from the actor (its adapter active, KV cache, bf16 autocast)."""
     with autocast, actor.lm.role(actor.adapter) as model:
-        return sample(model, input_ids, attention_mask, settings.sample, generator)
+        return sample(model, input_ids, attention_mask, settings.sample, generator, group=settings.group_size)
 
 
 @torch.no_grad()
