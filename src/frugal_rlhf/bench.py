@@ -82,10 +82,10 @@ def _supervised_flops(trainer, m, head: bool) -> float:
 
 
 def _ppo_flops(trainer, m) -> float:
-    shape = F.shape_of(trainer.actor.lm.hf_model())
-    return F.ppo_step_flops(shape, trainer.config.rollout_batch_size, m["prompt_length"], m["response_length"],
-                            trainer.config.ppo_epochs, _lora(trainer.actor), _lora(trainer.critic),
-                            _lora(trainer.reward_model), full=not trainer.actor.adapter)
+    shape, cfg, critic = F.shape_of(trainer.actor.lm.hf_model()), trainer.config, trainer.critic
+    return F.ppo_step_flops(shape, cfg.rollout_batch_size * cfg.group_size, m["prompt_length"],
+                            m["response_length"], cfg.ppo_epochs, _lora(trainer.actor), critic and _lora(critic),
+                            _lora(trainer.reward_model), full=not trainer.actor.adapter, critic=critic is not None)
 
 
 def _train_bench(name, cfg, build, rate_key, step_flops=None):
@@ -252,9 +252,9 @@ ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_ra
 
 def add_bench_args(p):
     p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
-    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "generate"],
+    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "grpo", "generate"],
                    help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
-                        "(sft, rm; generate: our sampler vs HF generate); strategies: sft or ppo")
+                        "(sft, rm, grpo; generate: our sampler vs HF generate); strategies: sft or ppo")
     p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
     p.add_argument("--model", default="default")
@@ -305,7 +305,9 @@ def _compare(args, kw):
     from .bench_peers import compare
 
     r = compare(args.peer, args.stage, **kw)
-    return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, batch {r['batch_size']} x {r['length']} tokens "
+    shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens" if r["stage"] == "grpo" else
+             f"batch {r['batch_size']} x {r['length']} tokens")
+    return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "
                f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
                f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
                f"| x{r['ratio']:.2f} ({r['unit']}) |")

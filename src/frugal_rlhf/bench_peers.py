@@ -1,4 +1,4 @@
-"""`frugal bench compare --peer trl --stage sft|rm`: one workload run by frugal-rlhf and by TRL.
+"""`frugal bench compare --peer trl --stage sft|rm|grpo`: one workload run by frugal-rlhf and by TRL.
 
 Same model, same rows, same lengths, batch size, LoRA rank and targets, dtype and thread count;
 each (tool, repeat) in its own process; the first step of every run is warm-up and excluded;
@@ -8,9 +8,17 @@ The rows are built so both tools do the same work per step whatever their trunca
 padding rules: every conversation is cut to the same token count, below `max_length`, so no
 row is truncated and a batch has (almost) no padding. Rates are samples (SFT) or pairs (reward
 model) per second of optimizer step, data loading excluded on both sides.
+
+GRPO (`--stage grpo`): TRL 1.16 has GRPOTrainer and no PPO trainer. Each step samples
+GROUP completions for each of batch_size / GROUP prompts, scores them with a reward model (a
+fresh one on the same base: its cost, not its scores, is measured), computes log-probs under
+the reference (KL weight 0.04 on both sides, so both run the reference forward) and takes one
+optimizer step. Every completion is `new_tokens` long on both sides (TRL: min_new_tokens; ours:
+no stop token), so both do the same work; rates are completions per second of the whole step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -71,11 +79,17 @@ def _write_rows(rows, tmp: Path) -> Path:
     return path
 
 
-def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype) -> list[float]:
+GROUP = 4        # GRPO completions per prompt
+KL_WEIGHT = 0.04  # GRPO's KL loss weight, > 0 on both sides so both compute reference log-probs
+
+
+def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens) -> list[float]:
     from .bench import _train_bench
 
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
     with tempfile.TemporaryDirectory() as tmp:
+        if stage == "grpo":
+            return _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, Path(tmp))
         common = dict(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                       lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype)
         if stage == "sft":
@@ -98,7 +112,32 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
     return [m["tokens_per_s"] * m["sequences"] / m["tokens"] / per_item for m in metrics]
 
 
-def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype) -> list[float]:
+def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path) -> list[float]:
+    from .bench import _train_bench, fresh_reward_model
+    from .config import PPOConfig
+    from .trainers.ppo import PPOTrainer
+
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
+    cfg = PPOConfig(model=model, reward_model=fresh_reward_model(model, lora_rank, dtype, tmp / "rm"),
+                    prompts=str(prompts), output=str(tmp / "grpo"), max_steps=steps, advantage="group",
+                    group_size=GROUP, rollout_batch_size=batch_size // GROUP, batch_size=batch_size,
+                    max_new_tokens=new_tokens, kl_coef=KL_WEIGHT, lora_rank=lora_rank, lr=1e-4, save_every=0,
+                    eval_every=0, eval_prompts=0, dtype=dtype)
+
+    def build(strategy, c):
+        trainer = PPOTrainer.from_config(strategy, c)
+        # No stop token: every completion is new_tokens long, as TRL's min_new_tokens makes its own.
+        trainer.settings.sample = dataclasses.replace(trainer.settings.sample, eos_token_ids=())
+        return trainer
+
+    _, metrics = _train_bench("grpo", cfg, build, "samples_per_s")
+    for m in metrics:
+        assert m["response_length"] == new_tokens, m["response_length"]
+    return [batch_size / m["step_time"] for m in metrics]
+
+
+def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -133,6 +172,27 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
                                  processing_class=tok,
                                  peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
                                  callbacks=[StepTimer()])
+        elif stage == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dt)
+            rm.config.pad_token_id = tok.pad_token_id
+            lengths = []
+
+            class Lengths(TrainerCallback):  # every completion must be new_tokens long, as ours
+                def on_log(self, args, state, control, logs=None, **kw):
+                    lengths.append(logs.get("completions/mean_length"))
+
+            common["logging_steps"] = 1
+            del common["max_length"]  # GRPO bounds the completion (max_completion_length), not the row
+            trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=dt), reward_funcs=rm,
+                                  args=GRPOConfig(output_dir=tmp, num_generations=GROUP, max_completion_length=new_tokens,
+                                                  beta=KL_WEIGHT, generation_kwargs={"min_new_tokens": new_tokens},
+                                                  **common),
+                                  train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
+                                  processing_class=tok, reward_processing_classes=tok,
+                                  peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
+                                  callbacks=[StepTimer(), Lengths()])
         else:
             from trl import RewardConfig, RewardTrainer
 
@@ -146,25 +206,29 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
                                                            task_type="SEQ_CLS"),
                                     callbacks=[StepTimer()])
         trainer.train()
+    if stage == "grpo":
+        assert all(n is None or n == new_tokens for n in lengths), lengths
     return [batch_size / t for t in times[1:]]  # the first step is warm-up
 
 
 RUNNERS = {"frugal": _frugal, "trl": _trl}
 
 
-def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype):
+def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens):
     """Child-process entry: print the per-step rates as JSON."""
     torch.manual_seed(0)
-    rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype)
+    rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens)
     print("RATES " + json.dumps(rates))
 
 
 def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
-            dtype="auto", repeats=3, **_):
+            dtype="auto", repeats=3, new_tokens=32, **_):
     from .models.loading import load_model
 
-    if stage not in ("sft", "rm"):
-        raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm); see docs/benchmarks.md")
+    if stage not in ("sft", "rm", "grpo"):
+        raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm, grpo); see docs/benchmarks.md")
+    if stage == "grpo" and batch_size % GROUP:
+        raise SystemExit(f"bench compare grpo: --batch-size must be a multiple of {GROUP} (completions per prompt)")
     _, tok = load_model(model)
     rows = equal_length_rows(tok, batch_size * steps, max_length - 8)
     medians = {"frugal": [], peer: []}
@@ -173,17 +237,17 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
         for r in range(repeats):
             for tool in medians:  # alternate the tools so drift in the machine hits both
                 code = (f"from frugal_rlhf.bench_peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
-                        f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r})")
+                        f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r}, {new_tokens})")
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"bench compare: {tool} {stage} failed:\n{proc.stderr[-3000:]}")
                 rates = json.loads(proc.stdout.split("RATES ")[-1])
                 medians[tool].append(statistics.median(rates))
                 print(f"{tool} {stage} repeat {r + 1}: {medians[tool][-1]:.3f}/s", file=sys.stderr)
-    unit = "samples_per_s" if stage == "sft" else "pairs_per_s"
+    unit = {"sft": "samples_per_s", "rm": "pairs_per_s", "grpo": "completions_per_s"}[stage]
     result = {"workload": "compare", "peer": peer, "stage": stage, "model": model, "batch_size": batch_size,
               "length": max_length - 8, "lora_rank": lora_rank, "dtype": dtype, "threads": torch.get_num_threads(),
-              "unit": unit, "repeats": repeats}
+              "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP} if stage == "grpo" else {})}
     for tool, values in medians.items():
         result[tool] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     result["ratio"] = result["frugal"]["median"] / result[peer]["median"]
