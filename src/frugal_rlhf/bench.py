@@ -7,6 +7,7 @@ meaningless under contention (on 2 cores, two torch processes slow each other ~2
 """
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import subprocess
@@ -139,12 +140,16 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
 
 
 def fresh_reward_model(model, lora_rank, dtype, path):
-    """An untrained reward model on `model` (what PPO's cost depends on is its size, not its scores)."""
+    """An untrained reward model on `model` (what PPO's cost depends on is its size, not its scores).
+    Only the adapter and head are written: the standalone merged copy would double the peak
+    memory of a capacity probe before PPO even starts."""
     from .models.reward_io import save_reward_model
     from .models.roles import RewardModel
 
     rm = RewardModel(model, lora_rank=lora_rank, dtype=dtype)
-    save_reward_model(rm, rm.tokenizer, path, base=model)
+    save_reward_model(rm, rm.tokenizer, path, base=model, standalone=False)
+    del rm
+    gc.collect()  # peft modules hold reference cycles: free this copy of the base before PPO loads its own
     return str(path)
 
 

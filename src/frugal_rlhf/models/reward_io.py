@@ -38,15 +38,17 @@ def _save_head(rm: RewardModel, path: Path):
     save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()}, path / HEAD)
 
 
-def save_reward_model(rm: RewardModel, tokenizer, path, base: str):
-    """Write the artifact (adapter + head naming `base`) and its standalone merged form."""
+def save_reward_model(rm: RewardModel, tokenizer, path, base: str, standalone: bool = True):
+    """Write the artifact (adapter + head naming `base`) and its standalone merged form
+    (`standalone=False` skips the latter, whose merged copy of the model doubles the peak)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if Path(base).exists():  # a local base named relative to today's directory: keep it findable from any other
         base = str(Path(base).resolve())
-    final = export_merged(rm, tokenizer, path / "final")
-    _save_head(rm, final)
-    _write_meta(final, ".", True, None)
+    if standalone or not rm.adapter:
+        final = export_merged(rm, tokenizer, path / "final")
+        _save_head(rm, final)
+        _write_meta(final, ".", True, None)
     if rm.adapter:
         export_adapter(rm, tokenizer, path / "adapter", base=base)
         _save_head(rm, path)
