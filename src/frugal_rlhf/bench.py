@@ -85,7 +85,7 @@ def _supervised_flops(trainer, m, head: bool) -> float:
 def _ppo_flops(trainer, m) -> float:
     shape, cfg, critic = F.shape_of(trainer.actor.lm.hf_model()), trainer.config, trainer.critic
     return F.ppo_step_flops(shape, cfg.rollout_batch_size * cfg.group_size, m["prompt_length"],
-                            m["response_length"], cfg.ppo_epochs, _lora(trainer.actor), critic and _lora(critic),
+                            m["response_length"], cfg.ppo_epochs, _lora(trainer.actor), _lora(critic) if critic else 0,
                             _lora(trainer.reward_model), full=not trainer.actor.adapter, critic=critic is not None)
 
 

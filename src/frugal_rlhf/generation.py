@@ -97,14 +97,13 @@ def _run(model, input_ids, attention_mask, config, generator, on_step, use_cache
     if config.max_new_tokens > 0:
         # Prefill: the whole prompt once. With use_cache and no cache passed in, the model
         # builds its own DynamicCache from its config (right layer types, e.g. sliding window).
-        if group > 1:  # rows come in groups of `group` copies of one prompt: prefill each once
-            logits = _forward(model, state, input_ids=seqs[::group], attention_mask=mask[::group],
-                              position_ids=_positions(mask[::group]), use_cache=True)
+        # Rows may come in groups of `group` copies of one prompt: each group is prefilled once.
+        first = slice(None, None, group)
+        logits = _forward(model, state, input_ids=seqs[first], attention_mask=mask[first],
+                          position_ids=_positions(mask[first]), use_cache=use_cache)
+        if group > 1:
             state["cache"].batch_repeat_interleave(group)
             logits = logits.repeat_interleave(group, 0)
-        else:
-            logits = _forward(model, state, input_ids=seqs, attention_mask=mask,
-                              position_ids=_positions(mask), use_cache=use_cache)
     for step in range(config.max_new_tokens):
         token = choose_next(logits, config, generator)
         alive = ~finished

@@ -153,7 +153,9 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False, share
     `shared_prefix` (group, p): rows come in groups of `group` whose first `p` columns are
     identical (GRPO's completions of one prompt). The body then runs those columns once per
     group, repeats their keys and values for the group, and runs only the rest of each row:
-    the hidden states returned are those of the last T - p columns (exact, not an estimate)."""
+    the hidden states returned are those of the last T - p columns (exact, not an estimate).
+    A body in training mode with activation checkpointing gets no KV cache from transformers:
+    there every row runs whole (the same outputs, the plain cost)."""
     hf = model.get_base_model() if hasattr(model, "peft_config") else model
     body = hf.base_model
     kwargs = {}
@@ -162,7 +164,7 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False, share
     elif _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     group, p = shared_prefix
-    if group > 1 and p > 0 and not packed:
+    if group > 1 and p > 0 and not packed and not (body.training and body.is_activation_checkpointing):
         first = {k: v[::group, :p] for k, v in kwargs.items()}
         cache = body(input_ids=input_ids[::group, :p], attention_mask=attention_mask[::group, :p], use_cache=True,
                      **first).past_key_values

@@ -202,9 +202,8 @@ class PPOTrainer(Trainer):
         for model in self.models.values():
             model.train()
         temp = cfg.temperature if cfg.temperature > 0 else 1.0
-        # Mini-batches of whole groups let the update encode each prompt once per group too
-        # (not under activation checkpointing, which runs the body without a KV cache).
-        group = cfg.group_size if cfg.batch_size % cfg.group_size == 0 and not cfg.gradient_checkpointing else 1
+        # Mini-batches of whole groups let the update encode each prompt once per group too.
+        group = cfg.group_size if cfg.batch_size % cfg.group_size == 0 else 1
         for _ in range(cfg.ppo_epochs):
             for mb in exp.minibatches(cfg.batch_size, self.gen.generator, group):
                 n = mb.num_actions
