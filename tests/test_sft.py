@@ -163,3 +163,41 @@ def test_packing_trains_and_refuses_models_that_mix_sequences(tmp_path):
     assert metrics[0]["sequences"] > 4  # a batch of 2 packed rows holds more than 2 conversations
     with pytest.raises(ValueError, match=r"--packing: .*BloomForCausalLM.*train without --packing"):
         run_sft(tmp_path / "bloom", mixed_length_rows(), model="tiny-bloom", packing=True, max_steps=1)
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_streamed_export_equals_peft_merge(tmp_path, monkeypatch, family):
+    """The export merges one tensor at a time; it must write what peft's merge_and_unload of a
+    whole copy writes (tied weights once, GPT-2's transposed Conv1D deltas), in one file or in
+    shards that load as the same model."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from frugal_rlhf.models import export
+    from frugal_rlhf.models.roles import Actor, SharedLM
+
+    hf, tok = load_model(family, torch.float32)
+    base = {k: v.clone() for k, v in hf.state_dict().items()}
+    lm = SharedLM(hf)
+    lm.add_adapter("actor", 4)
+    lm.add_adapter("critic", 4)
+    torch.manual_seed(0)
+    for name, p in lm.model.named_parameters():
+        if "lora_B" in name:  # a fresh adapter's delta is zero: make it count
+            torch.nn.init.normal_(p, std=0.1)
+    copy.deepcopy(lm.model).merge_and_unload(adapter_names=["actor"]).save_pretrained(tmp_path / "peft")
+    expected = load_file(tmp_path / "peft" / "model.safetensors")
+    export.export_merged(Actor(lm, "actor"), tok, tmp_path / "one")
+    got = load_file(tmp_path / "one" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    assert sum(not torch.equal(got[k], base[k]) for k in got) >= 4  # the deltas were merged
+
+    monkeypatch.setattr(export, "MAX_SHARD_BYTES", 64 * 1024)
+    export.export_merged(Actor(lm, "actor"), tok, tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").state_dict()
+    for k in expected:
+        torch.testing.assert_close(reloaded[k], expected[k], rtol=0, atol=0, msg=k)

@@ -1,17 +1,21 @@
 """Export a trained role as a plain Hugging Face checkpoint (merged) or a PEFT adapter.
 
 Exports never touch the live model: a shared base must stay unmerged for the other roles.
-The merged copy is made in fp32 so that small LoRA deltas are not rounded away by bf16.
+Merged tensors are made in fp32 so that small LoRA deltas are not rounded away by bf16.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 
 def _replace_dir(tmp: Path, target: Path):
@@ -30,22 +34,77 @@ def _tmpdir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
 
 
-def merged_copy(role, dtype=torch.float32):
-    """A standalone HF model equal to the role's LM (adapter merged), in `dtype`."""
+MAX_SHARD_BYTES = 1 << 30  # the export holds at most one shard of merged tensors in memory
+
+
+def _merged_tensors(role, dtype):
+    """(name, shape, make) for each tensor of the role's LM with its adapter merged, in the
+    Hugging Face names; `make()` builds that one tensor in `dtype`, so an export never holds a
+    merged copy of the whole model (which would double the peak of a run on its last step)."""
     lm = role.lm
-    if not lm.is_peft:
-        return copy.deepcopy(lm.model).to(dtype)
-    model = copy.deepcopy(lm.model).to(dtype)
-    if role.adapter is None:
-        return model.unload()
-    return model.merge_and_unload(adapter_names=[role.adapter])
+    model = lm.hf_model()
+    layers = dict(model.named_modules()) if lm.is_peft else {}
+    entries, seen = [], set()
+    for key, t in model.state_dict().items():
+        if ".lora_" in key or (t.data_ptr(), t.shape) in seen:  # adapters, and tied copies of a weight
+            continue
+        seen.add((t.data_ptr(), t.shape))
+        owner, _, leaf = key.rpartition(".")
+        make = functools.partial(t.to, dtype)
+        if owner.endswith(".base_layer"):  # a LoRA-wrapped layer: its base weight under the plain name
+            owner = owner[: -len(".base_layer")]
+            key = f"{owner}.{leaf}"
+            layer = layers[owner]
+            if leaf == "weight" and role.adapter in layer.lora_A:
+                if layer.lora_variant.get(role.adapter) or layer.lora_bias.get(role.adapter):
+                    raise ValueError(f"{key}: only plain LoRA adapters can be merged (no DoRA, no LoRA bias)")
+                make = functools.partial(_merge, t, layer, role.adapter, dtype)
+        entries.append((key, t.shape, make))
+    return model, entries
 
 
-def export_merged(role, tokenizer, path):
+def _merge(weight, layer, adapter, dtype):
+    return weight.to(dtype) + layer.get_delta_weight(adapter).to(dtype)
+
+
+def _shards(entries, itemsize):
+    """Group entries into files of at most MAX_SHARD_BYTES (a bigger tensor gets its own)."""
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * itemsize
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+@torch.no_grad()
+def export_merged(role, tokenizer, path, dtype=torch.float32):
+    """Write the role's LM, adapter merged, as a Hugging Face checkpoint (sharded like
+    save_pretrained when large), one shard at a time; then the tokenizer."""
     path = Path(path)
     tmp = _tmpdir(path)
-    model = merged_copy(role)
-    model.save_pretrained(tmp)
+    model, entries = _merged_tensors(role, dtype)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    shards = _shards(entries, itemsize)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file({key: make().contiguous() for key, _, make in shard}, tmp / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key, _, _ in shard})
+    if len(shards) > 1:
+        total = sum(math.prod(shape) for _, shape, _ in entries) * itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype
+    config.save_pretrained(tmp)
+    if model.can_generate():
+        model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, path)
     return path
