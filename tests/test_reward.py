@@ -112,3 +112,46 @@ def test_artifact_on_a_relative_base_path_loads_from_another_directory(tmp_path,
     loaded = load_reward_model(tmp_path / "work/rm", dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7]])
     assert torch.allclose(loaded(ids, torch.ones_like(ids)), rm(ids, torch.ones_like(ids)), atol=1e-5)
+
+
+def test_pairs_encode_their_shared_prompt_once_exactly():
+    """Chosen and rejected share the prompt, which the collator lays out to be encoded once per
+    pair: scores and gradients equal each sequence scored alone and a plain right-padded batch;
+    a batch where sharing would cost more columns is padded plainly."""
+    from frugal_rlhf.data.tokenize import PairCollator
+    from frugal_rlhf.trainers.reward import encode_pair, pair_scores
+
+    torch.manual_seed(0)
+    rm = RewardModel("tiny-llama", lora_rank=4, dtype="fp32").eval()
+    for name, p in rm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    tok = rm.tokenizer
+    rows = [{"prompt": [{"role": "user", "content": "tell me about " + " ".join(WORDS[:n])}],
+             "chosen": f"{WORDS[n]} please", "rejected": "no"} for n in (1, 6, 3)]
+    pairs = [encode_pair(tok, r, 400) for r in rows]  # prompts of different lengths, none cut
+    shared, plain = PairCollator(tok.pad_token_id)(pairs), PairCollator(tok.pad_token_id, share=False)(pairs)
+    assert plain["shared"] == 0 and shared["shared"] > 0
+    assert shared["encoded"] < plain["encoded"] == int(plain["attention_mask"].sum())
+
+    def scores_and_grads(batch):
+        rm.zero_grad()
+        scores = pair_scores(rm, batch)
+        (scores[0::2] - scores[1::2]).square().sum().backward()
+        return scores.detach(), {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
+
+    got, got_grads = scores_and_grads(shared)
+    expected, expected_grads = scores_and_grads(plain)
+    with torch.no_grad():
+        alone = torch.cat([rm(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                           for p in pairs for s in (p["chosen"], p["rejected"])])
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected, alone, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == expected_grads.keys() and any("lora_A" in n for n in got_grads)
+    for n in got_grads:
+        torch.testing.assert_close(got_grads[n], expected_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+    # Short prompts before answers of very different lengths: sharing would pad more than it saves.
+    uneven = [encode_pair(tok, {"prompt": [{"role": "user", "content": c}], "chosen": a, "rejected": "no"}, 400)
+              for c, a in (("hi", "x " * 60), (" ".join(WORDS), "ok"))]
+    assert PairCollator(tok.pad_token_id)(uneven)["shared"] == 0

@@ -134,16 +134,42 @@ class SFTCollator:
                 "labels": pad([r["labels"] for r in rows], IGNORE), "packed": packed}
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 @dataclass
 class PairCollator:
-    """Chosen and rejected of a batch stacked into one batch (one forward pass for both)."""
+    """Each pair's chosen and rejected in adjacent rows (one forward pass for the batch).
+
+    The two share their prompt, which the reward model can then encode once per pair: each
+    pair's common prefix is left-padded to one width `shared`, the rest right-padded after it
+    (prompt-heavy pairs, e.g. a long conversation with two candidate last answers, cost nearly
+    half). When that layout would compute more columns than plain right padding (short, uneven
+    prompts before long answers), the batch is right-padded and `shared` is 0. `share=False`
+    always pads plainly (activation checkpointing runs whole rows anyway)."""
 
     pad_id: int
+    share: bool = True
 
     def __call__(self, rows):
-        seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        seqs = [s for r in rows for s in (r["chosen"], r["rejected"])]
+        # Every row keeps at least its last token after the prefix: the score is read there.
+        common = [k for c, r in zip(seqs[::2], seqs[1::2])
+                  for k in [min(_common_prefix(c, r), len(c) - 1, len(r) - 1)] * 2]
+        shared, rest = max(common), max(len(s) - k for s, k in zip(seqs, common))
+        # columns computed: the prefix once per pair and the rest per row, against every row whole
+        if not self.share or min(common) < 1 or shared + 2 * rest >= 2 * max(len(s) for s in seqs):
+            shared, lead = 0, [0] * len(seqs)
+        else:
+            lead = [shared - k for k in common]
+        width = max(n + len(s) for n, s in zip(lead, seqs))
+        ids = [[self.pad_id] * n + s + [self.pad_id] * (width - n - len(s)) for n, s in zip(lead, seqs)]
+        mask = [[0] * n + [1] * len(s) + [0] * (width - n - len(s)) for n, s in zip(lead, seqs)]
         margin = torch.tensor([r.get("margin") or 0.0 for r in rows], dtype=torch.float32)
-        return {"input_ids": pad(seqs, self.pad_id), "attention_mask": attention(seqs), "margin": margin}
+        mask = torch.tensor(mask)
+        return {"input_ids": torch.tensor(ids), "attention_mask": mask, "margin": margin, "shared": shared,
+                "encoded": int(mask.sum() - mask[1::2, :shared].sum())}  # tokens the forward runs
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Reward-model training from ranked pairs: -log sigmoid(r_chosen - r_rejected [- margin]).
 
-Chosen and rejected of a batch go through the model in one forward pass (stacked).
+Chosen and rejected of a batch go through the model in one forward pass, in adjacent rows
+whose shared prompt is encoded once per pair when that saves work (PairCollator).
 Pairs are formatted exactly as PPO will score them: the prompt through the chat template
 with the generation prompt, then the answer tokens and the end-of-turn token.
 """
@@ -36,15 +37,15 @@ class RewardTrainer(SupervisedTrainer):
         log.info("rm: %d training pairs, %d held out", len(train_rows), len(eval_rows))
         encode = lambda row: encode_pair(self.tokenizer, row, config.max_length)  # noqa: E731
         super().__init__(strategy, config, rm, LazyEncoded(train_rows, encode), LazyEncoded(eval_rows, encode),
-                         PairCollator(self.tokenizer.pad_token_id))
+                         PairCollator(self.tokenizer.pad_token_id, share=not config.gradient_checkpointing))
 
     def weight(self, batch):
         return batch["margin"].shape[0]
 
     def loss_sum(self, batch):
-        scores = self.model(batch["input_ids"], batch["attention_mask"]).float()
+        scores = pair_scores(self.model, batch)
         n = batch["margin"].shape[0]
-        loss, stats = pairwise_loss(scores[:n], scores[n:], batch["margin"], variant=self.config.loss,
+        loss, stats = pairwise_loss(scores[0::2], scores[1::2], batch["margin"], variant=self.config.loss,
                                     center_coef=self.config.center_coef)
         return loss * n, n, {"accuracy": stats["accuracy"] * n, "margin": stats["margin"] * n}
 
@@ -55,6 +56,11 @@ class RewardTrainer(SupervisedTrainer):
             save_reward_model(model, self.tokenizer, self.out, base=self.config.model)
             write_eval(self.run, final_eval, len(self.eval_loader.dataset) if self.eval_loader else 0)
             self.run.plot(["loss", "accuracy", "eval_accuracy", "eval_margin"], "reward.png", "Reward model")
+
+
+def pair_scores(rm, batch):
+    """Scores of a PairCollator batch: chosen at even rows, rejected at odd rows."""
+    return rm(batch["input_ids"], batch["attention_mask"], shared_prefix=(2, batch["shared"])).float()
 
 
 def write_eval(run, metrics: dict, n_pairs: int) -> dict:
@@ -74,9 +80,8 @@ def evaluate_reward_model(rm: RewardModel, rows, max_length: int = 512, batch_si
     rm.eval()
     for i in range(0, len(rows), batch_size):
         batch = collate([encode_pair(tok, r, max_length) for r in rows[i:i + batch_size]])
-        scores = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
-        n = batch["margin"].shape[0]
-        correct += float((scores[:n] > scores[n:]).sum())
-        margin_sum += float((scores[:n] - scores[n:]).sum())
+        scores = pair_scores(rm, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        correct += float((scores[0::2] > scores[1::2]).sum())
+        margin_sum += float((scores[0::2] - scores[1::2]).sum())
     return {"accuracy": correct / max(1, len(rows)), "mean_margin": margin_sum / max(1, len(rows)),
             "n_pairs": len(rows)}

@@ -83,7 +83,7 @@ class SupervisedTrainer(Trainer):
         self.model.train()
         batches = [self.to_device(self.loader.next_batch()) for _ in range(self.config.grad_accum)]
         total_weight = self.strategy.all_reduce_sum(sum(float(self.weight(b)) for b in batches))
-        loss_total, stats, tokens = 0.0, {}, 0
+        loss_total, stats, tokens, encoded = 0.0, {}, 0, 0
         t0 = time.perf_counter()
         for i, batch in enumerate(batches):
             with self.strategy.autocast():
@@ -91,7 +91,9 @@ class SupervisedTrainer(Trainer):
             loss = loss_sum / total_weight * self.strategy.world_size  # DDP averages over ranks
             self.strategy.backward(loss, self.model, self.optim, last=i == len(batches) - 1)
             loss_total += float(loss_sum.detach())
-            tokens += int((batch["attention_mask"] > 0).sum())
+            real = int((batch["attention_mask"] > 0).sum())
+            tokens += real
+            encoded += batch.get("encoded", real)  # fewer when a shared prompt is encoded once
             for k, v in batch_stats.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
         grad_norm = self.strategy.optimizer_step(self.optim, self.config.max_grad_norm, self.model)
@@ -99,7 +101,8 @@ class SupervisedTrainer(Trainer):
         elapsed = time.perf_counter() - t0
         out = {"loss": self.strategy.all_reduce_sum(loss_total) / total_weight, "grad_norm": grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
-               "tokens": self.strategy.all_reduce_sum(tokens), "sequences": self.strategy.all_reduce_sum(
+               "tokens": self.strategy.all_reduce_sum(tokens), "encoded_tokens": self.strategy.all_reduce_sum(encoded),
+               "sequences": self.strategy.all_reduce_sum(
                    sum(int(b["attention_mask"].amax(-1).sum()) for b in batches)),  # packed rows count each
                "tokens_per_s": self.strategy.all_reduce_sum(tokens) / elapsed}
         out.update({k: self.strategy.all_reduce_sum(v) / total_weight for k, v in stats.items()})
