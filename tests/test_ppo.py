@@ -281,3 +281,28 @@ def test_shared_prompt_prefix_gives_the_same_outputs(tmp_path):
     actor.train()
     torch.testing.assert_close(actor(seq, attn, 5, shared_prefix=shared)[0][real], pairs[0][0][real],
                                atol=1e-5, rtol=1e-4)
+
+
+def test_grpo_single_update_takes_old_logprobs_from_its_own_forward(tmp_path, monkeypatch):
+    """One optimizer step on the whole rollout: the experience skips the actor's forward and
+    the update's forward supplies the old log-probs and the KL; the run is the same run."""
+    import frugal_rlhf.trainers.ppo as ppo_module
+
+    asked = []
+    real = ppo_module.make_experience
+    monkeypatch.setattr(ppo_module, "make_experience",
+                        lambda *a, **kw: asked.append(kw.get("policy_logprobs", True)) or real(*a, **kw))
+    kw = dict(advantage="group", group_size=4, rollout_batch_size=4, batch_size=16, ppo_epochs=1, max_steps=4,
+              kl_coef=0.1)
+    torch.manual_seed(0)  # the adapters' initialization
+    _, reused = run_ppo(tmp_path / "reused", **kw)
+    assert asked.count(False) == 4  # every step (the held-out evaluations compute them)
+    asked.clear()
+    monkeypatch.setattr(PPOTrainer, "one_update", lambda self, prompts: False)
+    torch.manual_seed(0)
+    _, recomputed = run_ppo(tmp_path / "recomputed", **kw)
+    assert asked and all(asked)
+    assert any(m["kl"] > 1e-3 for m in recomputed)  # the policy moved: the KL being compared is not 0
+    for a, b in zip(reused, recomputed):
+        for key in ("reward", "kl", "kl_loss", "policy_loss", "ratio_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

@@ -269,6 +269,9 @@ def add_bench_args(p):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="compare sft|rm: prompts of about this many tokens (a multi-turn conversation) "
+                        "instead of 32-token questions; the answers fill the rest of --max-length")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gradient-checkpointing", action="store_true", help="sft, ppo: recompute activations in backward")
@@ -310,9 +313,10 @@ def _compare(args, kw):
         return r, _table([r])
     from .bench_peers import compare
 
-    r = compare(args.peer, args.stage, **kw)
+    r = compare(args.peer, args.stage, prompt_tokens=args.prompt_tokens, **kw)
     shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens" if r["stage"] == "grpo" else
-             f"batch {r['batch_size']} x {r['length']} tokens")
+             f"batch {r['batch_size']} x {r['length']} tokens"
+             + (f", prompts of ~{r['prompt_tokens']}" if r["prompt_tokens"] else ""))
     return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "
                f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
                f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "

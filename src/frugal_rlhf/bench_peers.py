@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 
 
-def equal_length_rows(tokenizer, n: int, length: int) -> list[dict]:
+def equal_length_rows(tokenizer, n: int, length: int, prompt_tokens: int = 0) -> list[dict]:
     """n (prompt, answer, worse answer) triples from ShareGPT whose chat-formatted text is
     `length` tokens or within a couple of tokens of it: the prompt is cut to 32 tokens, the
-    answers fill the rest."""
+    answers fill the rest. With `prompt_tokens`, the prompt is a conversation of about that
+    many tokens (the question, the start of its answer, a request to say it again) and the
+    answers fill the rest: the shape of multi-turn preference data such as HH-RLHF."""
     from .data.formats import load_dataset_file
 
     def cut(text, k):
@@ -64,6 +66,11 @@ def equal_length_rows(tokenizer, n: int, length: int) -> list[dict]:
         if k is None or len(tokenizer(msgs[k]["content"])["input_ids"]) < length:
             continue
         prompt = [{"role": "user", "content": cut(msgs[k - 1]["content"], 32)}]
+        if prompt_tokens:
+            again = [{"role": "user", "content": "Say that again in your own words."}]
+            context = cut(msgs[k]["content"], prompt_tokens - templated(prompt + [{"role": "assistant", "content": ""}]
+                                                                        + again, ""))
+            prompt += [{"role": "assistant", "content": context}] + again
         room = length - templated(prompt, "")
         answer = fit(prompt, msgs[k]["content"], room)
         worse = fit(prompt, " ".join(reversed(msgs[k]["content"].split())), room)  # same words, no sense
@@ -222,7 +229,7 @@ def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_r
 
 
 def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
-            dtype="auto", repeats=3, new_tokens=32, **_):
+            dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, **_):
     from .models.loading import load_model
 
     if stage not in ("sft", "rm", "grpo"):
@@ -230,7 +237,7 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
     if stage == "grpo" and batch_size % GROUP:
         raise SystemExit(f"bench compare grpo: --batch-size must be a multiple of {GROUP} (completions per prompt)")
     _, tok = load_model(model)
-    rows = equal_length_rows(tok, batch_size * steps, max_length - 8)
+    rows = equal_length_rows(tok, batch_size * steps, max_length - 8, prompt_tokens)
     medians = {"frugal": [], peer: []}
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = _write_rows(rows, Path(tmp))
@@ -246,7 +253,8 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
                 print(f"{tool} {stage} repeat {r + 1}: {medians[tool][-1]:.3f}/s", file=sys.stderr)
     unit = {"sft": "samples_per_s", "rm": "pairs_per_s", "grpo": "completions_per_s"}[stage]
     result = {"workload": "compare", "peer": peer, "stage": stage, "model": model, "batch_size": batch_size,
-              "length": max_length - 8, "lora_rank": lora_rank, "dtype": dtype, "threads": torch.get_num_threads(),
+              "length": max_length - 8, "prompt_tokens": prompt_tokens or None, "lora_rank": lora_rank,
+              "dtype": dtype, "threads": torch.get_num_threads(),
               "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP} if stage == "grpo" else {})}
     for tool, values in medians.items():
         result[tool] = {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -145,9 +145,9 @@ class PairCollator:
     The two share their prompt, which the reward model can then encode once per pair: each
     pair's common prefix is left-padded to one width `shared`, the rest right-padded after it
     (prompt-heavy pairs, e.g. a long conversation with two candidate last answers, cost nearly
-    half). When that layout would compute more columns than plain right padding (short, uneven
-    prompts before long answers), the batch is right-padded and `shared` is 0. `share=False`
-    always pads plainly (activation checkpointing runs whole rows anyway)."""
+    half). When that layout would not save a tenth of the columns of plain right padding (short
+    or uneven prompts before long answers), the batch is right-padded and `shared` is 0.
+    `share=False` always pads plainly (activation checkpointing runs whole rows anyway)."""
 
     pad_id: int
     share: bool = True
@@ -158,8 +158,9 @@ class PairCollator:
         common = [k for c, r in zip(seqs[::2], seqs[1::2])
                   for k in [min(_common_prefix(c, r), len(c) - 1, len(r) - 1)] * 2]
         shared, rest = max(common), max(len(s) - k for s, k in zip(seqs, common))
-        # columns computed: the prefix once per pair and the rest per row, against every row whole
-        if not self.share or min(common) < 1 or shared + 2 * rest >= 2 * max(len(s) for s in seqs):
+        # Columns computed: the prefix once per pair and the rest per row, against every row whole.
+        # The split forward (two passes, the prefix's keys and values repeated) must save a tenth.
+        if not self.share or min(common) < 1 or shared + 2 * rest > 0.9 * 2 * max(len(s) for s in seqs):
             shared, lead = 0, [0] * len(seqs)
         else:
             lead = [shared - k for k in common]

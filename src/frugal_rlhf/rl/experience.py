@@ -20,21 +20,22 @@ class Experience:
     sequences: torch.Tensor        # [B, P+N]
     attention_mask: torch.Tensor   # [B, P+N]
     action_mask: torch.Tensor      # [B, N]
-    logprobs: torch.Tensor         # [B, N] actor at rollout time
+    logprobs: torch.Tensor | None  # [B, N] actor at rollout time (None: the update's forward gives them)
     ref_logprobs: torch.Tensor     # [B, N]
     values: torch.Tensor           # [B, N]
     rewards: torch.Tensor          # [B, N] shaped: -kl_coef*kl, + score at the last token
     advantages: torch.Tensor       # [B, N]
     returns: torch.Tensor          # [B, N] = advantages + values (the value target)
     score: torch.Tensor            # [B] raw reward-model score
-    kl: torch.Tensor               # [B, N] per-token KL estimate to the reference
+    kl: torch.Tensor | None        # [B, N] per-token KL estimate to the reference (None with logprobs)
 
     @property
     def num_actions(self) -> int:
         return self.action_mask.shape[1]
 
     def select(self, index) -> "Experience":
-        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                             for f in fields(self)})
 
     def minibatches(self, size: int, generator: torch.Generator, group: int = 1):
         """The replay buffer of one rollout: shuffled mini-batches of `size` sequences. With
@@ -91,13 +92,16 @@ def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generat
 
 @torch.no_grad()
 def make_experience(actor, critic, reward_fn, reference, input_ids, attention_mask, settings: RolloutSettings,
-                    kl_coef: float, generator, strategy, moments: RunningMoments | None = None):
+                    kl_coef: float, generator, strategy, moments: RunningMoments | None = None,
+                    policy_logprobs: bool = True):
     """One rollout batch (this rank's share) -> Experience, plus timings {gen, score} in seconds.
 
     reward_fn(sequences, attention_mask, prompt_length) -> [B] scores. The strategy gives the
     autocast, and the statistics of all ranks' batches for advantage whitening and reward
     normalization (one process: this batch's). Each prompt is sampled `group_size` times, the
     copies adjacent. With no critic (GRPO) the values are 0 and advantages are group-relative.
+    `policy_logprobs=False` (GRPO updating once on this batch) skips the actor's forward: the
+    policy that sampled is the one the update starts from, whose forward gives the same numbers.
     """
     if settings.group_size > 1:
         input_ids = input_ids.repeat_interleave(settings.group_size, 0)
@@ -112,7 +116,7 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
     # output predicts the first response token).
     shared = (settings.group_size, out.prompt_length - 1)
     with autocast_factory():
-        logprobs, _ = actor(seq, attn, n, temperature=temp, shared_prefix=shared)
+        logprobs = actor(seq, attn, n, temperature=temp, shared_prefix=shared)[0].float() if policy_logprobs else None
         ref_logprobs, _ = reference(seq, attn, n, temperature=temp, shared_prefix=shared)
         values = critic(seq, attn, n, shared).float() if critic is not None else torch.zeros_like(mask)
         score = reward_fn(seq, attn, out.prompt_length).float()
@@ -120,17 +124,16 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
     if settings.normalize_reward and moments is not None:
         moments.update(strategy.all_gather(score))
         score = moments.normalize(score)
-    group = settings.advantage == "group"
-    rewards, kl = L.shape_rewards(score, logprobs.float(), ref_logprobs.float(), mask, 0.0 if group else kl_coef,
-                                  settings.kl_estimator, settings.reward_clip)
-    values = values * mask
-    if group:  # the clipped score of each completion against its group, at every response token
-        advantages = L.group_advantages(rewards.sum(1), settings.group_size)[:, None] * mask
-        returns = advantages
+    ref_logprobs, values = ref_logprobs.float(), values * mask
+    if settings.advantage == "group":  # the clipped score of each completion against its group, at every token
+        rewards = L.score_rewards(score, mask, settings.reward_clip)
+        advantages = returns = L.group_advantages(rewards.sum(1), settings.group_size)[:, None] * mask
+        kl = None if logprobs is None else L.token_kl(logprobs, ref_logprobs, mask, settings.kl_estimator)
     else:
+        rewards, kl = L.shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
+                                      settings.reward_clip)
         advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
         if settings.whiten_advantages:
             advantages = strategy.whiten(advantages, mask)
-    exp = Experience(seq, attn, mask, logprobs.float(), ref_logprobs.float(), values, rewards, advantages,
-                     returns, raw_score, kl)
+    exp = Experience(seq, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, raw_score, kl)
     return exp, {"time_gen": t1 - t0, "time_score": time.perf_counter() - t1}

@@ -85,22 +85,28 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
     raise ValueError(f"unknown KL estimator {estimator!r} (expected 'k1', 'k2' or 'k3')")
 
 
-def shape_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
-                  kl_coef: float, estimator: str = "k1", clip: float | None = None):
-    """Per-token rewards: -kl_coef * KL at every real token, plus the sequence score
-    (optionally clipped to [-clip, clip]) at the last real token of each row.
+def token_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k1") -> Tensor:
+    """kl_penalty at the real tokens, 0 elsewhere. [B, T]"""
+    return _keep(kl_penalty(logp, ref_logp, estimator), mask)
 
-    Rows with no real tokens receive nothing. Returns ``(rewards [B,T], kl [B,T])``.
-    """
-    kl = _keep(kl_penalty(logp, ref_logp, estimator), mask)
-    rewards = -kl_coef * kl
-    score = score.to(rewards.dtype)
+
+def score_rewards(score: Tensor, mask: Tensor, clip: float | None = None) -> Tensor:
+    """The sequence score (optionally clipped to [-clip, clip]) at the last real token of each
+    row, 0 elsewhere; rows with no real tokens receive nothing. [B, T]"""
     if clip is not None:
         score = score.clamp(-clip, clip)
     last = mask.long().sum(1) - 1  # [B]; -1 for an empty row, which matches no position
     is_last = torch.arange(mask.shape[1], device=mask.device)[None, :] == last[:, None]
-    rewards = rewards + torch.where(is_last, score[:, None], torch.zeros_like(rewards))
-    return rewards, kl
+    return torch.where(is_last, score[:, None], torch.zeros_like(mask, dtype=score.dtype))
+
+
+def shape_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                  kl_coef: float, estimator: str = "k1", clip: float | None = None):
+    """Per-token rewards: -kl_coef * KL at every real token, plus the score_rewards.
+    Returns ``(rewards [B,T], kl [B,T])``.
+    """
+    kl = token_kl(logp, ref_logp, mask, estimator)
+    return -kl_coef * kl + score_rewards(score.to(kl.dtype), mask, clip), kl
 
 
 # ------------------------------------------------------------------------------- GAE

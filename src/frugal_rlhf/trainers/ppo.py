@@ -168,7 +168,8 @@ class PPOTrainer(Trainer):
         with self.strategy.unsharded(self.actor):
             exp, timing = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
                                           batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
-                                          self.kl_ctl.value, self.gen.generator, self.strategy, self.moments)
+                                          self.kl_ctl.value, self.gen.generator, self.strategy, self.moments,
+                                          policy_logprobs=not self.one_update(batch["input_ids"].shape[0]))
         memory = {"mem_rollout_gb": reset_phase_peak(dev) / 2**30}  # generation and scoring
         t0 = time.perf_counter()
         stats = self.update(exp)
@@ -177,7 +178,8 @@ class PPOTrainer(Trainer):
         for sched in self.schedulers.values():
             sched.step()
         mask = exp.action_mask
-        local = {"kl": float((exp.kl * mask).sum(1).mean()), "response_length": float(mask.sum(1).mean()),
+        kl = float((exp.kl * mask).sum(1).mean()) if exp.kl is not None else stats.pop("kl", float("nan"))
+        local = {"kl": kl, "response_length": float(mask.sum(1).mean()),
                  "prompt_length": float(batch["attention_mask"].sum(1).float().mean()),
                  **timing, **stats}
         if self.critic is not None:
@@ -196,6 +198,12 @@ class PPOTrainer(Trainer):
         out.update({k: self.strategy.max_over_ranks(v) for k, v in memory.items()})
         self.warn(out)
         return out
+
+    def one_update(self, prompts: int) -> bool:
+        """GRPO taking one optimizer step on the whole rollout: the rollout's log-probs would be
+        those the update's own forward computes, so the experience skips them (as TRL does)."""
+        cfg = self.config
+        return self.critic is None and cfg.ppo_epochs == 1 and cfg.batch_size >= prompts * cfg.group_size
 
     def update(self, exp) -> dict:
         cfg, sums, count = self.config, {}, 0
@@ -216,14 +224,17 @@ class PPOTrainer(Trainer):
                 with self.strategy.autocast():
                     logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=temp,
                                                with_entropy=True, shared_prefix=shared)
-                    pg_loss, pg = L.policy_loss(logp.float(), mb.logprobs, mb.advantages, mb.action_mask,
-                                                cfg.clip_eps)
+                    old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
+                    pg_loss, pg = L.policy_loss(logp.float(), old, mb.advantages, mb.action_mask, cfg.clip_eps)
                     ent = L.masked_mean(entropy, mb.action_mask)
                     actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
                     if self.critic is None:  # GRPO: the KL to the reference is a loss term
                         kl_loss = L.masked_mean(L.kl_penalty(logp.float(), mb.ref_logprobs, "k3"), mb.action_mask)
                         actor_loss = actor_loss + self.kl_ctl.value * kl_loss
                         pg["kl_loss"] = float(kl_loss.detach())
+                        if mb.kl is None:  # the rollout's KL, for the log and an adaptive coefficient
+                            pg["kl"] = float(L.token_kl(old, mb.ref_logprobs, mb.action_mask,
+                                                        cfg.kl_estimator).sum(1).mean())
                 if self.any_rank_nonfinite(actor_loss):
                     self.skip_nan()
                     continue

@@ -21,7 +21,11 @@ log = logging.getLogger("frugal_rlhf")
 
 
 def encode_pair(tokenizer, row, max_length: int):
-    prompt_ids = encode_prompt(tokenizer, row["prompt"], max_length // 2)
+    """Both answers after the same prompt, cut on the left to the room the longer answer leaves
+    (a long conversation before short answers keeps its context); with answers longer than
+    half of max_length the prompt keeps half and encode_response cuts it further per answer."""
+    longest = max(len(tokenizer(row[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected"))
+    prompt_ids = encode_prompt(tokenizer, row["prompt"], max(max_length - longest, max_length // 2))
     return {"chosen": encode_response(tokenizer, prompt_ids, row["chosen"], max_length),
             "rejected": encode_response(tokenizer, prompt_ids, row["rejected"], max_length),
             "margin": row.get("margin")}
