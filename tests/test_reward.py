@@ -91,6 +91,13 @@ def test_pairs_use_the_ppo_format():
     prompt = encode_prompt(tok, row["prompt"], 64)
     assert enc["chosen"][:len(prompt)] == prompt == enc["rejected"][:len(prompt)]
     assert tok.decode(enc["chosen"][len(prompt):]) == "yes<|im_end|>"
+    # A long conversation before short answers keeps all the context the answers leave room for
+    # (not half of max_length), cut on the left the same way for both.
+    long = {**row, "prompt": [{"role": "user", "content": "x" * 200}]}
+    enc = encode_pair(tok, long, 64)
+    answer = len(tok("yes", add_special_tokens=False)["input_ids"]) + 1
+    assert len(enc["chosen"]) == 64 and enc["chosen"][:64 - answer] == enc["rejected"][:64 - answer]
+    assert enc["chosen"][:64 - answer] == encode_prompt(tok, long["prompt"], 64 - answer)
 
 
 def test_artifact_on_a_relative_base_path_loads_from_another_directory(tmp_path, monkeypatch):
