@@ -167,6 +167,20 @@ def test_choose_next_filters():
     assert set(choose_next(logits, SampleConfig(temperature=0.0), g).tolist()) == {0}
 
 
+def test_choose_next_samples_the_softmax():
+    """Frequencies of 40k draws match softmax(logits / T) (3 standard errors), and a token
+    with probability 0 (-inf logit, top-k) is never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), -3.0]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    drawn = choose_next(logits, SampleConfig(temperature=1.5), g)
+    freq = torch.bincount(drawn, minlength=6).double() / len(drawn)
+    probs = (logits[0].double() / 1.5).softmax(-1)
+    assert freq[4] == 0
+    assert torch.all((freq - probs).abs() <= 3 * (probs * (1 - probs) / len(drawn)).sqrt() + 1e-12), (freq, probs)
+    top3 = torch.bincount(choose_next(logits, SampleConfig(top_k=3), g), minlength=6)
+    assert top3[3:].sum() == 0 and torch.all(top3[:3] > 0)
+
+
 def test_restores_training_flag_and_outputs_are_trainable():
     model = _llama().train()
     ids, mask = _left_pad(PROMPTS)

@@ -53,8 +53,13 @@ def choose_next(logits_last: Tensor, config: SampleConfig, generator: torch.Gene
         drop = (probs.cumsum(dim=-1) - probs) >= config.top_p
         drop[:, 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling, one uniform per row: torch.multinomial draws an exponential for
+    # every vocabulary entry (9 ms a step for 8 x 49k on 2 CPU cores, 7% of a decode step).
+    # The float64 CDF keeps rare tokens' intervals exact; `right=True` never lands on a
+    # zero-probability token (its interval is empty), and u < 1 scaled by the total stays inside.
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def _positions(attention_mask: Tensor) -> Tensor:
