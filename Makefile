@@ -35,9 +35,15 @@ bench: install
 	$(PIP) install -q -e ".[peers]"
 	mkdir -p docs/bench
 	$(VENV)/bin/frugal bench all --json docs/bench/all.json
-	$(VENV)/bin/frugal bench capacity --stage ppo --memory 8GiB --json docs/bench/capacity-ppo.json
-	$(VENV)/bin/frugal bench compare --peer trl --stage sft --json docs/bench/compare-sft.json
-	$(VENV)/bin/frugal bench compare --peer trl --stage rm --json docs/bench/compare-rm.json
+	$(VENV)/bin/frugal bench capacity --stage ppo --memory 24GiB --json docs/bench/capacity-ppo.json
+	$(VENV)/bin/frugal bench compare --peer trl --stage sft --steps 4 --repeats 2 --json docs/bench/compare-sft.json
+	$(VENV)/bin/frugal bench compare --peer trl --stage rm --steps 4 --repeats 2 --json docs/bench/compare-rm.json
+	$(VENV)/bin/frugal bench compare --peer trl --stage rm --prompt-tokens 200 --steps 4 --repeats 2 \
+		--json docs/bench/compare-rm-context.json
+	$(VENV)/bin/frugal bench compare --peer trl --stage grpo --new-tokens 32 --steps 4 --repeats 3 \
+		--json docs/bench/compare-grpo.json
+	$(VENV)/bin/frugal bench compare --peer trl --stage generate --steps 4 --repeats 2 \
+		--json docs/bench/compare-generate.json
 	$(VENV)/bin/frugal bench serve --model default --new-tokens 48 --json docs/bench/serve.json
 	$(VENV)/bin/frugal bench strategies --stage sft --steps 4 --batch-size 2 --max-length 256 \
 		--json docs/bench/strategies-sft.json
