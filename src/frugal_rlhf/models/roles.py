@@ -154,8 +154,10 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False, share
     identical (GRPO's completions of one prompt). The body then runs those columns once per
     group, repeats their keys and values for the group, and runs only the rest of each row:
     the hidden states returned are those of the last T - p columns (exact, not an estimate).
-    A body in training mode with activation checkpointing gets no KV cache from transformers:
-    there every row runs whole (the same outputs, the plain cost)."""
+    Every row runs whole (the same outputs, the plain cost) where the split cannot work: a
+    body in training mode with activation checkpointing gets no KV cache from transformers,
+    and under FSDP (`fsdp_sharded`, set by the strategy) with gradients a block used twice
+    in one forward is resharded after its first backward, before its second one needs it."""
     hf = model.get_base_model() if hasattr(model, "peft_config") else model
     body = hf.base_model
     kwargs = {}
@@ -164,7 +166,8 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False, share
     elif _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     group, p = shared_prefix
-    if group > 1 and p > 0 and not packed and not (body.training and body.is_activation_checkpointing):
+    if (group > 1 and p > 0 and not packed and not (body.training and body.is_activation_checkpointing)
+            and not (torch.is_grad_enabled() and getattr(body, "fsdp_sharded", False))):
         first = {k: v[::group, :p] for k, v in kwargs.items()}
         cache = body(input_ids=input_ids[::group, :p], attention_mask=attention_mask[::group, :p], use_cache=True,
                      **first).past_key_values

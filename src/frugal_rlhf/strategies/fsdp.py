@@ -45,6 +45,7 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
 
 from .base import atomic_write, module_state_names
 from .ddp import ZeroStrategy
@@ -184,6 +185,9 @@ class FSDPStrategy(ZeroStrategy):
         for block in transformer_blocks(root):
             fully_shard(block, mesh=mesh, **kw)
         fully_shard(root, mesh=mesh, **kw)
+        for module in root.modules():  # the roles' shared-prefix forward must not split a sharded body
+            if isinstance(module, PreTrainedModel):
+                module.fsdp_sharded = True
         register_fsdp_forward_method(root, "run")
         register_fsdp_forward_method(root, "touch")
         for p in root.parameters():
