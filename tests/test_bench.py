@@ -13,10 +13,15 @@ def test_bench_generate_and_ppo_write_valid_json(tmp_path):
     assert r["ratio"] == r["frugal"]["tokens_per_s"]["median"] / r["hf_generate"]["tokens_per_s"]["median"]
     out = tmp_path / "ppo.json"
     assert main(["bench", "ppo", "--model", "tiny-llama", "--steps", "2", "--batch-size", "4", "--new-tokens", "8",
-                 "--json", str(out)]) == 0
+                 "--strategy", "naive", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["workload"] == "ppo" and r["samples_per_s"]["n"] == 1 and r["peak_mem_gb"] > 0
-    assert set(r) >= {"time_gen", "time_score", "time_update"}
+    assert set(r) >= {"time_gen", "time_score", "time_update"} and (r["strategy"], r["processes"]) == ("naive", 1)
+    # The reward-model bench's pairs share long prompts: its FLOPs count the tokens the forward ran.
+    out = tmp_path / "rm.json"
+    assert main(["bench", "rm", "--model", "tiny-llama", "--steps", "2", "--batch-size", "4", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["pairs_per_s"]["median"] > 0 and 0 < r["mfu"] <= 1
 
 
 def test_capacity_search_finds_the_largest_size_each_recipe_fits(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def _supervised_flops(trainer, m, head: bool) -> float:
 
 def _ppo_flops(trainer, m) -> float:
     shape, cfg, critic = F.shape_of(trainer.actor.lm.hf_model()), trainer.config, trainer.critic
-    return F.ppo_step_flops(shape, cfg.rollout_batch_size * cfg.group_size, m["prompt_length"],
+    samples = cfg.rollout_batch_size * cfg.group_size * trainer.strategy.world_size  # the batch is per process
+    return F.ppo_step_flops(shape, samples, m["prompt_length"],
                             m["response_length"], cfg.ppo_epochs, _lora(trainer.actor), _lora(critic) if critic else 0,
                             _lora(trainer.reward_model), full=not trainer.actor.adapter, critic=critic is not None)
 
@@ -93,39 +95,50 @@ def _ppo_flops(trainer, m) -> float:
 def _train_bench(name, cfg, build, rate_key, step_flops=None):
     """Run `build(strategy, cfg)`'s trainer; report throughput and, given `step_flops(trainer,
     metrics)`, model TFLOPS over the whole step time and MFU against the peak matmul rate
-    measured on the spot in the compute dtype."""
-    from .strategies import NaiveStrategy
+    measured on the spot in the compute dtype. The strategy is the config's: a distributed one
+    runs under torchrun, its rates and FLOPs are the whole job's, and MFU is against the peak
+    of all its processes."""
+    from .strategies import make_strategy
 
-    strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
+    strategy = make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage,
+                             offload=cfg.offload)
     strategy.setup_distributed()
-    trainer = build(strategy, cfg)
-    metrics = [m for m in trainer.fit() if m.get("step", 0) > 1]  # step 1 is warm-up
-    rates = [m[rate_key] for m in metrics if rate_key in m]
-    out = {"workload": name, "model": cfg.model, "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
-           "gradient_checkpointing": cfg.gradient_checkpointing,
-           rate_key: _stats(rates), "step_time_s": _stats([m["step_time"] for m in metrics]),
-           "peak_mem_gb": peak_memory_bytes(strategy.device) / 2**30}
-    if step_flops:
-        tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
-        peak = F.measure_peak_tflops(strategy.device, strategy.dtype)
-        out.update(tflops=_stats(tflops), peak_tflops=peak, mfu=statistics.median(tflops) / peak)
+    try:
+        trainer = build(strategy, cfg)
+        metrics = [m for m in trainer.fit() if m.get("step", 0) > 1]  # step 1 is warm-up
+        peak_mem = strategy.max_over_ranks(peak_memory_bytes(strategy.device))
+        if not strategy.is_rank0:  # the metrics are rank 0's (already reduced over the ranks)
+            return {}, []
+        rates = [m[rate_key] for m in metrics if rate_key in m]
+        out = {"workload": name, "model": cfg.model, "strategy": cfg.strategy, "processes": strategy.world_size,
+               "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
+               "gradient_checkpointing": cfg.gradient_checkpointing,
+               rate_key: _stats(rates), "step_time_s": _stats([m["step_time"] for m in metrics]),
+               "peak_mem_gb": peak_mem / 2**30}
+        if step_flops:
+            tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
+            peak = F.measure_peak_tflops(strategy.device, strategy.dtype) * strategy.world_size
+            out.update(tflops=_stats(tflops), peak_tflops=peak, mfu=statistics.median(tflops) / peak)
+    finally:
+        strategy.cleanup()
     return out, metrics
 
 
 def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto",
-              gradient_checkpointing=False, **_):
+              gradient_checkpointing=False, strategy="naive", **_):
     from .config import SFTConfig
     from .trainers.supervised import SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SFTConfig(model=model, data="sharegpt", max_rows=400, output=tmp, max_steps=steps, batch_size=batch_size,
                         max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0,
-                        dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+                        dtype=dtype, gradient_checkpointing=gradient_checkpointing, strategy=strategy)
         out, _ = _train_bench("sft", cfg, SFTTrainer, "tokens_per_s", lambda t, m: _supervised_flops(t, m, True))
     return out
 
 
-def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", **_):
+def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
+             **_):
     from .config import RewardConfig
     from .trainers.reward import RewardTrainer
 
@@ -133,10 +146,12 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
              "margin": None} for r in _prompts(batch_size * (steps + 1))]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RewardConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
-                           lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype)
+                           lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
+                           strategy=strategy)
         out, metrics = _train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
                                     lambda t, m: _supervised_flops(t, m, False))
-    out["pairs_per_s"] = _stats([batch_size / m["step_time"] for m in metrics])
+    if out:  # rank 0 (all ranks' pairs: a pair is two sequences)
+        out["pairs_per_s"] = _stats([m["sequences"] / 2 / m["step_time"] for m in metrics])
     return out
 
 
@@ -155,7 +170,7 @@ def fresh_reward_model(model, lora_rank, dtype, path):
 
 
 def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8, dtype="auto",
-              gradient_checkpointing=False, **_):
+              gradient_checkpointing=False, strategy="naive", **_):
     """PPO steps with a fresh reward model; lora_rank 0 = the plain recipe (four full models)."""
     from .config import PPOConfig
     from .trainers.ppo import PPOTrainer
@@ -167,8 +182,11 @@ def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8
         cfg = PPOConfig(model=model, reward_model=str(Path(tmp) / "rm"), prompts=str(prompts), output=f"{tmp}/ppo",
                         max_steps=steps, rollout_batch_size=batch_size, batch_size=batch_size,
                         max_new_tokens=new_tokens, lora_rank=lora_rank, save_every=0, eval_every=0, eval_prompts=0,
-                        dtype=dtype, max_prompt_length=128, gradient_checkpointing=gradient_checkpointing)
+                        dtype=dtype, max_prompt_length=128, gradient_checkpointing=gradient_checkpointing,
+                        strategy=strategy)
         out, metrics = _train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s", _ppo_flops)
+    if not out:  # not rank 0
+        return out
     for key in ("time_gen", "time_score", "time_update"):
         out[key] = _stats([m[key] for m in metrics])
     for key in ("mem_rollout_gb", "mem_update_gb"):  # each phase's own peak (resettable peak RSS)
@@ -275,6 +293,10 @@ def add_bench_args(p):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gradient-checkpointing", action="store_true", help="sft, ppo: recompute activations in backward")
+    p.add_argument("--strategy", default="naive", choices=["naive", "ddp", "fsdp", "deepspeed"],
+                   help="sft, rm, ppo: the training strategy (a distributed one under torchrun: `torchrun "
+                        "--nproc_per_node 2 -m frugal_rlhf.cli bench ppo --strategy fsdp`; `bench strategies` "
+                        "runs them all)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
     p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
@@ -295,7 +317,8 @@ def _row(r) -> str:
     if "pairs_per_s" in r:
         extra = f" | pairs/s {r['pairs_per_s']['median']:.2f}"
     compute = f"{r['tflops']['median']:.3f} ({100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f})" if "mfu" in r else "-"
-    return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')} | {rate}{extra} | {compute} | "
+    where = f", {r['strategy']} x{r['processes']}" if r.get("strategy", "naive") != "naive" else ""
+    return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')}{where} | {rate}{extra} | {compute} | "
             f"{r['peak_mem_gb']:.2f} GB |")
 
 
@@ -360,7 +383,7 @@ def _table(results) -> str:
 
 def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
-                                        "repeats", "dtype", "gradient_checkpointing")}
+                                        "repeats", "dtype", "gradient_checkpointing", "strategy")}
     if args.workload in OWN_TABLE:
         result, table = OWN_TABLE[args.workload](args, kw)
         print(table)
@@ -378,6 +401,8 @@ def cmd_bench(args):
             results.append(json.loads(out[out.index("{"):out.rindex("}") + 1]))
     else:
         results = [WORKLOADS[args.workload](**kw)]
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one table and one JSON
+        return
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(default_device())}
     table = _table(results)
     print(table, file=sys.stderr if args.json == "/dev/stdout" else sys.stdout)
