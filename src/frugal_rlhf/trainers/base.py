@@ -62,6 +62,11 @@ def _restore_rng(state: dict):
     set_rng_state(state)
 
 
+
+def batch_to(batch: dict, device) -> dict:
+    """A collated batch on `device` (its non-tensor fields as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
 class Trainer:
     stage = "train"
     evaluate_at_start = False  # log a step-0 evaluation (the baseline before any update)
@@ -89,8 +94,7 @@ class Trainer:
                 role.lm.hf_model().gradient_checkpointing_enable({"use_reentrant": False})
 
     def to_device(self, batch: dict) -> dict:
-        """A collated batch on the strategy's device (its non-tensor fields as they are)."""
-        return {k: v.to(self.strategy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch_to(batch, self.strategy.device)
 
     # ---- to implement -------------------------------------------------------------------
     def train_step(self, step: int) -> dict:

@@ -15,6 +15,7 @@ from ..data.tokenize import PairCollator, encode_prompt, encode_response
 from ..models.reward_io import save_reward_model
 from ..models.roles import RewardModel
 from ..rl.losses import pairwise_loss
+from .base import batch_to
 from .supervised import LazyEncoded, SupervisedTrainer
 
 log = logging.getLogger("frugal_rlhf")
@@ -84,7 +85,7 @@ def evaluate_reward_model(rm: RewardModel, rows, max_length: int = 512, batch_si
     rm.eval()
     for i in range(0, len(rows), batch_size):
         batch = collate([encode_pair(tok, r, max_length) for r in rows[i:i + batch_size]])
-        scores = pair_scores(rm, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        scores = pair_scores(rm, batch_to(batch, device))
         correct += float((scores[0::2] > scores[1::2]).sum())
         margin_sum += float((scores[0::2] - scores[1::2]).sum())
     return {"accuracy": correct / max(1, len(rows)), "mean_margin": margin_sum / max(1, len(rows)),

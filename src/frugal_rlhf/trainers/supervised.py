@@ -99,12 +99,13 @@ class SupervisedTrainer(Trainer):
         grad_norm = self.strategy.optimizer_step(self.optim, self.config.max_grad_norm, self.model)
         self.scheduler.step()
         elapsed = time.perf_counter() - t0
+        tokens = self.strategy.all_reduce_sum(tokens)
         out = {"loss": self.strategy.all_reduce_sum(loss_total) / total_weight, "grad_norm": grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
-               "tokens": self.strategy.all_reduce_sum(tokens), "encoded_tokens": self.strategy.all_reduce_sum(encoded),
+               "tokens": tokens, "encoded_tokens": self.strategy.all_reduce_sum(encoded),
                "sequences": self.strategy.all_reduce_sum(
                    sum(int(b["attention_mask"].amax(-1).sum()) for b in batches)),  # packed rows count each
-               "tokens_per_s": self.strategy.all_reduce_sum(tokens) / elapsed}
+               "tokens_per_s": tokens / elapsed}
         out.update({k: self.strategy.all_reduce_sum(v) / total_weight for k, v in stats.items()})
         return out
 
