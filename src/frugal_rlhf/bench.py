@@ -77,7 +77,7 @@ def _lora(role) -> int:
 def _supervised_flops(trainer, m, head: bool) -> float:
     """FLOPs of one SFT (head=True) or reward-model (head=False: scalar head) step: of the
     tokens the forward ran (a prompt shared by a pair counts once)."""
-    role = trainer.model
+    role = trainer.strategy.unwrap(trainer.model)  # DDP wraps the role
     seq_len = m["encoded_tokens"] / m["sequences"]
     return F.train_flops(F.shape_of(role.lm.hf_model()), m["sequences"], seq_len, seq_len if head else 0,
                          _lora(role), full=not role.adapter)

@@ -38,19 +38,24 @@ def _is_matmul(module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _numel(t) -> int:
+    # DeepSpeed ZeRO-3 leaves each rank an empty placeholder and records the full size.
+    return getattr(t, "ds_numel", None) or t.numel()
+
+
 def shape_of(model) -> Shape:
     """Shape of a Hugging Face causal LM, LoRA adapters excluded (see `lora_params`)."""
     head = model.get_output_embeddings()
-    body = sum(m.weight.numel() for name, m in model.named_modules()
+    body = sum(_numel(m.weight) for name, m in model.named_modules()
                if _is_matmul(m) and m is not head and "lora_" not in name)
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return Shape(body, head.weight.numel(), cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+    return Shape(body, _numel(head.weight), cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
 
 
 def lora_params(model, adapter: str) -> int:
     """Per-token matmul weights of one LoRA adapter (its A and B matrices)."""
-    return sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False)
+    return sum(_numel(p) for name, p in model.named_parameters(remove_duplicate=False)
                if (f"lora_A.{adapter}." in name or f"lora_B.{adapter}." in name))
 
 
