@@ -1,6 +1,6 @@
 import json
 
-from frugal_rlhf import bench
+from frugal_rlhf.bench import workloads
 from frugal_rlhf.cli import main
 
 
@@ -25,7 +25,7 @@ def test_bench_generate_and_ppo_write_valid_json(tmp_path):
 
 
 def test_capacity_search_finds_the_largest_size_each_recipe_fits(monkeypatch):
-    sizes = bench.dummy_sizes()
+    sizes = workloads.dummy_sizes()
     llama = [n for n in sizes if not n.startswith("gpt2")]
     assert llama[:2] == ["s", "m"] and llama[-1] == "7b"
     tried = []
@@ -35,13 +35,13 @@ def test_capacity_search_finds_the_largest_size_each_recipe_fits(monkeypatch):
         limit = 500e6 if over["lora_rank"] == 0 else 4e9
         return sizes[model] <= limit, 1.0
 
-    monkeypatch.setattr(bench, "_fits", fake_fits)
-    r = bench.bench_capacity("ppo", "8GiB")
+    monkeypatch.setattr(workloads, "_fits", fake_fits)
+    r = workloads.bench_capacity("ppo", "8GiB")
     assert r["plain"]["model"] == max((n for n in llama if sizes[n] <= 500e6), key=sizes.get)
     assert r["frugal"]["model"] == "3b"
     assert r["ratio"] == sizes["3b"] / sizes[r["plain"]["model"]]
     assert len(tried) <= 2 * 3  # binary search: log2(7) probes per recipe
-    assert bench.parse_memory("24GiB") == 24 * 2**30 and bench.parse_memory("1.5GB") == 1_500_000_000
+    assert workloads.parse_memory("24GiB") == 24 * 2**30 and workloads.parse_memory("1.5GB") == 1_500_000_000
 
 
 def test_bench_serve_answers_every_request_and_compares_with_generate(tmp_path):
@@ -68,7 +68,7 @@ def test_bench_strategies_runs_the_command_under_each_strategy(tmp_path, rows):
     """`frugal bench strategies`: one process against 2 under DDP on the same global batch; the
     per-rank peak and step times come from the runs' own metrics; a refused configuration is
     reported with its reason instead of a number."""
-    from frugal_rlhf.bench_strategies import bench_strategies, format_table
+    from frugal_rlhf.bench.strategies import bench_strategies, format_table
 
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from frugal_rlhf import flops as F
+from frugal_rlhf.bench import flops
 from frugal_rlhf.cli import main
 from frugal_rlhf.models.loading import DUMMY_SIZES, load_model
 
@@ -35,43 +35,43 @@ def test_shape_matches_hand_count():
     # hidden 128, 4 layers, 4 heads of 32 (q, o: 128x128), 2 kv heads (k, v: 128x64), MLP 3 x 128x384.
     per_layer = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384
     vocab = model.config.vocab_size
-    assert F.shape_of(model) == F.Shape(body=4 * per_layer, head=128 * vocab, layers=4, attn_width=128)
-    shape = F.shape_of(model)
+    assert flops.shape_of(model) == flops.Shape(body=4 * per_layer, head=128 * vocab, layers=4, attn_width=128)
+    shape = flops.shape_of(model)
     # Forward of B x S: 2 FLOPs per weight per token, attention 2*2*width per (query, key) pair per layer.
     hand = 2 * (4 * per_layer + 128 * vocab) * B * S + 4 * 4 * 128 * B * S * (S + 1) / 2
-    assert F.forward_flops(shape, B, S, S) == hand
+    assert flops.forward_flops(shape, B, S, S) == hand
 
 
 def test_forward_and_full_training_match_torch_flop_counter():
     model = tiny()
-    shape = F.shape_of(model)
+    shape = flops.shape_of(model)
     with torch.no_grad():
-        assert counted(model, False) == F.forward_flops(shape, B, S, S, causal=False)
-    assert counted(model, True) == F.train_flops(shape, B, S, S, full=True, causal=False)
+        assert counted(model, False) == flops.forward_flops(shape, B, S, S, causal=False)
+    assert counted(model, True) == flops.train_flops(shape, B, S, S, full=True, causal=False)
 
 
 def test_lora_training_matches_counter_up_to_the_documented_first_layer_overcount():
     model = tiny()
-    shape = F.shape_of(model)
+    shape = flops.shape_of(model)
     model.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=R, target_modules="all-linear"), adapter_name="actor")
-    lora = F.lora_params(model, "actor")
+    lora = flops.lora_params(model, "actor")
     assert lora == 4 * R * (2 * (128 + 128) + 2 * (128 + 64) + 2 * (128 + 384) + (384 + 128))
     # Layer 0's q/k/v read the frozen embeddings: no input gradient for their base or lora_A.
     overcount = 2 * B * S * (128 * 128 + 2 * 128 * 64) + 2 * B * S * 3 * 128 * R
-    assert counted(model, True) == F.train_flops(shape, B, S, S, lora=lora, causal=False) - overcount
+    assert counted(model, True) == flops.train_flops(shape, B, S, S, lora=lora, causal=False) - overcount
 
 
 def test_ppo_step_is_the_sum_of_its_passes():
-    shape = F.Shape(body=1000, head=300, layers=2, attn_width=8)
+    shape = flops.Shape(body=1000, head=300, layers=2, attn_width=8)
     p, r = 10, 6
-    fwd = lambda n, head, lora=0: F.forward_flops(shape, 4, n, head, lora)  # noqa: E731
+    fwd = lambda n, head, lora=0: flops.forward_flops(shape, 4, n, head, lora)  # noqa: E731
     expected = (fwd(p + r - 1, r, 7) + fwd(p + r, r, 7) + fwd(p + r, r) + fwd(p + r, 0, 5) + fwd(p + r, 0, 3)
-                + 2 * (F.train_flops(shape, 4, p + r, r, 7) + F.train_flops(shape, 4, p + r, 0, 5)))
-    assert F.ppo_step_flops(shape, 4, p, r, 2, 7, 5, 3) == expected
+                + 2 * (flops.train_flops(shape, 4, p + r, r, 7) + flops.train_flops(shape, 4, p + r, 0, 5)))
+    assert flops.ppo_step_flops(shape, 4, p, r, 2, 7, 5, 3) == expected
     # GRPO: no critic forward (fwd(p + r, 0, 5)) and no critic training
-    grpo = fwd(p + r - 1, r, 7) + fwd(p + r, r, 7) + fwd(p + r, r) + fwd(p + r, 0, 3) + 2 * F.train_flops(shape, 4, p + r, r, 7)
-    assert F.ppo_step_flops(shape, 4, p, r, 2, 7, 0, 3, critic=False) == grpo
+    grpo = fwd(p + r - 1, r, 7) + fwd(p + r, r, 7) + fwd(p + r, r) + fwd(p + r, 0, 3) + 2 * flops.train_flops(shape, 4, p + r, r, 7)
+    assert flops.ppo_step_flops(shape, 4, p, r, 2, 7, 0, 3, critic=False) == grpo
 
 
 def test_dummy_sizes_build_with_their_parameter_counts():

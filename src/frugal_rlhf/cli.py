@@ -242,13 +242,13 @@ def _chat(args):
 
 
 def _bench(args):
-    from .bench import cmd_bench
+    from .bench.command import cmd_bench
 
     cmd_bench(args)
 
 
 def _bench_args(p):
-    from .bench import add_bench_args
+    from .bench.command import add_bench_args
 
     add_bench_args(p)
 

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+from .common import fresh_reward_model, stats
+from .workloads import train_bench
+
 
 def equal_length_rows(tokenizer, n: int, length: int, prompt_tokens: int = 0) -> list[dict]:
     """n (prompt, answer, worse answer) triples from ShareGPT whose chat-formatted text is
@@ -36,7 +39,7 @@ def equal_length_rows(tokenizer, n: int, length: int, prompt_tokens: int = 0) ->
     answers fill the rest. With `prompt_tokens`, the prompt is a conversation of about that
     many tokens (the question, the start of its answer, a request to say it again) and the
     answers fill the rest: the shape of multi-turn preference data such as HH-RLHF."""
-    from .data.formats import load_dataset_file
+    from ..data.formats import load_dataset_file
 
     def cut(text, k):
         return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:k])
@@ -91,8 +94,6 @@ KL_WEIGHT = 0.04  # GRPO's KL loss weight, > 0 on both sides so both compute ref
 
 
 def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens) -> list[float]:
-    from .bench import _train_bench
-
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "grpo":
@@ -100,19 +101,19 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
         common = dict(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                       lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype)
         if stage == "sft":
-            from .config import SFTConfig
-            from .trainers.supervised import SFTTrainer
+            from ..config import SFTConfig
+            from ..trainers.supervised import SFTTrainer
 
             sft = Path(tmp) / "sft.jsonl"
             sft.write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
                                    + "\n" for r in rows))
-            _, metrics = _train_bench("sft", SFTConfig(data=str(sft), **common), SFTTrainer, "tokens_per_s")
+            _, metrics = train_bench("sft", SFTConfig(data=str(sft), **common), SFTTrainer, "tokens_per_s")
         else:
-            from .config import RewardConfig
-            from .trainers.reward import RewardTrainer
+            from ..config import RewardConfig
+            from ..trainers.reward import RewardTrainer
 
             pairs = [{**r, "margin": None} for r in rows]
-            _, metrics = _train_bench("rm", RewardConfig(**common), lambda s, c: RewardTrainer(s, c, rows=pairs),
+            _, metrics = train_bench("rm", RewardConfig(**common), lambda s, c: RewardTrainer(s, c, rows=pairs),
                                       "tokens_per_s")
     # Samples (SFT) or pairs (RM: two sequences each) per second of step, loading excluded.
     per_item = 1 if stage == "sft" else 2
@@ -120,9 +121,8 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
 
 
 def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path) -> list[float]:
-    from .bench import _train_bench, fresh_reward_model
-    from .config import PPOConfig
-    from .trainers.ppo import PPOTrainer
+    from ..config import PPOConfig
+    from ..trainers.ppo import PPOTrainer
 
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
@@ -138,7 +138,7 @@ def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, t
         trainer.settings.sample = dataclasses.replace(trainer.settings.sample, eos_token_ids=())
         return trainer
 
-    _, metrics = _train_bench("grpo", cfg, build, "samples_per_s")
+    _, metrics = train_bench("grpo", cfg, build, "samples_per_s")
     for m in metrics:
         assert m["response_length"] == new_tokens, m["response_length"]
     return [batch_size / m["step_time"] for m in metrics]
@@ -149,8 +149,8 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-    from .device import compute_dtype
-    from .models.loading import load_model, resolve_spec
+    from ..device import compute_dtype
+    from ..models.loading import load_model, resolve_spec
 
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
     dt = compute_dtype(override=dtype)
@@ -230,7 +230,7 @@ def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_r
 
 def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
             dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, **_):
-    from .models.loading import load_model
+    from ..models.loading import load_model
 
     if stage not in ("sft", "rm", "grpo"):
         raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm, grpo); see docs/benchmarks.md")
@@ -243,7 +243,7 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
         rows_file = _write_rows(rows, Path(tmp))
         for r in range(repeats):
             for tool in medians:  # alternate the tools so drift in the machine hits both
-                code = (f"from frugal_rlhf.bench_peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
+                code = (f"from frugal_rlhf.bench.peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
                         f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r}, {new_tokens})")
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -257,6 +257,6 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
               "dtype": dtype, "threads": torch.get_num_threads(),
               "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP} if stage == "grpo" else {})}
     for tool, values in medians.items():
-        result[tool] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        result[tool] = stats(values)
     result["ratio"] = result["frugal"]["median"] / result[peer]["median"]
     return result

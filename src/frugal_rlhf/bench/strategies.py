@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .common import fresh_reward_model, stats
+
 CONFIGS = [  # (name, strategy flags); naive is one process
     ("naive", ["--strategy", "naive"]),
     ("ddp", ["--strategy", "ddp"]),
@@ -62,9 +64,7 @@ def run_config(stage, flags, batch_flags, batch_size, nproc, name, strategy_flag
         return {"error": (errors or proc.stderr.splitlines() or [f"exit {proc.returncode}"])[-1].strip()}
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step_time" in m]
     measured = steps[1:] or steps
-    times = [m["step_time"] for m in measured]
-    out = {"processes": procs, "step_time": {"median": statistics.median(times), "min": min(times),
-                                             "max": max(times), "n": len(times)},
+    out = {"processes": procs, "step_time": stats(m["step_time"] for m in measured),
            "peak_mem_gb_per_rank": max(m["peak_mem_gb"] for m in steps), "global_batch": batch_size * nproc}
     for key in ("time_gen", "time_score", "time_update"):  # PPO's phases
         if key in measured[0]:
@@ -81,8 +81,6 @@ def bench_strategies(stage="sft", model="default", data=None, reward_model=None,
     results = {}
     with tempfile.TemporaryDirectory() as work:
         if stage == "ppo" and not reward_model:
-            from .bench import fresh_reward_model
-
             reward_model = fresh_reward_model(model, lora_rank, "auto", Path(work) / "rm")
         flags, batch_flags = stage_flags(stage, model, data, reward_model, max_length, new_tokens, lora_rank, steps)
         for name, strategy_flags in CONFIGS:

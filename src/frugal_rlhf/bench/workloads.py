@@ -1,4 +1,5 @@
-"""`frugal bench`: throughput and peak memory of each stage, printed as a table and written as JSON.
+"""The workloads of `frugal bench`: throughput, FLOPs and peak memory of each stage, and the
+capacity probe (the largest model each recipe fits in a memory budget).
 
 Each workload runs in its own process (`frugal bench all` spawns them) so peak RSS belongs to
 that workload alone. Times exclude a warm-up step; medians with min/max over the measured
@@ -7,7 +8,6 @@ meaningless under contention (on 2 cores, two torch processes slow each other ~2
 """
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 import subprocess
@@ -18,17 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import flops as F
-from .device import compute_dtype, default_device, peak_memory_bytes
-
-
-def _stats(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+from ..device import compute_dtype, default_device, peak_memory_bytes
+from . import flops
+from .common import fresh_reward_model, stats
 
 
 def _prompts(n):
     try:
-        from .data.formats import load_dataset_file
+        from ..data.formats import load_dataset_file
 
         rows = load_dataset_file("sharegpt", "prompt", limit=n * 3)
         return [r for r in rows if len(r["prompt"][-1]["content"]) < 300][:n]
@@ -38,9 +35,9 @@ def _prompts(n):
 
 def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtype="auto", **_):
     """Our KV-cached sampler vs Hugging Face generate: same model, dtype, batch and settings."""
-    from .data.tokenize import PromptCollator, encode_prompt
-    from .generation import SampleConfig, sample
-    from .models.loading import load_model
+    from ..data.tokenize import PromptCollator, encode_prompt
+    from ..generation import SampleConfig, sample
+    from ..models.loading import load_model
 
     device = default_device()
     dt = compute_dtype(device, dtype)
@@ -64,14 +61,14 @@ def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtyp
                                 min_new_tokens=new_tokens, top_k=0, pad_token_id=tok.pad_token_id)
             if r:  # the first run is warm-up
                 times.append(batch_size * new_tokens / (time.perf_counter() - t0))
-        results[name] = {"tokens_per_s": _stats(times)}
+        results[name] = {"tokens_per_s": stats(times)}
     results["ratio"] = results["frugal"]["tokens_per_s"]["median"] / results["hf_generate"]["tokens_per_s"]["median"]
     return {"workload": "generate", "model": model, "dtype": str(dt), "batch_size": batch_size,
             "new_tokens": new_tokens, **results, "peak_mem_gb": peak_memory_bytes(device) / 2**30}
 
 
 def _lora(role) -> int:
-    return F.lora_params(role.lm.hf_model(), role.adapter) if role.adapter else 0
+    return flops.lora_params(role.lm.hf_model(), role.adapter) if role.adapter else 0
 
 
 def _supervised_flops(trainer, m, head: bool) -> float:
@@ -79,25 +76,25 @@ def _supervised_flops(trainer, m, head: bool) -> float:
     tokens the forward ran (a prompt shared by a pair counts once)."""
     role = trainer.strategy.unwrap(trainer.model)  # DDP wraps the role
     seq_len = m["encoded_tokens"] / m["sequences"]
-    return F.train_flops(F.shape_of(role.lm.hf_model()), m["sequences"], seq_len, seq_len if head else 0,
+    return flops.train_flops(flops.shape_of(role.lm.hf_model()), m["sequences"], seq_len, seq_len if head else 0,
                          _lora(role), full=not role.adapter)
 
 
 def _ppo_flops(trainer, m) -> float:
-    shape, cfg, critic = F.shape_of(trainer.actor.lm.hf_model()), trainer.config, trainer.critic
+    shape, cfg, critic = flops.shape_of(trainer.actor.lm.hf_model()), trainer.config, trainer.critic
     samples = cfg.rollout_batch_size * cfg.group_size * trainer.strategy.world_size  # the batch is per process
-    return F.ppo_step_flops(shape, samples, m["prompt_length"],
+    return flops.ppo_step_flops(shape, samples, m["prompt_length"],
                             m["response_length"], cfg.ppo_epochs, _lora(trainer.actor), _lora(critic) if critic else 0,
                             _lora(trainer.reward_model), full=not trainer.actor.adapter, critic=critic is not None)
 
 
-def _train_bench(name, cfg, build, rate_key, step_flops=None):
+def train_bench(name, cfg, build, rate_key, step_flops=None):
     """Run `build(strategy, cfg)`'s trainer; report throughput and, given `step_flops(trainer,
     metrics)`, model TFLOPS over the whole step time and MFU against the peak matmul rate
     measured on the spot in the compute dtype. The strategy is the config's: a distributed one
     runs under torchrun, its rates and FLOPs are the whole job's, and MFU is against the peak
     of all its processes."""
-    from .strategies import make_strategy
+    from ..strategies import make_strategy
 
     strategy = make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage,
                              offload=cfg.offload)
@@ -112,12 +109,12 @@ def _train_bench(name, cfg, build, rate_key, step_flops=None):
         out = {"workload": name, "model": cfg.model, "strategy": cfg.strategy, "processes": strategy.world_size,
                "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
                "gradient_checkpointing": cfg.gradient_checkpointing,
-               rate_key: _stats(rates), "step_time_s": _stats([m["step_time"] for m in metrics]),
+               rate_key: stats(rates), "step_time_s": stats([m["step_time"] for m in metrics]),
                "peak_mem_gb": peak_mem / 2**30}
         if step_flops:
             tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
-            peak = F.measure_peak_tflops(strategy.device, strategy.dtype) * strategy.world_size
-            out.update(tflops=_stats(tflops), peak_tflops=peak, mfu=statistics.median(tflops) / peak)
+            peak = flops.measure_peak_tflops(strategy.device, strategy.dtype) * strategy.world_size
+            out.update(tflops=stats(tflops), peak_tflops=peak, mfu=statistics.median(tflops) / peak)
     finally:
         strategy.cleanup()
     return out, metrics
@@ -125,21 +122,21 @@ def _train_bench(name, cfg, build, rate_key, step_flops=None):
 
 def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto",
               gradient_checkpointing=False, strategy="naive", **_):
-    from .config import SFTConfig
-    from .trainers.supervised import SFTTrainer
+    from ..config import SFTConfig
+    from ..trainers.supervised import SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SFTConfig(model=model, data="sharegpt", max_rows=400, output=tmp, max_steps=steps, batch_size=batch_size,
                         max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0,
                         dtype=dtype, gradient_checkpointing=gradient_checkpointing, strategy=strategy)
-        out, _ = _train_bench("sft", cfg, SFTTrainer, "tokens_per_s", lambda t, m: _supervised_flops(t, m, True))
+        out, _ = train_bench("sft", cfg, SFTTrainer, "tokens_per_s", lambda t, m: _supervised_flops(t, m, True))
     return out
 
 
 def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
              **_):
-    from .config import RewardConfig
-    from .trainers.reward import RewardTrainer
+    from ..config import RewardConfig
+    from ..trainers.reward import RewardTrainer
 
     rows = [{"prompt": r["prompt"], "chosen": r.get("reference") or "Sure.", "rejected": "I don't know.",
              "margin": None} for r in _prompts(batch_size * (steps + 1))]
@@ -147,32 +144,18 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
         cfg = RewardConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                            lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
                            strategy=strategy)
-        out, metrics = _train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
+        out, metrics = train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
                                     lambda t, m: _supervised_flops(t, m, False))
     if out:  # rank 0 (all ranks' pairs: a pair is two sequences)
-        out["pairs_per_s"] = _stats([m["sequences"] / 2 / m["step_time"] for m in metrics])
+        out["pairs_per_s"] = stats([m["sequences"] / 2 / m["step_time"] for m in metrics])
     return out
-
-
-def fresh_reward_model(model, lora_rank, dtype, path):
-    """An untrained reward model on `model` (what PPO's cost depends on is its size, not its scores).
-    Only the adapter and head are written: the standalone merged copy would double the peak
-    memory of a capacity probe before PPO even starts."""
-    from .models.reward_io import save_reward_model
-    from .models.roles import RewardModel
-
-    rm = RewardModel(model, lora_rank=lora_rank, dtype=dtype)
-    save_reward_model(rm, rm.tokenizer, path, base=model, standalone=False)
-    del rm
-    gc.collect()  # peft modules hold reference cycles: free this copy of the base before PPO loads its own
-    return str(path)
 
 
 def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8, dtype="auto",
               gradient_checkpointing=False, strategy="naive", **_):
     """PPO steps with a fresh reward model; lora_rank 0 = the plain recipe (four full models)."""
-    from .config import PPOConfig
-    from .trainers.ppo import PPOTrainer
+    from ..config import PPOConfig
+    from ..trainers.ppo import PPOTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         fresh_reward_model(model, lora_rank or 8, dtype, Path(tmp) / "rm")
@@ -183,11 +166,11 @@ def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8
                         max_new_tokens=new_tokens, lora_rank=lora_rank, save_every=0, eval_every=0, eval_prompts=0,
                         dtype=dtype, max_prompt_length=128, gradient_checkpointing=gradient_checkpointing,
                         strategy=strategy)
-        out, metrics = _train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s", _ppo_flops)
+        out, metrics = train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s", _ppo_flops)
     if not out:  # not rank 0
         return out
     for key in ("time_gen", "time_score", "time_update"):
-        out[key] = _stats([m[key] for m in metrics])
+        out[key] = stats([m[key] for m in metrics])
     for key in ("mem_rollout_gb", "mem_update_gb"):  # each phase's own peak (resettable peak RSS)
         out[key] = max(m[key] for m in metrics)
     out["new_tokens"] = new_tokens
@@ -202,7 +185,7 @@ def dummy_sizes() -> dict[str, int]:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .models.loading import DUMMY_SIZES, dummy_config
+    from ..models.loading import DUMMY_SIZES, dummy_config
 
     counts = {}
     for name in DUMMY_SIZES:
@@ -269,142 +252,3 @@ def bench_capacity(stage="ppo", memory="24GiB", **_):
     plain, ours = results["plain"], results["frugal"]
     ratio = ours["params"] / plain["params"] if plain and ours else None
     return {"workload": "capacity", "stage": stage, "memory": memory, **results, "ratio": ratio}
-
-ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_rank": 0})]
-
-
-def add_bench_args(p):
-    p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
-    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "grpo", "generate"],
-                   help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
-                        "(sft, rm, grpo; generate: our sampler vs HF generate); strategies: sft or ppo")
-    p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
-    p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=0,
-                   help="compare sft|rm: prompts of about this many tokens (a multi-turn conversation) "
-                        "instead of 32-token questions; the answers fill the rest of --max-length")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="sft, ppo: recompute activations in backward")
-    p.add_argument("--strategy", default="naive", choices=["naive", "ddp", "fsdp", "deepspeed"],
-                   help="sft, rm, ppo: the training strategy (a distributed one under torchrun: `torchrun "
-                        "--nproc_per_node 2 -m frugal_rlhf.cli bench ppo --strategy fsdp`; `bench strategies` "
-                        "runs them all)")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
-    p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
-    p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
-
-
-def _row(r) -> str:
-    rate = next((f"{k} {r[k]['median']:.1f} [{r[k]['min']:.1f}-{r[k]['max']:.1f}]"
-                 for k in ("tokens_per_s", "samples_per_s") if k in r), "")
-    extra = ""
-    if r["workload"] == "generate":
-        rate = (f"frugal {r['frugal']['tokens_per_s']['median']:.1f} tok/s vs HF generate "
-                f"{r['hf_generate']['tokens_per_s']['median']:.1f} (x{r['ratio']:.2f})")
-    if r["workload"] == "ppo":
-        extra = (f" | gen {r['time_gen']['median']:.1f}s score {r['time_score']['median']:.1f}s "
-                 f"update {r['time_update']['median']:.1f}s; peak rollout {r['mem_rollout_gb']:.2f} GB, "
-                 f"update {r['mem_update_gb']:.2f} GB")
-    if "pairs_per_s" in r:
-        extra = f" | pairs/s {r['pairs_per_s']['median']:.2f}"
-    compute = f"{r['tflops']['median']:.3f} ({100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f})" if "mfu" in r else "-"
-    where = f", {r['strategy']} x{r['processes']}" if r.get("strategy", "naive") != "naive" else ""
-    return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')}{where} | {rate}{extra} | {compute} | "
-            f"{r['peak_mem_gb']:.2f} GB |")
-
-
-def _capacity_table(r) -> str:
-    rows = [f"| {name} | {v['model']} | {v['params'] / 1e6:.0f}M | {v['peak_mem_gb']:.2f} GiB |" if v else
-            f"| {name} | none fits | - | - |" for name, v in ((k, r[k]) for k in RECIPES)]
-    ratio = f"x{r['ratio']:.1f}" if r["ratio"] else "n/a"
-    return "\n".join([f"{r['stage']} within {r['memory']}: capacity ratio frugal/plain {ratio}",
-                      "| recipe | largest model | parameters | peak RSS |", "|---|---|---|---|", *rows])
-
-
-def _compare(args, kw):
-    if args.stage == "generate":  # our sampler vs HF generate, same run: the generate workload itself
-        r = bench_generate(**kw)
-        return r, _table([r])
-    from .bench_peers import compare
-
-    r = compare(args.peer, args.stage, prompt_tokens=args.prompt_tokens, **kw)
-    shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens" if r["stage"] == "grpo" else
-             f"batch {r['batch_size']} x {r['length']} tokens"
-             + (f", prompts of ~{r['prompt_tokens']}" if r["prompt_tokens"] else ""))
-    return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "
-               f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
-               f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
-               f"| x{r['ratio']:.2f} ({r['unit']}) |")
-
-
-def _serve(args, kw):
-    from .serve.bench import bench_serve, format_table
-
-    r = bench_serve(args.model, max_tokens=args.new_tokens, dtype=args.dtype)
-    return r, f"model {r['model']} ({r['dtype']}), {r['settings']}\n" + format_table(r)
-
-
-def _sizes(args, kw):
-    r = dummy_sizes()
-    return r, "\n".join(f"{k}: {v / 1e6:.0f}M parameters" for k, v in r.items())
-
-
-def _capacity(args, kw):
-    r = bench_capacity(args.stage, args.memory)
-    return r, _capacity_table(r)
-
-
-def _strategies(args, kw):
-    from .bench_strategies import bench_strategies, format_table
-
-    r = bench_strategies(args.stage, args.model, args.data, args.reward_model, args.nproc_per_node, args.steps,
-                         args.batch_size, args.max_length, args.new_tokens, args.lora_rank)
-    return r, format_table(r)
-
-
-# Workloads that print their own table (the others share `_table`).
-OWN_TABLE = {"compare": _compare, "serve": _serve, "sizes": _sizes, "capacity": _capacity,
-             "strategies": _strategies}
-
-
-def _table(results) -> str:
-    return "\n".join(["| workload | config | throughput | TFLOPS (MFU of measured peak) | peak memory |",
-                      "|---|---|---|---|---|", *map(_row, results)])
-
-
-def cmd_bench(args):
-    kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
-                                        "repeats", "dtype", "gradient_checkpointing", "strategy")}
-    if args.workload in OWN_TABLE:
-        result, table = OWN_TABLE[args.workload](args, kw)
-        print(table)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        return
-    if args.workload == "all":
-        results = []
-        for name, over in ALL:
-            cmd = [sys.executable, "-m", "frugal_rlhf.cli", "bench", name, "--json", "/dev/stdout"]
-            for k, v in {**kw, **over}.items():
-                flag = f"--{k.replace('_', '-')}"
-                cmd += ([flag] if v is True else []) if isinstance(v, bool) else [flag, str(v)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results.append(json.loads(out[out.index("{"):out.rindex("}") + 1]))
-    else:
-        results = [WORKLOADS[args.workload](**kw)]
-    if not all(results):  # a rank other than 0 under torchrun: rank 0 writes the one table and JSON
-        return
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(default_device())}
-    table = _table(results)
-    print(table, file=sys.stderr if args.json == "/dev/stdout" else sys.stdout)
-    if args.json:
-        payload = {"env": env, "results": results} if args.workload == "all" else results[0]
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,150 @@
+"""`frugal bench`: its arguments, the table each workload prints, and the JSON it writes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..device import default_device
+from .peers import compare
+from .strategies import bench_strategies, format_table as strategies_table
+from .workloads import RECIPES, WORKLOADS, bench_capacity, bench_generate, dummy_sizes
+
+
+ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_rank": 0})]
+
+
+def add_bench_args(p):
+    p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
+    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "grpo", "generate"],
+                   help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
+                        "(sft, rm, grpo; generate: our sampler vs HF generate); strategies: sft or ppo")
+    p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
+    p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="compare sft|rm: prompts of about this many tokens (a multi-turn conversation) "
+                        "instead of 32-token questions; the answers fill the rest of --max-length")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="sft, ppo: recompute activations in backward")
+    p.add_argument("--strategy", default="naive", choices=["naive", "ddp", "fsdp", "deepspeed"],
+                   help="sft, rm, ppo: the training strategy (a distributed one under torchrun: `torchrun "
+                        "--nproc_per_node 2 -m frugal_rlhf.cli bench ppo --strategy fsdp`; `bench strategies` "
+                        "runs them all)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
+    p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
+    p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
+
+
+def _row(r) -> str:
+    rate = next((f"{k} {r[k]['median']:.1f} [{r[k]['min']:.1f}-{r[k]['max']:.1f}]"
+                 for k in ("tokens_per_s", "samples_per_s") if k in r), "")
+    extra = ""
+    if r["workload"] == "generate":
+        rate = (f"frugal {r['frugal']['tokens_per_s']['median']:.1f} tok/s vs HF generate "
+                f"{r['hf_generate']['tokens_per_s']['median']:.1f} (x{r['ratio']:.2f})")
+    if r["workload"] == "ppo":
+        extra = (f" | gen {r['time_gen']['median']:.1f}s score {r['time_score']['median']:.1f}s "
+                 f"update {r['time_update']['median']:.1f}s; peak rollout {r['mem_rollout_gb']:.2f} GB, "
+                 f"update {r['mem_update_gb']:.2f} GB")
+    if "pairs_per_s" in r:
+        extra = f" | pairs/s {r['pairs_per_s']['median']:.2f}"
+    compute = f"{r['tflops']['median']:.3f} ({100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f})" if "mfu" in r else "-"
+    where = f", {r['strategy']} x{r['processes']}" if r.get("strategy", "naive") != "naive" else ""
+    return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')}{where} | {rate}{extra} | {compute} | "
+            f"{r['peak_mem_gb']:.2f} GB |")
+
+
+def _capacity_table(r) -> str:
+    rows = [f"| {name} | {v['model']} | {v['params'] / 1e6:.0f}M | {v['peak_mem_gb']:.2f} GiB |" if v else
+            f"| {name} | none fits | - | - |" for name, v in ((k, r[k]) for k in RECIPES)]
+    ratio = f"x{r['ratio']:.1f}" if r["ratio"] else "n/a"
+    return "\n".join([f"{r['stage']} within {r['memory']}: capacity ratio frugal/plain {ratio}",
+                      "| recipe | largest model | parameters | peak RSS |", "|---|---|---|---|", *rows])
+
+
+def _compare(args, kw):
+    if args.stage == "generate":  # our sampler vs HF generate, same run: the generate workload itself
+        r = bench_generate(**kw)
+        return r, _table([r])
+    r = compare(args.peer, args.stage, prompt_tokens=args.prompt_tokens, **kw)
+    shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens" if r["stage"] == "grpo" else
+             f"batch {r['batch_size']} x {r['length']} tokens"
+             + (f", prompts of ~{r['prompt_tokens']}" if r["prompt_tokens"] else ""))
+    return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "
+               f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
+               f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
+               f"| x{r['ratio']:.2f} ({r['unit']}) |")
+
+
+def _serve(args, kw):
+    from ..serve.bench import bench_serve, format_table
+
+    r = bench_serve(args.model, max_tokens=args.new_tokens, dtype=args.dtype)
+    return r, f"model {r['model']} ({r['dtype']}), {r['settings']}\n" + format_table(r)
+
+
+def _sizes(args, kw):
+    r = dummy_sizes()
+    return r, "\n".join(f"{k}: {v / 1e6:.0f}M parameters" for k, v in r.items())
+
+
+def _capacity(args, kw):
+    r = bench_capacity(args.stage, args.memory)
+    return r, _capacity_table(r)
+
+
+def _strategies(args, kw):
+    r = bench_strategies(args.stage, args.model, args.data, args.reward_model, args.nproc_per_node, args.steps,
+                         args.batch_size, args.max_length, args.new_tokens, args.lora_rank)
+    return r, strategies_table(r)
+
+
+# Workloads that print their own table (the others share `_table`).
+OWN_TABLE = {"compare": _compare, "serve": _serve, "sizes": _sizes, "capacity": _capacity,
+             "strategies": _strategies}
+
+
+def _table(results) -> str:
+    return "\n".join(["| workload | config | throughput | TFLOPS (MFU of measured peak) | peak memory |",
+                      "|---|---|---|---|---|", *map(_row, results)])
+
+
+def cmd_bench(args):
+    kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
+                                        "repeats", "dtype", "gradient_checkpointing", "strategy")}
+    if args.workload in OWN_TABLE:
+        result, table = OWN_TABLE[args.workload](args, kw)
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
+    if args.workload == "all":
+        results = []
+        for name, over in ALL:
+            cmd = [sys.executable, "-m", "frugal_rlhf.cli", "bench", name, "--json", "/dev/stdout"]
+            for k, v in {**kw, **over}.items():
+                flag = f"--{k.replace('_', '-')}"
+                cmd += ([flag] if v is True else []) if isinstance(v, bool) else [flag, str(v)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results.append(json.loads(out[out.index("{"):out.rindex("}") + 1]))
+    else:
+        results = [WORKLOADS[args.workload](**kw)]
+    if not all(results):  # a rank other than 0 under torchrun: rank 0 writes the one table and JSON
+        return
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(default_device())}
+    table = _table(results)
+    print(table, file=sys.stderr if args.json == "/dev/stdout" else sys.stdout)
+    if args.json:
+        payload = {"env": env, "results": results} if args.workload == "all" else results[0]
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

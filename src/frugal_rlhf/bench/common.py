@@ -1,0 +1,26 @@
+"""What every bench command shares: the summary of repeated measurements, and an untrained
+reward model for the workloads that need one (PPO, GRPO) to score with."""
+from __future__ import annotations
+
+import gc
+import statistics
+
+
+def stats(values) -> dict:
+    """Median, min, max and count of measurements (JSON-ready: the bench results are files)."""
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fresh_reward_model(model, lora_rank, dtype, path):
+    """An untrained reward model on `model` (what PPO's cost depends on is its size, not its scores).
+    Only the adapter and head are written: the standalone merged copy would double the peak
+    memory of a capacity probe before PPO even starts."""
+    from ..models.reward_io import save_reward_model
+    from ..models.roles import RewardModel
+
+    rm = RewardModel(model, lora_rank=lora_rank, dtype=dtype)
+    save_reward_model(rm, rm.tokenizer, path, base=model, standalone=False)
+    del rm
+    gc.collect()  # peft modules hold reference cycles: free this copy of the base before PPO loads its own
+    return str(path)
