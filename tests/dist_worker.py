@@ -112,8 +112,8 @@ def run_shared(args, strategy):
     # PPO's advantage whitening with statistics over all ranks equals whitening the global batch.
     x = torch.randn(GLOBAL_BATCH, 5, generator=g, dtype=torch.float64)
     m = (torch.rand(GLOBAL_BATCH, 5, generator=g) > 0.3).float()
-    whiten = getattr(strategy, "whiten", None) or L.masked_whiten
-    err = float((whiten(x[mine], m[mine]) - L.masked_whiten(x, m)[mine]).abs().max())
+    err = float((L.masked_whiten(x[mine], m[mine], all_reduce=strategy.all_reduce) - L.masked_whiten(x, m)[mine])
+                .abs().max())
     return {"loss": losses, "grad_norm": norms, "whiten_err": strategy.all_reduce_sum(err)}, (actor, critic)
 
 

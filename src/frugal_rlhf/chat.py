@@ -48,9 +48,10 @@ def _prompt_ids(tokenizer, messages: list[dict], budget: int) -> list[int] | Non
 def _answer(model, tokenizer, ids: list[int], args, generator, out) -> str:
     """Sample one answer, printing it as it streams; returns the full text."""
     from frugal_rlhf.generation import SampleConfig, sample
-    from frugal_rlhf.serve.tokens import IncrementalDecoder, eos_token_ids
+    from frugal_rlhf.data.tokenize import stop_tokens
+    from frugal_rlhf.serve.tokens import IncrementalDecoder
 
-    eos = eos_token_ids(model, tokenizer)
+    eos = stop_tokens(tokenizer, model)
     config = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id or 0)
     decoder, parts = IncrementalDecoder(tokenizer), []

@@ -47,7 +47,7 @@ def config_from_args(cls, args):
     return from_dict(cls, data, source=getattr(args, "config", None) or "flags")
 
 
-def make_strategy(cfg):
+def strategy_from_config(cfg):
     from .strategies import make_strategy as build
 
     return build(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage, offload=cfg.offload)
@@ -57,7 +57,7 @@ def cmd_sft(args):
     from .trainers.supervised import SFTTrainer
 
     cfg = config_from_args(STAGE_CONFIGS["sft"], args)
-    strategy = make_strategy(cfg)
+    strategy = strategy_from_config(cfg)
     strategy.setup_distributed()
     try:
         metrics = SFTTrainer(strategy, cfg).fit()
@@ -77,7 +77,7 @@ def cmd_sft(args):
 
 def _run_stage(cls, build, args):
     cfg = config_from_args(cls, args)
-    strategy = make_strategy(cfg)
+    strategy = strategy_from_config(cfg)
     strategy.setup_distributed()
     try:
         return cfg, build(strategy, cfg).fit()
@@ -100,6 +100,7 @@ def cmd_rm(args):
 
 def _rm_eval_only(cfg):
     from .data.formats import load_dataset_file
+    from .data.tokenize import stop_tokens
     from .device import default_device
     from .models.reward_io import load_reward_model
     from .trainers.reward import evaluate_reward_model
@@ -209,7 +210,6 @@ def cmd_eval(args):
     from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
     from .generation import SampleConfig
     from .models.reward_io import load_reward_model
-    from .trainers.ppo import stop_tokens
 
     prompts = str(_run_dir_of(args.model) / "data" / "held_out.jsonl") if args.prompts == "held-out" else args.prompts
     rm_path = args.reward_model or str(_run_dir_of(args.model) / "rm")

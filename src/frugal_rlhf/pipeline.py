@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .config import PPOConfig, RewardConfig, SFTConfig, from_dict
-from .strategies.base import atomic_write
+from .runlog import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -69,7 +69,7 @@ def _first_exchange(row):
 def write_split(cfg: PipelineConfig, data_dir: Path):
     """Shuffle once with the seed and cut disjoint parts: held-out prompts never train anything."""
     from .data.formats import load_dataset_file
-    from .trainers.supervised import split_rows
+    from .data.loader import split_rows
 
     if (data_dir / "sft.jsonl").exists():
         return

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .data.tokenize import PromptCollator, encode_prompt
+from .data.tokenize import PromptCollator, encode_prompt, stop_tokens
 from .generation import SampleConfig, sample
-from .strategies.base import atomic_write
+from .runlog import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -62,7 +62,6 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
                 autocast=None) -> dict:
     """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary."""
     from .runlog import make_progress
-    from .trainers.ppo import stop_tokens
 
     if labeler not in LABELERS:
         raise ValueError(f"unknown labeler {labeler!r}: choose one of {', '.join(LABELERS)}")

@@ -42,11 +42,11 @@ def above_chance(accuracy: float, n_pairs: int) -> bool:
 
 def held_out_comparison(out: Path, cfg) -> dict:
     from .data.formats import load_dataset_file
+    from .data.tokenize import stop_tokens
     from .device import autocast, compute_dtype, default_device
     from .evaluation import compare_models, load_policy
     from .generation import SampleConfig
     from .models.reward_io import load_reward_model
-    from .trainers.ppo import stop_tokens
 
     device = default_device()
     dtype = compute_dtype(device, cfg.dtype)

@@ -1,13 +1,18 @@
-"""The run directory: resolved config, metrics.jsonl, PNG plots, progress display."""
+"""The run directory: resolved config, metrics.jsonl, PNG plots, progress display; atomic
+writes and the RNG state that checkpoints hold."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
+import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
 log = logging.getLogger("frugal_rlhf")
@@ -104,3 +109,27 @@ def make_progress(enabled: bool = True):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not enabled)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -181,3 +181,18 @@ class PromptCollator:
         ids = [r["prompt_ids"] for r in rows]
         return {"input_ids": pad(ids, self.pad_id, "left"), "attention_mask": attention(ids, "left"),
                 "rows": rows}
+
+
+def stop_tokens(tokenizer, model=None) -> tuple[int, ...]:
+    """Every token id that ends a turn (the one answer for training, evaluation, chat and serve):
+    the tokenizer's EOS; ChatML's `<|im_end|>` when the vocabulary has it as a real token (chat
+    templates end turns with it where EOS may be another id); and, given the model, the EOS ids
+    its config and generation config declare (they may list several)."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    for source in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        declared = getattr(source, "eos_token_id", None)
+        ids.update([declared] if isinstance(declared, int) else declared or ())
+    return tuple(sorted(int(i) for i in ids if i is not None))

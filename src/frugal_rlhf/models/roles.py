@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..rl.losses import entropy_from_logits
+from ..ops import entropy_from_logits
 
 LOGIT_CHUNK = 512  # tokens per chunk of the vocabulary projection; bounds logits memory
 

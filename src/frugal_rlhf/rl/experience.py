@@ -134,6 +134,6 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
                                       settings.reward_clip)
         advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
         if settings.whiten_advantages:
-            advantages = strategy.whiten(advantages, mask)
+            advantages = L.masked_whiten(advantages, mask, all_reduce=strategy.all_reduce)
     exp = Experience(seq, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, raw_score, kl)
     return exp, {"time_gen": t1 - t0, "time_score": time.perf_counter() - t1}

@@ -1,5 +1,6 @@
 """The pure math of RLHF: masking helpers, KL penalties, reward shaping, GAE,
-PPO policy/value losses, reward-model pairwise loss and KL-coefficient controllers.
+PPO policy/value losses and the reward-model pairwise loss (the KL-coefficient
+controllers, which hold state, are in rl/kl.py).
 
 Conventions
 -----------
@@ -53,13 +54,21 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce=None) -> Tensor:
     """(x - mean) / sqrt(var + eps) over masked elements (unbiased var).
 
     With ``shift_mean=False`` the mean is added back (only the scale changes).
+    ``all_reduce`` (a strategy's: a tensor summed element-wise over every rank) makes mean and
+    variance those of all ranks' batches together; None: of this batch alone.
     Masked-out positions are returned as 0.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    reduce = all_reduce or (lambda t: t)
+    total, n = reduce(torch.stack([masked_sum(x, mask), mask.to(x.dtype).sum()]))
+    mean = total / n.clamp(min=1)
+    var = reduce(masked_sum((x - mean) ** 2, mask)) / n.clamp(min=1)
+    if n > 1:  # Bessel's correction, as masked_var
+        var = var * n / (n - 1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -208,14 +217,6 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return (1.0 - masked_var(returns - values, mask) / var_returns).item()
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z).
-    ``-inf`` logits are clamped to the dtype minimum so they contribute exactly 0."""
-    logits = logits.clamp(min=torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
 # ----------------------------------------------------------------- reward model loss
 def pairwise_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None,
                   variant: str = "logsigmoid", center_coef: float = 0.0):
@@ -244,44 +245,3 @@ def pairwise_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = 
     with torch.no_grad():
         stats = {"accuracy": (diff > 0).float().mean().item(), "margin": diff.float().mean().item()}
     return loss, stats
-
-
-# -------------------------------------------------------------------- KL controllers
-class FixedKLController:
-    """Constant KL coefficient."""
-
-    def __init__(self, coef: float):
-        self.value = float(coef)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
-
-class AdaptiveKLController:
-    """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning LMs from Human Preferences"):
-
-        error = clip(current_kl / target - 1, -0.2, 0.2)
-        value *= 1 + error * n_steps / horizon
-
-    The coefficient grows when the policy drifts beyond ``target`` and shrinks below it.
-    """
-
-    def __init__(self, init_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = float(init_coef), float(target), horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value, self.target = float(state["value"]), float(state["target"])
-        self.horizon = state["horizon"]

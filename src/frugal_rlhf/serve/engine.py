@@ -21,9 +21,10 @@ from typing import Callable
 
 import torch
 
+from frugal_rlhf.data.tokenize import stop_tokens
 from frugal_rlhf.generation import SampleConfig, sample
 from frugal_rlhf.serve.sampler import RowSampler, RowSettings
-from frugal_rlhf.serve.tokens import IncrementalDecoder, StopMatcher, eos_token_ids
+from frugal_rlhf.serve.tokens import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -107,7 +108,7 @@ class Engine:
         # Before starting a batch that is not full, wait this long for companions: clients
         # that fire together then share a batch instead of the first one running alone.
         self.gather_seconds = gather_seconds
-        self.eos = eos_token_ids(model, tokenizer)
+        self.eos = stop_tokens(tokenizer, model)
         self._eos_set = set(self.eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or (0,))[0]
         self.device = next(model.parameters()).device

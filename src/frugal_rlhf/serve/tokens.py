@@ -1,5 +1,5 @@
 """Text-side helpers shared by the server and the terminal chat: streaming detokenization,
-stop strings, and the few facts about a model that both need (EOS ids, context length)."""
+stop strings, and the context length (the stop token ids are data.tokenize.stop_tokens)."""
 from __future__ import annotations
 
 DEFAULT_CONTEXT = 2048  # for models whose config states no limit (e.g. ALiBi models like BLOOM)
@@ -79,18 +79,6 @@ class StopMatcher:
         """Generation ended without a stop string: the held text was real output."""
         out, self.held = ("" if self.stopped else self.held), ""
         return out
-
-
-def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
-    """Every id that ends a turn: the tokenizer's EOS plus the model's (configs may list several)."""
-    ids: set[int] = set()
-    for source in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None),
-                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(i) for i in source)
-    return tuple(sorted(ids))
 
 
 def context_length(model, tokenizer) -> int:

@@ -14,16 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.loader import ResumableLoader
 from ..device import autocast, compute_dtype, default_device
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+from ..runlog import atomic_write
 
 
 def module_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -31,72 +24,6 @@ def module_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
     # safetensors refuses tensors that share storage (tied embeddings): store copies.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-
-
-class ResumableLoader:
-    """Endless shuffled batches whose position (epoch, batch) is saved and restored exactly.
-
-    Each epoch's order comes from (seed, epoch), so a resumed run sees the same batches as an
-    uninterrupted one. With several ranks, every global batch is split between them.
-    """
-
-    def __init__(self, dataset, batch_size: int, collate_fn, shuffle=True, seed=0, rank=0, world_size=1,
-                 drop_last=True):
-        if len(dataset) < batch_size * world_size and drop_last:
-            raise ValueError(f"the data has {len(dataset)} rows, fewer than one global batch "
-                             f"({batch_size * world_size}); lower the batch size or add data")
-        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
-        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.drop_last = drop_last
-        self.epoch, self.index = 0, 0
-
-    @property
-    def global_batch(self):
-        return self.batch_size * self.world_size
-
-    def batches_per_epoch(self):
-        n = len(self.dataset)
-        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
-
-    def _order(self):
-        if not self.shuffle:
-            return list(range(len(self.dataset)))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
-
-    def next_batch(self):
-        if self.index >= self.batches_per_epoch():
-            self.epoch, self.index = self.epoch + 1, 0
-        order = self._order()
-        start = self.index * self.global_batch
-        mine = order[start:start + self.global_batch][self.rank::self.world_size]
-        self.index += 1
-        return self.collate_fn([self.dataset[i] for i in mine])
-
-    def __iter__(self):
-        for _ in range(self.batches_per_epoch()):  # one epoch from the current position
-            yield self.next_batch()
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state):
-        self.epoch, self.index = state["epoch"], state["index"]
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class NaiveStrategy:
@@ -173,11 +100,9 @@ class NaiveStrategy:
         """Every rank's `x` (equal shapes) concatenated along dim 0, in rank order."""
         return x
 
-    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Advantage whitening with the statistics of the global batch."""
-        from ..rl.losses import masked_whiten
-
-        return masked_whiten(x, mask)
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed element-wise over every rank's (equal shapes); `x` itself is left as it was."""
+        return x
 
     def barrier(self):
         pass

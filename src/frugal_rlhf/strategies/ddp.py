@@ -102,23 +102,10 @@ class DistributedStrategy(NaiveStrategy):
         dist.all_gather(parts, x.to(self._comm_device()).contiguous())
         return torch.cat(parts).to(x.device)
 
-    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8):
-        """losses.masked_whiten with the statistics of every rank's batch (PPO advantages)."""
-        m = mask.to(torch.float64)
-        xd = torch.where(mask.bool(), x.to(torch.float64), 0.0)
-        sums = torch.stack([xd.sum(), m.sum()]).to(self._comm_device())
-        dist.all_reduce(sums)
-        n = float(sums[1])
-        mean = float(sums[0]) / max(n, 1.0)
-        sq = ((xd - mean) ** 2 * m).sum().reshape(1).to(self._comm_device())
-        dist.all_reduce(sq)
-        var = float(sq) / max(n, 1.0)
-        if n > 1:
-            var = var * n / (n - 1)
-        out = (x - mean) * torch.rsqrt(torch.tensor(var + eps, dtype=x.dtype, device=x.device))
-        if not shift_mean:
-            out = out + mean
-        return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.to(self._comm_device(), copy=True)
+        dist.all_reduce(t)
+        return t.to(x.device)
 
     def sync_from_rank0(self, model: nn.Module):
         """Copy rank 0's parameters and buffers to every rank (one broadcast per tensor)."""

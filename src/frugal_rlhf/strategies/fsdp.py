@@ -47,7 +47,8 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from .base import atomic_write, module_state_names
+from ..runlog import atomic_write
+from .base import module_state_names
 from .ddp import ZeroStrategy
 
 # Roles return views (log-probs reshaped, scores squeezed) and every caller uses them out of

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from ..device import peak_memory_bytes
-from ..runlog import RunDir, make_progress
-from ..strategies.base import rng_state, set_rng_state
+from ..runlog import RunDir, make_progress, rng_state, set_rng_state
 
 log = logging.getLogger("frugal_rlhf")
 

@@ -14,15 +14,16 @@ import time
 
 import torch
 
-from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt
+from ..data.loader import LazyEncoded, split_rows
+from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt, stop_tokens
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
 from ..models.export import export_adapter, export_merged
 from ..models.roles import last_token_index
 from ..rl import losses as L
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
+from ..rl.kl import AdaptiveKLController, FixedKLController
 from .base import Trainer, make_optimizer, make_scheduler
-from .supervised import LazyEncoded, split_rows
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -38,14 +39,6 @@ class GeneratorState:
 
     def load_state_dict(self, state):
         self.generator.set_state(state["state"])
-
-
-def stop_tokens(tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return tuple(i for i in ids if i is not None)
 
 
 def close_turns(seq, attn, stop_ids, eos_id, pad_id):
@@ -95,8 +88,8 @@ class PPOTrainer(Trainer):
         self.models = {k: m for k, (m, _) in trained.items()}
         self.optimizers = {k: o for k, (_, o) in trained.items()}
         self.schedulers = {k: make_scheduler(o, cfg) for k, o in self.optimizers.items()}
-        self.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-                       else L.FixedKLController(cfg.kl_coef))
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                       else FixedKLController(cfg.kl_coef))
         self.moments = RunningMoments()
         self.gen = GeneratorState(cfg.seed)
         self.settings = RolloutSettings(

@@ -11,12 +11,13 @@ import logging
 
 import torch
 
+from ..data.loader import LazyEncoded
 from ..data.tokenize import PairCollator, encode_prompt, encode_response
 from ..models.reward_io import save_reward_model
 from ..models.roles import RewardModel
 from ..rl.losses import pairwise_loss
 from .base import batch_to
-from .supervised import LazyEncoded, SupervisedTrainer
+from .supervised import SupervisedTrainer
 
 log = logging.getLogger("frugal_rlhf")
 
