@@ -1,0 +1,60 @@
+"""The public API imports as the seeds wrote it, the optional engines stay lazy, and the
+package's layers import only downwards."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import frugal_rlhf
+
+# Lower rank = lower layer (docs/design.md): a module may import its own layer or lower ones.
+RANK = {"runlog": 0, "config": 0, "device": 0, "ops": 0, "models": 1, "data": 1, "strategies": 2, "generation": 3,
+        "rl": 4, "serve": 4, "trainers": 5, "chat": 6, "prefs": 6, "report": 6, "evaluation": 6, "pipeline": 6,
+        "bench": 6, "app": 6, "cli": 7, "__main__": 7}
+
+
+def test_trainers_and_strategies_import_from_their_packages():
+    from frugal_rlhf.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, NaiveStrategy, make_strategy
+    from frugal_rlhf.strategies.deepspeed import DeepSpeedStrategy as DeepSpeedFromModule
+    from frugal_rlhf.strategies.fsdp import FSDPStrategy as FSDPFromModule
+    from frugal_rlhf.trainers import PPOTrainer, RewardTrainer, SFTTrainer
+    from frugal_rlhf.trainers.ppo import PPOTrainer as PPOFromModule
+
+    assert PPOTrainer is PPOFromModule and {SFTTrainer.stage, RewardTrainer.stage, PPOTrainer.stage} == {"sft", "rm",
+                                                                                                          "ppo"}
+    assert FSDPStrategy is FSDPFromModule and DeepSpeedStrategy is DeepSpeedFromModule
+    assert type(make_strategy("naive")) is NaiveStrategy and type(make_strategy("ddp")) is DDPStrategy
+    assert type(make_strategy("fsdp", zero_stage=2)) is FSDPStrategy
+
+
+def test_deepspeed_and_fsdp_are_imported_on_first_use_only():
+    code = ("import sys; from frugal_rlhf.strategies import NaiveStrategy, DDPStrategy; import frugal_rlhf.trainers; "
+            "print(sorted(m for m in ('deepspeed', 'frugal_rlhf.strategies.fsdp', 'frugal_rlhf.strategies.deepspeed') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _imports(path: Path, package: str):
+    """Every frugal_rlhf module `path` imports, at its top or inside a function."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            yield from ([module] if node.module else [f"{module}.{a.name}" for a in node.names])
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_no_module_imports_a_higher_layer():
+    root = Path(frugal_rlhf.__file__).parent
+    upward = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        package = ".".join(("frugal_rlhf", *parts[:-1]))
+        layer = parts[0]
+        for module in _imports(path, package):
+            other = module.split(".")[1] if module.startswith("frugal_rlhf.") else None
+            if other in RANK and RANK[other] > RANK.get(layer, 99):
+                upward.append(f"{'/'.join(parts)} imports {module}")
+    assert not upward, upward
