@@ -296,15 +296,6 @@ def _hh_check_prompt(turns: list[_Msg], field: str) -> list[_Msg]:
     return turns
 
 
-def split_hh(text: Any, field: str = "chosen") -> tuple[list[dict], str]:
-    """Split an HH transcript into (prompt messages, final answer); raises DataError if malformed."""
-    try:
-        prompt, answer = _hh_split(text, field)
-    except _RowError as e:
-        raise DataError(e.reason, field=e.field) from None
-    return _out(prompt), answer
-
-
 def _hh_split(text: Any, field: str) -> tuple[list[_Msg], str]:
     text = _string(text, field)
     turns = _hh_turns(text, field)

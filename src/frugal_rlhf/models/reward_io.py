@@ -24,10 +24,6 @@ META = "reward_model.json"
 HEAD = "score_head.safetensors"
 
 
-def is_reward_artifact(path) -> bool:
-    return (Path(path) / META).exists()
-
-
 def _write_meta(path: Path, base: str, base_in_artifact: bool, adapter: str | None):
     meta = {"format": "frugal-reward-model", "version": 1, "base": base, "base_in_artifact": base_in_artifact,
             "adapter": adapter}
