@@ -114,7 +114,7 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
 
             pairs = [{**r, "margin": None} for r in rows]
             _, metrics = train_bench("rm", RewardConfig(**common), lambda s, c: RewardTrainer(s, c, rows=pairs),
-                                      "tokens_per_s")
+                                     "tokens_per_s")
     # Samples (SFT) or pairs (RM: two sequences each) per second of step, loading excluded.
     per_item = 1 if stage == "sft" else 2
     return [m["tokens_per_s"] * m["sequences"] / m["tokens"] / per_item for m in metrics]

@@ -145,7 +145,7 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
                            lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
                            strategy=strategy)
         out, metrics = train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
-                                    lambda t, m: _supervised_flops(t, m, False))
+                                   lambda t, m: _supervised_flops(t, m, False))
     if out:  # rank 0 (all ranks' pairs: a pair is two sequences)
         out["pairs_per_s"] = stats([m["sequences"] / 2 / m["step_time"] for m in metrics])
     return out
