@@ -306,3 +306,42 @@ def test_grpo_single_update_takes_old_logprobs_from_its_own_forward(tmp_path, mo
     for a, b in zip(reused, recomputed):
         for key in ("reward", "kl", "kl_loss", "policy_loss", "ratio_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rollout_and_scoring_run_without_dropout(tmp_path):
+    """On a model with dropout (GPT-2's 0.1 on residuals, attention and embeddings), after
+    updates: two identical reference calls and two identical reward-model calls made where the
+    trainer scores give equal outputs, and every step's single epoch over a single mini-batch
+    starts at ratio 1 (rollout and update see the same policy). With the base left in training
+    mode by the update, the calls differ by dropout noise and the ratio drifts from 1."""
+    from frugal_rlhf.models.roles import RewardModel, scalar_head
+
+    hf, tok = load_model("tiny-gpt2", torch.float32)
+    for m in hf.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    hf.train()  # as a model built from a config starts
+    lm = SharedLM(hf)
+    lm.add_adapter("actor", 8)
+    lm.add_adapter("critic", 8)
+    actor, critic, ref = Actor(lm, "actor"), Critic(lm, "critic"), Actor(lm, None)
+    scorer = RewardModel(lm, "critic", scalar_head(critic.head.in_features))
+    letters, gaps = letter_reward(tok), []
+
+    def reward(seq, attn, prompt_length):  # called where the trainer scores, in the trainer's mode
+        n = seq.shape[1] - prompt_length
+        gaps.append(float((ref(seq, attn, n)[0] - ref(seq, attn, n)[0]).abs().max()))
+        gaps.append(float((scorer(seq, attn) - scorer(seq, attn)).abs().max()))
+        return letters(seq, attn, prompt_length)
+
+    cfg = PPOConfig(model="tiny-gpt2", output=str(tmp_path / "ppo"), max_steps=3, lora_rank=8, rollout_batch_size=8,
+                    batch_size=8, lr=3e-3, max_new_tokens=8, dtype="fp32", save_every=0, eval_every=0, ppo_epochs=1)
+    strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
+    strategy.setup_distributed()
+    trainer = PPOTrainer(strategy, actor, critic, None, ref, config=cfg, tokenizer=tok, reward_fn=reward,
+                         prompts=PROMPTS)
+    metrics = [m for m in trainer.fit() if m["step"] > 0]
+    assert len(gaps) == 2 * 3 and gaps == [0.0] * 6, gaps
+    for m in metrics:
+        assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clipfrac"] == 0.0, m
+    assert metrics[-1]["policy_loss"] != 0.0  # the updates happened (the adapters moved)
