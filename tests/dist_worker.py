@@ -8,6 +8,9 @@ Tasks (each writes DIR/<task>.safetensors with the trained tensors and DIR/resul
 - rm: RewardTrainer on synthetic pairs, the same way;
 - shared: an actor and a critic with their own LoRA adapters on ONE base, stepped together as
   PPO does (DDP's all-reduce path for shared parameters).
+--optim sgd (the default) trains sft/rm with SGD + momentum and PPO with SGD instead of the
+trainers' AdamW, so that weights differ between strategies only by lr x the rounding of the
+gradients (tests/test_strategies.py derives the tolerances); --optim adamw keeps AdamW for sft/rm.
 --load CKPT first loads a trained-state file into a fresh actor and saves it back (round trip).
 """
 from __future__ import annotations
@@ -39,9 +42,24 @@ def preference_rows(n=48):
              "rejected": "no"} for i in range(n)]
 
 
+def sgd(momentum):
+    """The trainers' optimizer factory, as SGD (weight decay is 0 in these runs)."""
+    return lambda params, lr, weight_decay=0.0: torch.optim.SGD([p for p in params if p.requires_grad], lr=lr,
+                                                                momentum=momentum)
+
+
+def use_sgd(args):
+    import frugal_rlhf.trainers.ppo as ppo
+    import frugal_rlhf.trainers.supervised as supervised
+
+    ppo.make_optimizer = sgd(0.0)
+    if args.optim == "sgd":
+        supervised.make_optimizer = sgd(args.momentum)
+
+
 def train_config(cls, args, strategy, task):
     return cls(model="tiny-llama", output=str(Path(args.out) / task), max_steps=args.steps,
-               batch_size=GLOBAL_BATCH // (strategy.world_size * args.accum), grad_accum=args.accum, lr=3e-3, max_length=64, warmup_ratio=0.0,
+               batch_size=GLOBAL_BATCH // (strategy.world_size * args.accum), grad_accum=args.accum, lr=args.lr, max_length=64, warmup_ratio=0.0,
                # 8 held-out rows, evaluated at the last step right before its checkpoint: under
                # FSDP ZeRO-2 that no-grad pass leaves blocks gathered when the checkpoint is taken
                save_every=args.steps, eval_every=0, eval_split=0.125, dtype=args.dtype, seed=7,
@@ -59,6 +77,8 @@ def run_supervised(args, strategy, task, resume=False):
         trainer = SFTTrainer(strategy, cfg, rows=arithmetic_rows())
     else:
         trainer = RewardTrainer(strategy, train_config(RewardConfig, args, strategy, task), rows=preference_rows())
+    if not resume:  # the start, against which an AdamW run's moves are bounded
+        strategy.save_model(trainer.model, Path(args.out) / f"{task}-init.safetensors")
     metrics = trainer.fit()
     strategy.save_model(trainer.model, Path(args.out) / f"{'resumed' if resume else task}.safetensors")
     metrics = [m for m in metrics if "loss" in m]  # training steps (not the step-0 evaluation)
@@ -209,9 +229,13 @@ def run(argv=None):
     p.add_argument("--load", default=None)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--ckpt-format", default="full")
+    p.add_argument("--optim", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    use_sgd(args)
     strategy = make_strategy(args.strategy, seed=7, dtype=args.dtype, zero_stage=args.stage, offload=args.offload)
     strategy.setup_distributed()
     result, keep = {"world_size": strategy.world_size}, []

@@ -204,6 +204,23 @@ def test_group_advantages_hand_values():
         L.group_advantages(t([1.0, 2.0]), 1)
 
 
+def test_group_advantages_tied_groups_are_exactly_zero():
+    """A group whose completions all score the same carries no signal: exactly 0, whatever the
+    value (the float32 mean of 16 copies of 13.78885269165039 is not exact, and the old code
+    divided that rounding by a std of ~2e-6, giving advantages of up to +-0.64)."""
+    assert torch.equal(L.group_advantages(torch.full((16,), 13.78885269165039), 16), torch.zeros(16))
+    g = torch.Generator().manual_seed(0)
+    for size in (3, 5, 6, 8, 16):
+        values = torch.randn(200, 1, generator=g) * 10 ** torch.randint(-3, 4, (200, 1), generator=g)
+        tied = values.expand(200, size).reshape(-1)
+        assert torch.equal(L.group_advantages(tied, size), torch.zeros_like(tied)), size
+        assert bool(L.zero_spread(tied, size).all())
+    # one tied group among groups with a spread: only it is zero and counted
+    score = t([1.0, 2.0, 3.0, 0.1, 0.1, 0.1, 0.0, 0.0, 1.0])
+    assert L.zero_spread(score, 3).tolist() == [False, True, False]
+    close(L.group_advantages(score, 3), [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0] + [-1 / math.sqrt(3)] * 2 + [2 / math.sqrt(3)], 1e-5)
+
+
 def test_policy_loss_inside_band_equals_unclipped():
     loss, grad, stats = _ploss(1.1, 2.0)
     close(loss, -2.0 * 1.1, 1e-6)

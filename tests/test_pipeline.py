@@ -112,3 +112,36 @@ def test_chance_level_is_two_standard_errors_above_a_coin_flip():
     assert above_chance(0.95, 52) and not above_chance(0.52, 52)
     assert not above_chance(0.63, 52) and above_chance(0.64, 52)  # 0.5 + 2 * sqrt(0.25 / 52) = 0.6387
     assert above_chance(0.53, 10_000) and not above_chance(1.0, 0)
+
+
+def test_pipeline_and_cli_build_every_strategy_field(tmp_path, monkeypatch):
+    """The pipeline's stages and `frugal sft` build their strategy through one function, with
+    every strategy field: ZeRO stage and offload used to be dropped by the pipeline (its stages
+    then ran FSDP as ZeRO-3 without offload whatever the YAML said). A stage's own section
+    overrides the pipeline-wide value."""
+    import frugal_rlhf.strategies as strategies
+    from frugal_rlhf.pipeline import Pipeline, PipelineConfig
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def record(name, **kw):
+        asked.append({"strategy": name, **kw})
+        raise Stop
+
+    monkeypatch.setattr(strategies, "make_strategy", record)
+    cfg = PipelineConfig(model="tiny-llama", output=str(tmp_path / "p"), strategy="fsdp", zero_stage=2, offload="cpu",
+                         dtype="fp32", seed=3, rm={"zero_stage": 3})
+    pipe = Pipeline(cfg)
+    for stage in (pipe.run_sft, pipe.run_rm, pipe.run_ppo):
+        with pytest.raises(Stop):
+            stage()
+    common = {"strategy": "fsdp", "seed": 3, "dtype": "fp32", "offload": "cpu"}
+    assert asked == [{**common, "zero_stage": 2}, {**common, "zero_stage": 3}, {**common, "zero_stage": 2}]
+    asked.clear()
+    with pytest.raises(Stop):
+        main(["sft", "--model", "tiny-llama", "--data", "x.jsonl", "--strategy", "deepspeed", "--zero-stage", "2",
+              "--offload", "cpu", "--dtype", "fp32", "--seed", "3"])
+    assert asked == [{"strategy": "deepspeed", "seed": 3, "dtype": "fp32", "zero_stage": 2, "offload": "cpu"}]

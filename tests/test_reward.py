@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from conftest import TEST_SEED
 from frugal_rlhf.config import RewardConfig
 from frugal_rlhf.models.loading import byte_tokenizer, prepare_tokenizer
 from frugal_rlhf.models.reward_io import load_reward_model
@@ -30,8 +31,8 @@ def marker_pairs(n, seed=0):
 
 def train_rm(tmp_path, rows, **kw):
     cfg = RewardConfig(**{"model": "tiny-llama", "output": str(tmp_path / "rm"), "max_steps": 60, "batch_size": 8,
-                          "lr": 3e-3, "max_length": 96, "save_every": 0, "eval_every": 0, "dtype": "fp32",
-                          "eval_split": 0.2, **kw})
+                          "lr": 3e-3, "max_length": 96, "save_every": 0, "eval_every": 0, "dtype": "auto",
+                          "eval_split": 0.2, "seed": TEST_SEED, **kw})
     strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
     strategy.setup_distributed()
     trainer = RewardTrainer(strategy, cfg, rows=rows)
@@ -39,7 +40,12 @@ def train_rm(tmp_path, rows, **kw):
 
 
 def test_reward_model_learns_marker_task_and_reloads(tmp_path):
-    trainer, metrics = train_rm(tmp_path, marker_pairs(240), lora_rank=8)
+    """In the compute dtype FRUGAL_DTYPE (or the machine) picks. The frozen base is kept in it, so
+    a reload in that dtype gives identical scores; the merged standalone model rounds W + BA to it
+    once per weight: in fp32 (eps 1.2e-7) that is below 1e-4, in bf16 (eps 2^-7, half of it per
+    rounding) each of the 4 blocks' 2 matmul layers can add ~2^-8 relative, ~3% of the scores."""
+    trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8)
+    dtype = trainer.strategy.dtype
     result = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert result["n_pairs"] == 48
     assert result["accuracy"] >= 0.95, result
@@ -53,10 +59,11 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path):
     prompts = ["Say some words (1)", "Say some words (2)"]
     responses = ["apple please river stone glass", "apple river stone glass music"]  # as in the task: 4 words (+ marker)
     expected = live.score(prompts, responses)
-    reloaded = load_reward_model(tmp_path / "rm", dtype=torch.float32)
+    reloaded = load_reward_model(tmp_path / "rm", dtype=dtype)
     torch.testing.assert_close(reloaded.score(prompts, responses), expected)
-    standalone = load_reward_model(tmp_path / "rm" / "final", dtype=torch.float32)
-    torch.testing.assert_close(standalone.score(prompts, responses), expected, atol=1e-4, rtol=1e-4)
+    standalone = load_reward_model(tmp_path / "rm" / "final", dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 0.03 * float(expected.abs().max())
+    torch.testing.assert_close(standalone.score(prompts, responses), expected, atol=tol, rtol=tol)
     assert expected[0] > expected[1]
     # --eval-only scoring of the held-out pairs agrees with training's own evaluation.
     held = evaluate_reward_model(reloaded, trainer.eval_loader.dataset.rows, max_length=96)

@@ -1,27 +1,30 @@
-"""DDP and FSDP2 strategies: 2-process gloo runs on CPU against the single-process run.
+"""DDP, FSDP2 and DeepSpeed strategies: 2-process gloo runs on CPU against the single-process run.
 
 Each distributed case launches tests/dist_worker.py under torchrun (2 ranks, global batch 8 =
 4 rows per rank) and compares with the naive strategy on the same global batches (one process,
-batch 8). The equalities, and their tolerances:
+batch 8). The runs are fp32, and every tolerance follows from fp32 rounding, so it holds on any
+CPU (AVX2 or AVX512, any BLAS kernel) rather than on the one it was measured on:
 
-- losses and pre-clipping gradient norms: relative 1e-5. The same sums are taken in another
-  order (per-rank partial sums, then an all-reduce), so they differ by fp32 rounding (~1e-7
-  relative measured). The gradient norm is what proves the *scale* of the averaged gradient
-  (Adam is scale invariant, so weights alone would not reveal a gradient off by world_size).
-- trained weights after 3 AdamW steps: absolute 2% of one step (0.02 * lr; 6e-5 at lr 3e-3).
-  Adam divides by sqrt(v), which turns rounding noise on near-zero gradients into visible but
-  small moves: measured 4.8e-6 for DDP/FSDP SFT at lr 3e-3 and 8.2e-7 for the SAME single
-  process with the batch split into 2 accumulated micro-batches. A wrong gradient moves
-  weights by ~lr.
-- the shared-base actor + critic task steps with plain SGD, so weights differ by exactly lr x
-  the gradient difference: absolute 1e-6. Measured 7.5e-9 under DDP; with the all-reduce
-  deliberately broken (sum, not mean) the actor's weights moved 3e-4. (Under AdamW the same
-  task once moved one critic LoRA-A element by 5.4e-4: its gradient is exactly 0 on step 1,
-  as LoRA B starts at zero, and tiny after, where Adam's ~lr * sign(g) step follows noise.)
-- the reward head's bias is exempt: the pairwise loss depends on r_chosen - r_rejected only,
-  so its true gradient is exactly 0 and what it gets is pure rounding noise that Adam scales
-  up to ~lr per step (measured 4.5e-4 between two single-process runs that differ only in
-  micro-batching). It is checked against steps * lr.
+- eps = 2^-23 (fp32). A loss or a gradient element is a sum over at most N = 8 rows x 64 tokens
+  = 512 terms; the strategies take those sums in another order (per-rank partial sums, then an
+  all-reduce; other matmul blockings). A sum of n terms taken in another order differs by at
+  most (n - 1) eps sum|x_i| (Higham, Accuracy and Stability of Numerical Algorithms, 4.2), so
+  losses and gradient norms agree to RTOL = N eps = 6.1e-5, relative. The gradient norm is what
+  proves the *scale* of the averaged gradient (a sum over ranks instead of a mean doubles it).
+- weights are compared after plain SGD steps (with momentum mu for SFT and the reward model, so
+  the optimizer still has state to shard, checkpoint and resume), where a weight is exactly
+  w0 - sum_t lr_t buf_t with buf_t = mu buf_(t-1) + g_t. Two runs then differ by at most
+  lr x sum_t sum_(k<=t) mu^(t-k) x |g_k - g'_k|, and |g_k - g'_k| <= RTOL x ||g_k|| <= RTOL x
+  max_grad_norm (the gradients are clipped to norm 1), plus the rounding of each update
+  (eps |w| per step and run). `sgd_atol` computes that bound; the differences that follow from
+  the weights themselves differing (by this bound) are second order and below it.
+- AdamW is what the trainers use; it divides by sqrt(v), which turns rounding noise on a
+  near-zero gradient into a move of up to lr on one CPU and of the opposite sign on another, so
+  two correct AdamW runs are not equal to any rounding tolerance. Where AdamW is covered
+  (DeepSpeed ZeRO-2 with optimizer offload) the test asserts what Adam guarantees instead:
+  every weight moved by at most lr x `adam_step_bound` per step, and weights that moved by more
+  than half that maximum in the reference (a gradient far above the noise, with one sign for
+  every step) moved the same way.
 """
 from __future__ import annotations
 
@@ -39,9 +42,13 @@ from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 WORKER = HERE / "dist_worker.py"
-STEPS, LR = 3, 3e-3  # the worker's steps and learning rate of the supervised tasks
-RTOL_LOSS, ATOL_STEP = 1e-5, 0.02  # weights: absolute, as a fraction of one Adam step (lr)
-ATOL_SGD = 1e-6  # weights of the shared-base task (SGD), absolute
+STEPS = 3  # the worker's training steps per task (the resume task runs 2 more)
+EPS = torch.finfo(torch.float32).eps
+RTOL = 8 * 64 * EPS  # the terms of one loss or gradient sum (global batch x max_length) x eps
+MAX_GRAD_NORM = 1.0  # the configs' default clipping: no gradient that reaches the optimizer is longer
+SGD_LR, MOMENTUM = 0.1, 0.9  # the supervised tasks (SGD moves only lr x |g|, so lr can be larger than Adam's)
+SHARED_LR, PPO_LR = 1e-2, 3e-3  # the worker's plain-SGD tasks (no momentum)
+ADAM_LR, ADAM_BETAS = 3e-3, (0.9, 0.95)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -53,7 +60,7 @@ def _env():
     return env
 
 
-def torchrun(args: list[str], timeout=120):
+def torchrun(args: list[str], timeout=300):
     """Run `args` (a module or script and its flags) under torchrun with 2 CPU ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=HERE)
@@ -61,59 +68,96 @@ def torchrun(args: list[str], timeout=120):
     return proc
 
 
-def launch(out: Path, *flags: str) -> dict:
-    torchrun([str(WORKER), "--out", str(out), "--steps", str(STEPS), *flags])
+def optim_flags(optim: str) -> list[str]:
+    lr = SGD_LR if optim == "sgd" else ADAM_LR
+    return ["--optim", optim, "--lr", str(lr), "--momentum", str(MOMENTUM)]
+
+
+def launch(out: Path, *flags: str, optim: str = "sgd") -> dict:
+    torchrun([str(WORKER), "--out", str(out), "--steps", str(STEPS), *optim_flags(optim), *flags])
+    return json.loads((out / "result.json").read_text())
+
+
+def run_naive(out: Path, *flags: str, optim: str = "sgd") -> dict:
+    proc = subprocess.run([sys.executable, str(WORKER), "--strategy", "naive", "--steps", str(STEPS),
+                           *optim_flags(optim), *flags, "--out", str(out)], env=_env(), capture_output=True,
+                          text=True, timeout=300, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def naive(tmp_path_factory):
     """The single-process reference: every task the distributed runs are compared with."""
-    out = tmp_path_factory.mktemp("naive")
-    proc = subprocess.run([sys.executable, str(WORKER), "--strategy", "naive", "--tasks", "sft,resume,rm,shared,ppo",
-                           "--greedy", "--steps", str(STEPS), "--out", str(out)], env=_env(), capture_output=True, text=True,
-                          timeout=120, cwd=HERE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lora = tmp_path_factory.mktemp("naive-lora")
-    proc = subprocess.run([sys.executable, str(WORKER), "--strategy", "naive", "--tasks", "sft", "--lora", "4",
-                           "--steps", str(STEPS), "--out", str(lora)], env=_env(), capture_output=True, text=True,
-                          timeout=120, cwd=HERE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"out": out, "lora": lora, "result": json.loads((out / "result.json").read_text()),
-            "lora_result": json.loads((lora / "result.json").read_text())}
+    out, lora = tmp_path_factory.mktemp("naive"), tmp_path_factory.mktemp("naive-lora")
+    return {"out": out, "lora": lora, "result": run_naive(out, "--tasks", "sft,resume,rm,shared,ppo", "--greedy"),
+            "lora_result": run_naive(lora, "--tasks", "sft", "--lora", "4")}
 
 
 @pytest.fixture(scope="module")
 def naive_accum(tmp_path_factory):
-    """One process, each global batch of 8 as 2 accumulated micro-batches of 4."""
+    """One process, each global batch of 8 as 2 accumulated micro-batches of 4, under AdamW."""
     out = tmp_path_factory.mktemp("naive-accum")
-    proc = subprocess.run([sys.executable, str(WORKER), "--strategy", "naive", "--tasks", "sft,rm", "--accum", "2",
-                           "--steps", str(STEPS), "--out", str(out)], env=_env(), capture_output=True, text=True,
-                          timeout=120, cwd=HERE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"out": out, "result": json.loads((out / "result.json").read_text())}
+    return {"out": out, "result": run_naive(out, "--tasks", "sft,rm", "--accum", "2", optim="adamw")}
 
 
 def assert_same_supervised(result: dict, ref: dict, run: Path, ref_run: Path):
     for task in ("sft", "rm"):
         assert_same_run(result[task], ref[task])
-    assert_same_weights(run / "sft.safetensors", ref_run / "sft.safetensors")
-    assert_same_weights(run / "rm.safetensors", ref_run / "rm.safetensors", noisy=("head.bias",))
+        assert_same_weights(run / f"{task}.safetensors", ref_run / f"{task}.safetensors")
 
 
 def assert_same_run(got: dict, ref: dict):
     # Relative to the run's own scale: a late value near zero (a reward model that has
     # separated its pairs) carries the rounding of the early, large ones.
     for key in ("loss", "grad_norm"):
-        assert got[key] == pytest.approx(ref[key], rel=RTOL_LOSS, abs=RTOL_LOSS * max(map(abs, ref[key])))
+        assert got[key] == pytest.approx(ref[key], rel=RTOL, abs=RTOL * max(map(abs, ref[key])))
 
 
-def assert_same_weights(path: Path, ref_path: Path, noisy: tuple[str, ...] = (), atol_all: float = ATOL_STEP * LR):
+def sgd_atol(steps: int, lr: float, momentum: float, max_weight: float) -> float:
+    """The largest difference between two SGD runs whose gradients differ by rounding (module doc)."""
+    coef = sum(sum(momentum ** j for j in range(t)) for t in range(1, steps + 1))
+    return lr * coef * RTOL * MAX_GRAD_NORM + 2 * steps * EPS * max_weight
+
+
+def assert_same_weights(path: Path, ref_path: Path, steps: int = STEPS, lr: float = SGD_LR,
+                        momentum: float = MOMENTUM):
     got, ref = load_file(path), load_file(ref_path)
     assert got.keys() == ref.keys() and len(ref) > 0
     for k in ref:
-        atol = STEPS * LR if k in noisy else atol_all
+        atol = sgd_atol(steps, lr, momentum, float(ref[k].abs().max()))
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def adam_step_bound(t: int, betas=ADAM_BETAS) -> float:
+    """The largest |m_hat_t| / sqrt(v_hat_t) over all gradient sequences: m_hat = sum_i a_i g_i and
+    v_hat = sum_i b_i g_i^2 with the bias-corrected EMA weights a_i, b_i, so by Cauchy-Schwarz
+    |m_hat| <= sqrt(sum_i a_i^2 / b_i) sqrt(v_hat). 1 at t=1, 1.001 at t=3 for betas (0.9, 0.95)."""
+    b1, b2 = betas
+    a = [(1 - b1) * b1 ** (t - i) / (1 - b1 ** t) for i in range(1, t + 1)]
+    b = [(1 - b2) * b2 ** (t - i) / (1 - b2 ** t) for i in range(1, t + 1)]
+    return math.sqrt(sum(x * x / y for x, y in zip(a, b)))
+
+
+def assert_adam_consistent(path: Path, ref_path: Path, init_path: Path, got_init_path: Path,
+                           no_signal: tuple[str, ...] = ()):
+    """What AdamW guarantees on any machine (weight decay 0, lr_t <= lr): both runs start from the
+    same weights, every weight moves by at most lr x adam_step_bound(t) at step t, and a weight the
+    reference moved by more than half that maximum had a gradient of one sign and far above the
+    rounding at every step, so the other run moved it the same way. `no_signal`: tensors whose true
+    gradient is exactly 0 (pure rounding noise, which Adam moves by up to lr either way)."""
+    got, ref, init = load_file(path), load_file(ref_path), load_file(init_path)
+    assert got.keys() == ref.keys() == init.keys() and len(ref) > 0
+    assert all(torch.equal(v, init[k]) for k, v in load_file(got_init_path).items())
+    bound = ADAM_LR * sum(adam_step_bound(t) for t in range(1, STEPS + 1))
+    for k in ref:
+        moved, ref_moved = got[k] - init[k], ref[k] - init[k]
+        slack = 2 * STEPS * EPS * float(init[k].abs().max())  # the rounding of the updates themselves
+        for m in (moved, ref_moved):
+            assert float(m.abs().max()) <= bound + slack, k
+        strong = ref_moved.abs() > bound / 2
+        if k not in no_signal:
+            assert torch.equal(moved[strong].sign(), ref_moved[strong].sign()), k
 
 
 def assert_export_is_trained_model(run: Path):
@@ -161,16 +205,22 @@ def test_ddp_matches_single_process(naive, tmp_path):
     assert result["world_size"] == 2
     assert_same_supervised(result, ref, tmp_path, naive["out"])
     # Shared base: both roles' grads averaged by one all-reduce each, equal to one process.
-    assert result["shared"]["loss"] == pytest.approx(ref["shared"]["loss"], rel=RTOL_LOSS)
-    assert (pytest.approx(sum(result["shared"]["grad_norm"], []), rel=RTOL_LOSS)
-            == sum(ref["shared"]["grad_norm"], []))
-    for role in ("actor", "critic"):
-        assert_same_weights(tmp_path / f"shared-{role}.safetensors", naive["out"] / f"shared-{role}.safetensors",
-                            atol_all=ATOL_SGD)
+    assert_same_shared(result["shared"], naive, tmp_path)
     assert result["shared"]["whiten_err"] < 1e-12  # global whitening statistics over both ranks
     assert_export_is_trained_model(tmp_path)
     assert_same_ppo(result["ppo"], naive, tmp_path)
     assert result["ppo"]["drift"] == [0.0, 0.0]  # both ranks' replicas identical
+
+
+def assert_same_shared(got: dict, naive: dict, run: Path):
+    """Both roles' gradients averaged over the ranks (one all-reduce each) equal one process's:
+    3 plain SGD steps on one fixed batch of 8 x 24 tokens."""
+    ref = naive["result"]["shared"]
+    assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+    assert pytest.approx(sum(got["grad_norm"], []), rel=RTOL) == sum(ref["grad_norm"], [])
+    for role in ("actor", "critic"):
+        assert_same_weights(run / f"shared-{role}.safetensors", naive["out"] / f"shared-{role}.safetensors",
+                            lr=SHARED_LR, momentum=0.0)
 
 
 def assert_same_ppo(got: dict, naive: dict, run: Path):
@@ -180,27 +230,30 @@ def assert_same_ppo(got: dict, naive: dict, run: Path):
     ref = naive["result"]["ppo"]
     assert got["response_length"] == ref["response_length"] == [8.0] * STEPS
     assert got["reward"] == pytest.approx(ref["reward"], rel=1e-6)
-    for key in ("policy_loss", "value_loss"):
-        assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
-    for role in ("actor", "critic"):
-        assert_same_weights(run / f"ppo-{role}.safetensors", naive["out"] / f"ppo-{role}.safetensors")
+    for key in ("policy_loss", "value_loss"):  # means of terms that cancel: relative to their scale
+        scale = max(map(abs, ref[key]))
+        assert got[key] == pytest.approx(ref[key], rel=RTOL, abs=RTOL * scale), key
+    for role in ("actor", "critic"):  # 2 epochs x 1 mini-batch a step: 2 SGD steps per PPO step
+        assert_same_weights(run / f"ppo-{role}.safetensors", naive["out"] / f"ppo-{role}.safetensors",
+                            steps=2 * STEPS, lr=PPO_LR, momentum=0.0)
 
 
 @pytest.mark.parametrize("stage,offload", [(2, "none"), (3, "cpu")])
 def test_fsdp_matches_single_process(naive, tmp_path, stage, offload):
     """SFT, reward model and greedy PPO under FSDP equal one process, and so does an SFT run
     resumed from a sharded checkpoint (each rank saved and reloaded only its shard of the model
-    and of the AdamW state)."""
+    and of the optimizer's momentum)."""
     result = launch(tmp_path, "--strategy", "fsdp", "--stage", str(stage), "--offload", offload, "--tasks",
                     "sft,resume,rm,ppo", "--ckpt-format", "sharded", "--greedy")
     assert_same_supervised(result, naive["result"], tmp_path, naive["out"])
     assert_same_run(result["resume"], naive["result"]["resume"])
     assert_same_ppo(result["ppo"], naive, tmp_path)
-    assert_same_weights(tmp_path / "resumed.safetensors", naive["out"] / "resumed.safetensors")
+    assert_same_weights(tmp_path / "resumed.safetensors", naive["out"] / "resumed.safetensors", steps=STEPS + 2)
     ckpt = tmp_path / "sft/checkpoints" / f"step-{STEPS:07d}"
     assert sorted(p.name for p in ckpt.glob("model*")) == [f"model.rank0000{r}-of-00002.safetensors" for r in (0, 1)]
     # after the resumed run, the export is the 5-step model, as in one process
-    assert_same_weights(tmp_path / "sft/final/model.safetensors", naive["out"] / "sft/final/model.safetensors")
+    assert_same_weights(tmp_path / "sft/final/model.safetensors", naive["out"] / "sft/final/model.safetensors",
+                        steps=STEPS + 2)
 
 
 def test_fsdp3_sharding_checkpoints_and_resume(naive, tmp_path):
@@ -215,12 +268,12 @@ def test_fsdp3_sharding_checkpoints_and_resume(naive, tmp_path):
     for task in ("sft", "resume", "rm"):
         assert_same_run(result[task], ref[task])
     assert_same_weights(tmp_path / "sft.safetensors", naive["out"] / "sft.safetensors")
-    assert_same_weights(tmp_path / "resumed.safetensors", naive["out"] / "resumed.safetensors")
+    assert_same_weights(tmp_path / "resumed.safetensors", naive["out"] / "resumed.safetensors", steps=STEPS + 2)
     # after the resumed run, the export is the 5-step model, as in one process
-    assert_same_weights(tmp_path / "sft/final/model.safetensors", naive["out"] / "sft/final/model.safetensors")
-    assert_same_weights(tmp_path / "rm.safetensors", naive["out"] / "rm.safetensors", noisy=("head.bias",))
+    assert_same_weights(tmp_path / "sft/final/model.safetensors", naive["out"] / "sft/final/model.safetensors",
+                        steps=STEPS + 2)
+    assert_same_weights(tmp_path / "rm.safetensors", naive["out"] / "rm.safetensors")
     # naive -> FSDP: loaded into a sharded model and gathered back, bit for bit.
-    assert_same_weights(tmp_path / "reloaded.safetensors", naive["out"] / "sft.safetensors")
     got, ref_state = load_file(tmp_path / "reloaded.safetensors"), load_file(naive["out"] / "sft.safetensors")
     assert all(torch.equal(got[k], ref_state[k]) for k in ref_state)
     # FSDP -> naive: the FSDP checkpoint loads into a plain model under NaiveStrategy.
@@ -245,12 +298,7 @@ def test_fsdp_ppo_on_one_shared_base(naive, tmp_path):
     and the base is sharded in halves again afterwards."""
     result = launch(tmp_path, "--strategy", "fsdp", "--stage", "3", "--offload", "cpu", "--tasks",
                     "shared,ppo,uneven", "--greedy")
-    ref = naive["result"]["shared"]
-    assert result["shared"]["loss"] == pytest.approx(ref["loss"], rel=RTOL_LOSS)
-    assert pytest.approx(sum(result["shared"]["grad_norm"], []), rel=RTOL_LOSS) == sum(ref["grad_norm"], [])
-    for role in ("actor", "critic"):
-        assert_same_weights(tmp_path / f"shared-{role}.safetensors", naive["out"] / f"shared-{role}.safetensors",
-                            atol_all=ATOL_SGD)
+    assert_same_shared(result["shared"], naive, tmp_path)
     assert_same_ppo(result["ppo"], naive, tmp_path)
     uneven = result["uneven"]
     assert uneven["lengths"] == [1, 12]
@@ -275,11 +323,18 @@ def test_deepspeed_zero2_offload_matches_single_process(naive, naive_accum, tmp_
     """ZeRO-2 + optimizer CPU offload with 2 accumulated micro-batches per rank (each backward
     tells the engine whether it is the last: ZeRO-2 reduces at that boundary and would keep only
     the last micro-batch otherwise), and PPO with actor and critic as two engines on one base.
-    Weights measured within 4.8e-5 of one process (a single o_proj element; Adam on a
-    near-zero gradient), under the 6e-5 bound; a lost micro-batch moves them by ~lr."""
+    SFT and the reward model train with the trainers' AdamW, offloaded (DeepSpeed steps it on
+    the CPU copy of the weights): losses and gradient norms to rounding, weights to what Adam
+    guarantees (module doc). The reward head's bias has a true gradient of exactly 0 (the
+    pairwise loss depends on r_chosen - r_rejected only): only its bound is checked."""
     result = launch(tmp_path, "--strategy", "deepspeed", "--stage", "2", "--offload", "cpu", "--accum", "2",
-                    "--tasks", "sft,rm,ppo", "--greedy")
-    assert_same_supervised(result, naive_accum["result"], tmp_path, naive_accum["out"])
+                    "--tasks", "sft,rm,ppo", "--greedy", optim="adamw")
+    ref_out = naive_accum["out"]
+    for task in ("sft", "rm"):
+        assert_same_run(result[task], naive_accum["result"][task])
+        assert_adam_consistent(tmp_path / f"{task}.safetensors", ref_out / f"{task}.safetensors",
+                               ref_out / f"{task}-init.safetensors", tmp_path / f"{task}-init.safetensors",
+                               no_signal=("head.bias",))
     assert_same_ppo(result["ppo"], naive, tmp_path)
     assert_export_is_trained_model(tmp_path)
 
@@ -311,7 +366,7 @@ def test_cli_sft_multiprocess(tmp_path, rows, launcher, strategy):
     if launcher == "torchrun":
         proc = torchrun(args)
     else:
-        proc = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
     assert "sft: 3 steps" in proc.stdout  # printed by rank 0 only
     assert proc.stdout.count("sft: 3 steps") == 1
@@ -324,9 +379,10 @@ def test_cli_sft_multiprocess(tmp_path, rows, launcher, strategy):
 def test_fsdp_bf16_mixed_precision_lora(naive, tmp_path):
     """MixedPrecisionPolicy(param_dtype=bf16) over a bf16 base with fp32 adapters: the run is
     finite and within bf16 precision of the fp32 run (first loss: same weights, relative 2e-2,
-    bf16 keeps 8 bits of mantissa ~ 4e-3 per operation), and only fp32 adapter tensors are saved."""
+    bf16 keeps 8 bits of mantissa ~ 4e-3 per operation), and only fp32 adapter tensors are saved.
+    AdamW here (the trainers' own optimizer): the loss must fall in 3 steps."""
     result = launch(tmp_path, "--strategy", "fsdp", "--stage", "2", "--tasks", "sft", "--lora", "4",
-                    "--dtype", "bf16")
+                    "--dtype", "bf16", optim="adamw")
     ref = naive["lora_result"]["sft"]["loss"]
     got = result["sft"]["loss"]
     assert all(math.isfinite(x) for x in got)

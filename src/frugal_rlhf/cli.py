@@ -47,42 +47,27 @@ def config_from_args(cls, args):
     return from_dict(cls, data, source=getattr(args, "config", None) or "flags")
 
 
-def strategy_from_config(cfg):
-    from .strategies import make_strategy as build
-
-    return build(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage, offload=cfg.offload)
-
-
 def cmd_sft(args):
     from .trainers.supervised import SFTTrainer
 
-    cfg = config_from_args(STAGE_CONFIGS["sft"], args)
-    strategy = strategy_from_config(cfg)
-    strategy.setup_distributed()
-    try:
-        metrics = SFTTrainer(strategy, cfg).fit()
-        steps = [m for m in metrics if m["step"] > 0]
-        if steps:
-            from .report import edge_window, first_mean, last_mean
+    cfg, metrics = _run_stage(STAGE_CONFIGS["sft"], SFTTrainer, args)
+    steps = [m for m in metrics if m["step"] > 0]
+    if steps:
+        from .report import edge_window, first_mean, last_mean
 
-            held_out = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-            # single steps are one batch each: means of a few steps at each end say more
-            print(f"sft: {len(steps)} steps, training loss {first_mean(steps, 'loss'):.4f} -> {last_mean(steps, 'loss'):.4f} "
-                  f"(means of the first and last {edge_window(len(steps))} steps)"
-                  + (f", held-out loss {held_out[0]:.4f} -> {held_out[-1]:.4f}" if len(held_out) > 1 else "")
-                  + f"; model in {cfg.output}/final")
-    finally:
-        strategy.cleanup()
+        held_out = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+        # single steps are one batch each: means of a few steps at each end say more
+        print(f"sft: {len(steps)} steps, training loss {first_mean(steps, 'loss'):.4f} -> {last_mean(steps, 'loss'):.4f} "
+              f"(means of the first and last {edge_window(len(steps))} steps)"
+              + (f", held-out loss {held_out[0]:.4f} -> {held_out[-1]:.4f}" if len(held_out) > 1 else "")
+              + f"; model in {cfg.output}/final")
 
 
 def _run_stage(cls, build, args):
+    from .stages import run_stage
+
     cfg = config_from_args(cls, args)
-    strategy = strategy_from_config(cfg)
-    strategy.setup_distributed()
-    try:
-        return cfg, build(strategy, cfg).fit()
-    finally:
-        strategy.cleanup()
+    return cfg, run_stage(cfg, build)
 
 
 def cmd_rm(args):

@@ -32,10 +32,19 @@ def _cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def compute_dtype(device: torch.device | None = None, override: str | None = None) -> torch.dtype:
-    """The dtype for frozen weights and activations: "auto" picks bf16 when it is fast."""
-    if override and override != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[override]
+    """The dtype for frozen weights and activations: "auto" picks bf16 when it is fast, unless
+    the environment variable FRUGAL_DTYPE (bf16|fp16|fp32) says which: one switch that makes a
+    whole run, or the test suite, compute in the same dtype on every machine."""
+    if not override or override == "auto":
+        override = os.environ.get("FRUGAL_DTYPE") or "auto"
+    if override != "auto":
+        if override not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {override!r} (check FRUGAL_DTYPE)")
+        return DTYPES[override]
     device = device or default_device()
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

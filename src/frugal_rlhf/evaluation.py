@@ -17,6 +17,7 @@ import torch
 
 from .data.tokenize import PromptCollator, encode_prompt
 from .generation import SampleConfig, sample
+from .models.modes import inference
 from .models.roles import Actor, SharedLM
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -51,6 +52,7 @@ def sample_with_logprobs(actor: Actor, tokenizer, prompts, cfg: SampleConfig, se
     gen = torch.Generator().manual_seed(seed)
     device = next(actor.parameters()).device
     texts, lengths, logps = [], [], [[] for _ in range(1 + len(others))]
+    inference(actor, *others)  # no dropout in sampling or scoring (models.modes)
     for i in range(0, len(prompts), batch_size):
         batch = collate([{"prompt_ids": encode_prompt(tokenizer, p, max_prompt_length)}
                          for p in prompts[i:i + batch_size]])
@@ -86,6 +88,7 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
         model, tokenizer, prompts, cfg, seed, batch_size, max_prompt_length, autocast, others=(baseline,))
     old_texts, old_len, _ = sample_with_logprobs(baseline, tokenizer, prompts, cfg, seed, batch_size,
                                                  max_prompt_length, autocast)
+    inference(reward_model)
     r_new = reward_model.score(prompts, new_texts).tolist()
     r_old = reward_model.score(prompts, old_texts).tolist()
     refs = [r.get("reference") for r in rows]

@@ -41,6 +41,8 @@ class PipelineConfig:
     seed: int = 42
     dtype: str = "auto"
     strategy: str = "naive"
+    zero_stage: int = 3         # fsdp | deepspeed (as the stages' own field)
+    offload: str = "none"       # none | cpu
     split: SplitConfig = field(default_factory=SplitConfig)
     sft: dict = field(default_factory=dict)     # SFTConfig fields
     prefs: dict = field(default_factory=dict)   # prefs.build_pairs arguments: labeler, temperatures, ...
@@ -102,7 +104,8 @@ class Pipeline:
 
     def common(self) -> dict:
         c = self.cfg
-        return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "resume": True}
+        return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "zero_stage": c.zero_stage,
+                "offload": c.offload, "resume": True}
 
     def run(self):
         from .runlog import setup_logging
@@ -132,14 +135,9 @@ class Pipeline:
         times.write_text(json.dumps({**saved, **self.timings}, indent=2) + "\n")
 
     def _run_trainer(self, cfg, build):
-        from .strategies import make_strategy
+        from .stages import run_stage
 
-        strategy = make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype)
-        strategy.setup_distributed()
-        try:
-            return build(strategy, cfg).fit()
-        finally:
-            strategy.cleanup()
+        return run_stage(cfg, build)
 
     def run_sft(self):
         from .trainers.supervised import SFTTrainer

@@ -94,14 +94,10 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
     measured on the spot in the compute dtype. The strategy is the config's: a distributed one
     runs under torchrun, its rates and FLOPs are the whole job's, and MFU is against the peak
     of all its processes."""
-    from ..strategies import make_strategy
+    from ..stages import run_stage
 
-    strategy = make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage,
-                             offload=cfg.offload)
-    strategy.setup_distributed()
-    try:
-        trainer = build(strategy, cfg)
-        metrics = [m for m in trainer.fit() if m.get("step", 0) > 1]  # step 1 is warm-up
+    def report(strategy, trainer, metrics):
+        metrics = [m for m in metrics if m.get("step", 0) > 1]  # step 1 is warm-up
         peak_mem = strategy.max_over_ranks(peak_memory_bytes(strategy.device))
         if not strategy.is_rank0:  # the metrics are rank 0's (already reduced over the ranks)
             return {}, []
@@ -115,9 +111,9 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
             tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
             peak = flops.measure_peak_tflops(strategy.device, strategy.dtype) * strategy.world_size
             out.update(tflops=stats(tflops), peak_tflops=peak, mfu=statistics.median(tflops) / peak)
-    finally:
-        strategy.cleanup()
-    return out, metrics
+        return out, metrics
+
+    return run_stage(cfg, build, report)
 
 
 def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto",

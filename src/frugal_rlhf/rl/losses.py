@@ -155,8 +155,23 @@ def group_advantages(score: Tensor, group_size: int, eps: float = 1e-6) -> Tenso
     if group_size < 2 or score.numel() % group_size:
         raise ValueError(f"group advantages need groups of 2+ completions; got {score.numel()} scores "
                          f"in groups of {group_size}")
-    g = score.view(-1, group_size)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+    g = score.view(-1, group_size).double()
+    dev = g - g.mean(1, keepdim=True)
+    # float64 keeps the mean of equal float32 scores exact (their deviations exactly 0); a
+    # float64 input can still leave ~eps * |score| of rounding, which the mask also zeroes.
+    adv = torch.where(zero_spread(score, group_size)[:, None], torch.zeros_like(dev),
+                      dev / (g.std(1, keepdim=True) + eps))
+    return adv.to(score.dtype).view(-1)
+
+
+def zero_spread(score: Tensor, group_size: int) -> Tensor:
+    """[B // group_size] bool: the groups whose scores are all equal up to the rounding of
+    ``score``'s dtype (spread <= 4 eps |score|), which carry no signal. A tied group's
+    float32 std is not 0 (its mean is not exact), and dividing by it turned noise into
+    advantages of up to +-0.64."""
+    g = score.view(-1, group_size).double()
+    spread = g.max(1).values - g.min(1).values
+    return spread <= 4 * torch.finfo(score.dtype).eps * g.abs().max(1).values
 
 
 # ------------------------------------------------------------------------ PPO losses

@@ -19,6 +19,7 @@ from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversa
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
 from ..models.export import export_adapter, export_merged
+from ..models.modes import inference, train_without_dropout
 from ..models.roles import last_token_index
 from ..rl import losses as L
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
@@ -158,6 +159,7 @@ class PPOTrainer(Trainer):
         batch = self.loader.next_batch()
         dev = self.strategy.device
         reset_phase_peak(dev)
+        inference(self.actor, self.critic, self.reference, self.reward_model)
         with self.strategy.unsharded(self.actor):
             exp, timing = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
                                           batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
@@ -177,6 +179,8 @@ class PPOTrainer(Trainer):
                  **timing, **stats}
         if self.critic is not None:
             local["explained_variance"] = L.explained_variance(exp.values, exp.returns, mask)
+        else:  # groups whose completions all scored the same: no signal (common with verifiable rewards)
+            local["zero_std_frac"] = float(L.zero_spread(exp.rewards.sum(1), self.config.group_size).float().mean())
         if self.config.normalize_reward:
             local["reward_norm"] = float(self.moments.normalize(exp.score).mean())
         # Every rank logs, and the KL controller adapts to, the global batch (a rank's own
@@ -201,7 +205,7 @@ class PPOTrainer(Trainer):
     def update(self, exp) -> dict:
         cfg, sums, count = self.config, {}, 0
         for model in self.models.values():
-            model.train()
+            train_without_dropout(model)
         temp = cfg.temperature if cfg.temperature > 0 else 1.0
         # Mini-batches of whole groups let the update encode each prompt once per group too.
         group = cfg.group_size if cfg.batch_size % cfg.group_size == 0 else 1
@@ -294,6 +298,7 @@ class PPOTrainer(Trainer):
         scores, kls = [], []
         gen = torch.Generator().manual_seed(self.config.seed + 1)
         dev = self.strategy.device
+        inference(self.actor, self.critic, self.reference, self.reward_model)
         for i in range(0, len(self.eval_rows), self.config.rollout_batch_size):
             batch = collate(self.eval_rows[i:i + self.config.rollout_batch_size])
             with self.strategy.unsharded(self.actor):

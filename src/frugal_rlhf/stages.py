@@ -1,0 +1,25 @@
+"""One way to run a training stage, shared by the command line, the pipeline and the benchmarks:
+the config's strategy (every strategy field: name, seed, dtype, ZeRO stage, offload) is built
+here and nowhere else, so no caller can drop a field."""
+from __future__ import annotations
+
+
+def make_strategy(cfg):
+    """The strategy a stage config asks for."""
+    from .strategies import make_strategy as build
+
+    return build(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage, offload=cfg.offload)
+
+
+def run_stage(cfg, build, report=None):
+    """Train `build(strategy, cfg)` under the config's strategy and return its metrics, or
+    `report(strategy, trainer, metrics)` when given (called while the process group is still
+    up, e.g. to reduce numbers over the ranks). The strategy is torn down in every case."""
+    strategy = make_strategy(cfg)
+    strategy.setup_distributed()
+    try:
+        trainer = build(strategy, cfg)
+        metrics = trainer.fit()
+        return report(strategy, trainer, metrics) if report else metrics
+    finally:
+        strategy.cleanup()

@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from frugal_rlhf.device import compute_dtype
+
+
+def test_frugal_dtype_forces_what_auto_resolves_to(monkeypatch):
+    """FRUGAL_DTYPE decides "auto" on every machine (a CPU with or without fast bf16 alike); an
+    explicit dtype still wins; a misspelt value is refused, naming the variable."""
+    cpu = torch.device("cpu")
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        monkeypatch.setenv("FRUGAL_DTYPE", name)
+        assert compute_dtype(cpu) == compute_dtype(cpu, "auto") == dtype
+        assert compute_dtype(cpu, "fp16") == torch.float16
+    monkeypatch.setenv("FRUGAL_DTYPE", "float32")
+    with pytest.raises(ValueError, match="FRUGAL_DTYPE"):
+        compute_dtype(cpu)
+    monkeypatch.delenv("FRUGAL_DTYPE")
+    assert compute_dtype(cpu) in (torch.bfloat16, torch.float32)  # the hardware's choice
