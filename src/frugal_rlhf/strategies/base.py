@@ -15,15 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..device import autocast, compute_dtype, default_device
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+from ..rundir import atomic_write
 
 
 def module_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -155,7 +147,8 @@ class NaiveStrategy:
     def optimizer_step(self, optim, max_grad_norm: float | None = None, model=None) -> float:
         params = [p for group in optim.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-        optim.step()
+        if torch.isfinite(norm):  # a non-finite gradient is never applied (the trainer counts the skip)
+            optim.step()
         optim.zero_grad(set_to_none=True)
         return float(norm)
 
