@@ -102,7 +102,8 @@ class Pipeline:
 
     def common(self) -> dict:
         c = self.cfg
-        return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "resume": True}
+        # resume a stage from its checkpoint; one killed before its first checkpoint starts again
+        return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "resume": True, "overwrite": True}
 
     def run(self):
         from .runlog import setup_logging
