@@ -135,6 +135,28 @@ def test_resume_refuses_a_changed_run_and_records_what_may_change(tmp_path):
     assert recorded["history"] == [{"resumed_at_step": 2, "changed": {"max_steps": [4, 6], "save_every": [2, 3]}}]
 
 
+def test_ppo_resume_identity_covers_kl_and_the_reward_model(tmp_path):
+    from frugal_rlhf.config import PPOConfig
+    from frugal_rlhf.rundir import reconcile, run_identity
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "score_head.safetensors").write_bytes(b"head v1")
+    then = PPOConfig(model="tiny-llama", reward_model=str(rm), max_steps=40, schedule_steps=40)
+    recorded = run_identity(then)
+    with pytest.raises(UserError, match=r"reward_model .* -> 'other'; kl_coef 0.05 -> 0.2"):
+        reconcile(PPOConfig(model="tiny-llama", reward_model="other", kl_coef=0.2), recorded, step=10)
+    (rm / "score_head.safetensors").write_bytes(b"head v2")  # retrained in place
+    with pytest.raises(UserError, match="contents of reward_model"):
+        reconcile(PPOConfig(model="tiny-llama", reward_model=str(rm)), recorded, step=10)
+    (rm / "score_head.safetensors").write_bytes(b"head v1")
+    with pytest.raises(UserError, match="--max-steps 5 is below the checkpoint's step 10"):
+        reconcile(PPOConfig(model="tiny-llama", reward_model=str(rm), max_steps=5), recorded, step=10)
+    now = PPOConfig(model="tiny-llama", reward_model=str(rm), max_steps=60, eval_every=5)
+    assert reconcile(now, recorded, step=10) == {"eval_every": [0, 5], "max_steps": [40, 60]}
+    assert now.schedule_steps == 40
+
+
 # ---- 3. a fresh run never mixes with an old one ------------------------------------------------------
 def test_fresh_run_into_an_old_run_is_refused_unless_overwrite(tmp_path, rows):
     sft(tmp_path, rows=rows, max_steps=6)

@@ -107,10 +107,11 @@ class Trainer:
             self.resume_from, meta = found
             changes = reconcile(cfg, meta, meta["step"])
             self.history_entry = {"resumed_at_step": meta["step"], **({"changed": changes} if changes else {})}
-        elif holds_a_run(self.out):
+        leftovers = [] if found else holds_a_run(self.out)
+        self.strategy.barrier()  # every rank has looked before rank 0 changes anything
+        if leftovers:
             if not cfg.overwrite:
-                what = ", ".join(holds_a_run(self.out)[:4])
-                raise UserError(f"{self.out} already holds a run ({what})" + (
+                raise UserError(f"{self.out} already holds a run ({', '.join(leftovers[:4])})" + (
                     ": it has no complete checkpoint to resume; add --overwrite to start it again from step 0"
                     if cfg.resume else ": add --resume to continue it, or --overwrite to replace it"))
             if self.strategy.is_rank0:
