@@ -48,9 +48,15 @@ def sft(tmp_path, stop_at=None, rows=None, **kw):
 
 
 def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
+    """(exit code, stdout, the error and traceback lines of stderr) of one `frugal` command."""
+    logger = logging.getLogger("frugal_rlhf")
+    logger.handlers.clear()  # the CLI's handler then writes to this test's (captured) stderr
+    try:
+        code = main([str(a) for a in argv])
+    finally:
+        logger.handlers.clear()
     err = capsys.readouterr()
-    return code, err.out, [line for line in err.err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    return code, err.out, [line for line in err.err.splitlines() if "error:" in line or "Traceback" in line]
 
 
 def all_finite(directory: Path) -> bool:
