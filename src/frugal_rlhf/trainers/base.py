@@ -118,8 +118,11 @@ class Trainer:
                 log.warning("--overwrite: removing the previous run in %s", self.out)
                 clear_run(self.out)
             self.strategy.barrier()
+        # Defaults resolved, so that config.yaml records the values in effect (and a resumed run keeps them).
         if cfg.schedule_steps is None:
-            cfg.schedule_steps = cfg.max_steps  # recorded as in effect, and kept by a resumed run
+            cfg.schedule_steps = cfg.max_steps
+        if cfg.lr is None:
+            cfg.lr = cfg.learning_rate()
         self.identity = run_identity(cfg)
 
     def checkpoint_activations(self, *roles):
