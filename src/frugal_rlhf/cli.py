@@ -344,8 +344,7 @@ def main(argv=None):
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if not isinstance(e, OSError) or e.filename is None or str(e.filename) in text else f"{e.filename}: {text}"
+    return " ".join(str(e).split()) or type(e).__name__  # an OSError's text names its path
 
 
 if __name__ == "__main__":
