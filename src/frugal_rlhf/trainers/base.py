@@ -150,9 +150,9 @@ class Trainer:
         """Train to config.max_steps (or stop after step `stop_at`, e.g. to continue later)."""
         cfg = self.config
         start = self.resume() if self.resume_from else 0
+        self.check_disk_space()  # before the run writes anything: a rerun after freeing space is a fresh run
         self.run = RunDir(self.out, cfg, resume_step=start, enabled=self.strategy.is_rank0,
                           history_entry=self.history_entry)
-        self.check_disk_space()
         last = min(cfg.max_steps, stop_at or cfg.max_steps)
         if start == 0 and self.evaluate_at_start:
             baseline = self.evaluate()
