@@ -187,7 +187,7 @@ def test_unknown_extension_and_bad_containers(tmp_path):
     with pytest.raises(DataError, match="exactly one list"):
         list(read_records(tmp_path / "two.json"))
     (tmp_path / "cut.json").write_text('[{"a": 1}, {"a": ')
-    with pytest.raises(DataError, match="recover_json_array"):
+    with pytest.raises(DataError, match=r"row 2: the file ends inside this record.*--skip-bad-rows keeps the 1 complete"):
         list(read_records(tmp_path / "cut.json"))
     (tmp_path / "plain_dir").mkdir()
     with pytest.raises(DataError, match="save_to_disk"):
@@ -264,9 +264,9 @@ def test_bad_rows_name_file_row_and_field(tmp_path):
     e = error_of([{"instruction": 3, "output": "x"}], "sft")
     assert str(e) == "data.jsonl, row 1, field 'instruction': wrong type: expected a string, got int"
 
-    e = error_of([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 11 + [{"prompt": "p", "chosen": " ", "rejected": "b"}],
+    e = error_of([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 11 + [{"prompt": "p", "chosen": 3, "rejected": "b"}],
                  "preference", file="my.jsonl")
-    assert str(e) == "my.jsonl, row 12, field 'chosen': empty answer"
+    assert str(e).startswith("my.jsonl, row 12, field 'chosen': wrong type")
     e = error_of([{"instruction": "q", "output": ""}], "sft")
     assert str(e) == "data.jsonl, row 1, field 'output': empty answer"
     e = error_of([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}], "sft")
@@ -327,9 +327,10 @@ def test_hh_with_different_prompts_is_a_bad_row():
     assert e.field == "rejected" and "do not share the same prompt" in str(e)
     e = error_of([{"chosen": "Paris.", "rejected": "London."}], "preference")
     assert e.field == "chosen" and "Human:" in str(e)
-    e = error_of([{"chosen": HH_SINGLE_CHOSEN, "rejected": "\n\nHuman: What is the capital of France?\n\nAssistant:"}],
-                 "preference")
-    assert str(e) == "data.jsonl, row 1, field 'rejected': empty answer"
+    # An empty answer is a real (if extreme) preference, as in Anthropic HH: kept, not a bad row.
+    rows, skipped = normalize([{"chosen": HH_SINGLE_CHOSEN,
+                                "rejected": "\n\nHuman: What is the capital of France?\n\nAssistant:"}], "preference")
+    assert skipped == 0 and rows[0]["rejected"] == "" and rows[0]["chosen"] == "Paris."
 
 
 def test_preference_with_message_lists_and_margin():

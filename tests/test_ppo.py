@@ -93,6 +93,17 @@ def test_ppo_resume_equals_uninterrupted(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+def test_grpo_resume_equals_uninterrupted(tmp_path):
+    kw = dict(max_steps=4, save_every=2, advantage="group", group_size=4, rollout_batch_size=4)
+    _, full = run_ppo(tmp_path / "a", **kw)
+    run_ppo(tmp_path / "b", stop_at=2, **kw)
+    _, resumed = run_ppo(tmp_path / "b", resume=True, **kw)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        for key in ("reward", "kl", "policy_loss", "kl_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
 def test_roles_on_one_base_equal_separate_models_and_share_storage(tmp_path):
     actor, critic, ref, tok = shared_roles(rank=4)
     torch.manual_seed(1)

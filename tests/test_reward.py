@@ -29,14 +29,14 @@ def marker_pairs(n, seed=0):
     return rows
 
 
-def train_rm(tmp_path, rows, **kw):
+def train_rm(tmp_path, rows, stop_at=None, **kw):
     cfg = RewardConfig(**{"model": "tiny-llama", "output": str(tmp_path / "rm"), "max_steps": 60, "batch_size": 8,
                           "lr": 3e-3, "max_length": 96, "save_every": 0, "eval_every": 0, "dtype": "auto",
                           "eval_split": 0.2, "seed": TEST_SEED, **kw})
     strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
     strategy.setup_distributed()
     trainer = RewardTrainer(strategy, cfg, rows=rows)
-    return trainer, trainer.fit()
+    return trainer, trainer.fit(stop_at=stop_at)
 
 
 def test_reward_model_learns_marker_task_and_reloads(tmp_path):
@@ -68,6 +68,18 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path):
     # --eval-only scoring of the held-out pairs agrees with training's own evaluation.
     held = evaluate_reward_model(reloaded, trainer.eval_loader.dataset.rows, max_length=96)
     assert held["accuracy"] == pytest.approx(result["accuracy"])
+
+
+def test_reward_model_resume_equals_uninterrupted(tmp_path):
+    rows = marker_pairs(40)
+    _, full = train_rm(tmp_path / "a", rows, max_steps=6, save_every=2)
+    train_rm(tmp_path / "b", rows, max_steps=6, save_every=2, stop_at=4)
+    _, resumed = train_rm(tmp_path / "b", rows, max_steps=6, save_every=2, resume=True)
+    assert [m["step"] for m in resumed] == [m["step"] for m in full]
+    for a, b in zip(full[5:], resumed[5:]):  # the step-0 evaluation, then steps 5 and 6
+        for key in ("loss", "accuracy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert full[-1]["eval_accuracy"] == resumed[-1]["eval_accuracy"]
 
 
 def test_score_read_at_last_real_token_any_padding():

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 from .config import STAGE_CONFIGS, from_dict, load_yaml
+from .errors import FrugalError
 from .runlog import setup_logging
 
 log = logging.getLogger("frugal_rlhf")
@@ -79,6 +80,9 @@ def cmd_rm(args):
     cfg, metrics = _run_stage(STAGE_CONFIGS["rm"], RewardTrainer, args)
     if metrics:
         result = json.loads((Path(cfg.output) / "eval.json").read_text())
+        if result["accuracy"] is None:  # --eval-split 0 (or too few rows to hold any out)
+            print(f"rm: held-out accuracy not measured (no held-out pairs); reward model in {cfg.output}")
+            return
         print(f"rm: held-out accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs, mean margin "
               f"{result['mean_margin']:.3f}; reward model in {cfg.output}")
 
@@ -311,12 +315,21 @@ def main(argv=None):
             return 2
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except FrugalError as e:  # a complete one-line explanation from below (errors.py)
         if args.verbose:
             raise
         print(f"frugal {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, KeyError, OSError) as e:  # bad input, or the OS refusing a path (it names the path)
+        if args.verbose:
+            raise
+        print(f"frugal {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__  # an OSError's text names its path
 
 
 if __name__ == "__main__":

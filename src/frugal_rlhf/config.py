@@ -31,7 +31,7 @@ class TrainConfig:
     max_length: int = 512
     eval_every: int = 50               # 0 = only at the end
     save_every: int = 50               # 0 = no intermediate checkpoints
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2          # the newest N checkpoints are kept; 0 = keep all
     checkpoint_format: str = "full"    # full: one file any strategy loads | sharded (fsdp): each rank its shard
     gradient_checkpointing: bool = False
     seed: int = 42
@@ -40,6 +40,9 @@ class TrainConfig:
     zero_stage: int = 3
     offload: str = "none"              # none | cpu
     resume: bool = False
+    overwrite: bool = False            # a fresh run may replace the run already in --output
+    max_nonfinite_steps: int = 3       # stop after this many updates in a row skipped for NaN/inf
+    schedule_steps: int | None = None  # LR schedule length; default max_steps (a resumed run keeps its own)
     trust_remote_code: bool = False
 
     def learning_rate(self) -> float:
@@ -118,4 +121,5 @@ def load_yaml(path) -> dict:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of field: value")
+    data.pop("history", None)  # a run's config.yaml may be reused as --config: its history is not a field
     return data

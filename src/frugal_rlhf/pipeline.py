@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .config import PPOConfig, RewardConfig, SFTConfig, from_dict
-from .runlog import atomic_write
+from .rundir import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -104,8 +104,9 @@ class Pipeline:
 
     def common(self) -> dict:
         c = self.cfg
+        # resume a stage from its checkpoint; one killed before its first checkpoint starts again
         return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "zero_stage": c.zero_stage,
-                "offload": c.offload, "resume": True}
+                "offload": c.offload, "resume": True, "overwrite": True}
 
     def run(self):
         from .runlog import setup_logging

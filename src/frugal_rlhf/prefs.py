@@ -25,7 +25,7 @@ import torch
 
 from .data.tokenize import PromptCollator, encode_prompt, stop_tokens
 from .generation import SampleConfig, sample
-from .runlog import atomic_write
+from .rundir import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
 

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 import yaml
 
+from .errors import UserError
+from .rundir import atomic_write
+
 log = logging.getLogger("frugal_rlhf")
 
 
@@ -33,7 +36,10 @@ def setup_logging(level=logging.INFO):
 
 
 class RunDir:
-    def __init__(self, path, config=None, resume_step: int = 0, enabled: bool = True):
+    def __init__(self, path, config=None, resume_step: int = 0, enabled: bool = True,
+                 history_entry: dict | None = None):
+        """`history_entry` (a resume, and the settings it changed) is appended to the history
+        that config.yaml keeps below the settings in effect."""
         self.path = Path(path)
         self.enabled = enabled
         self.metrics_path = self.path / "metrics.jsonl"
@@ -42,20 +48,43 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if config is not None:
             data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-            (self.path / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+            history = self._history() + ([history_entry] if history_entry else [])
+            if history:
+                data["history"] = history
+            write_text_durably(self.path / "config.yaml", yaml.safe_dump(data, sort_keys=False))
         # A resumed run continues the curve from its checkpoint: drop rows logged after it.
-        rows = [r for r in self.read_metrics() if r.get("step", 0) <= resume_step]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = [r for r in self.read_metrics(repair=True) if r.get("step", 0) <= resume_step]
+        write_text_durably(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def _history(self) -> list:
+        try:
+            return (yaml.safe_load((self.path / "config.yaml").read_text()) or {}).get("history", [])
+        except (OSError, yaml.YAMLError, AttributeError):
+            return []
 
     def log(self, row: dict):
         if self.enabled:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def read_metrics(self) -> list[dict]:
+    def read_metrics(self, repair: bool = False) -> list[dict]:
+        """The logged rows. A last line cut by a crash mid-write is dropped (with `repair`, with a
+        warning: the rewrite then truncates it); a bad line elsewhere is an error naming it."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1) if line.strip()]
+        rows = []
+        for k, (lineno, line) in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if k < len(lines) - 1:
+                    raise UserError(f"{self.metrics_path}, line {lineno}: not a JSON row ({e.msg}); "
+                                    "the file was edited or damaged") from None
+                if repair:
+                    log.warning("%s: the last line (%d) was cut off by an interrupted write: dropped",
+                                self.metrics_path, lineno)
+        return rows
 
     def write_json(self, name: str, data: dict):
         if self.enabled:
@@ -88,6 +117,10 @@ class RunDir:
         return out
 
 
+def write_text_durably(path: Path, text: str):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -109,15 +142,6 @@ def make_progress(enabled: bool = True):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not enabled)
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

@@ -43,7 +43,8 @@ Rules
 * SFT: the dialogue is kept up to its LAST assistant turn (a trailing user turn is
   dropped). A dialogue without any assistant turn (after the rules above) is a bad row.
 * Empty or whitespace-only answers are bad rows ("empty answer"), as are empty user
-  messages and empty prompts.
+  messages and empty prompts; except in preference pairs, where an empty chosen or rejected
+  answer is kept (a deliberate non-answer is a real preference) and counted in a warning.
 * Alpaca: the user message is ``instruction``, followed by ``"\\n\\n" + input`` when ``input``
   is non-empty; ``output`` is the answer.
 * ``prompt`` may be a string (one user message) or a message list that must end with a
@@ -296,13 +297,13 @@ def _hh_check_prompt(turns: list[_Msg], field: str) -> list[_Msg]:
     return turns
 
 
-def _hh_split(text: Any, field: str) -> tuple[list[_Msg], str]:
+def _hh_split(text: Any, field: str, allow_empty: bool = False) -> tuple[list[_Msg], str]:
     text = _string(text, field)
     turns = _hh_turns(text, field)
     if turns[-1][1] != "assistant":
         raise _RowError(field, "the transcript does not end with an 'Assistant:' turn")
     answer = turns[-1][2]
-    if not answer:
+    if not answer and not allow_empty:
         raise _RowError(field, "empty answer")
     return _hh_check_prompt(turns[:-1], field), answer
 
@@ -380,18 +381,16 @@ def _conversation_field(fmt: str) -> str:
 
 def _pref_side(value: Any, field: str, hh: bool) -> tuple[list[_Msg] | None, str]:
     """(dialogue prefix or None, final answer) of a chosen/rejected value."""
+    # An empty answer is kept: declining to answer is a real choice a labeler can prefer
+    # (Anthropic HH has such chosen answers); normalize() counts them.
     if isinstance(value, str):
         if hh:
-            return _hh_split(value, field)
-        if not value.strip():
-            raise _RowError(field, "empty answer")
+            return _hh_split(value, field, allow_empty=True)
         return None, value
     if isinstance(value, list):
         msgs = _parse_messages(value, field)
         if msgs[-1][1] != "assistant":
             raise _RowError(field, f"the last message must be an assistant answer, got {msgs[-1][1]}")
-        if not msgs[-1][2].strip():
-            raise _RowError(field, "empty answer")
         prefix = msgs[:-1]
         return (_prompt_part(prefix, field) if prefix else None), msgs[-1][2]
     raise _RowError(field, f"wrong type: expected a string or a list of messages, got {_type_name(value)}")
@@ -458,7 +457,7 @@ def _normalize_row(record: Any, kind: str, fmt: str | None) -> dict:
     if fmt in ("preference", "hh"):
         row = _preference(record, fmt)
         if kind == "prompt":
-            return {"prompt": row["prompt"], "reference": row["chosen"]}
+            return {"prompt": row["prompt"], "reference": row["chosen"] or None}
         return row
     if fmt in ("messages", "sharegpt"):
         field = _conversation_field(fmt)
@@ -531,8 +530,14 @@ def normalize(records: Iterable, kind: str, file: str = "<memory>",
     """
     _check_kind(kind)
     numbered = _numbered(records)
+    unreadable = [r for _, r in numbered if isinstance(r, DataError)]  # lines a reader could not decode
+    if unreadable and not skip_bad_rows:
+        raise unreadable[0]
+    for error in unreadable[:_MAX_LOGGED_SKIPS]:
+        log.warning("skipping bad row: %s", error)
+    numbered = [(n, r) for n, r in numbered if not isinstance(r, DataError)]
     if not numbered:
-        return [], 0
+        return [], len(unreadable)
     dataset_format = None
     for row, record in numbered:
         dataset_format = detect_format(record)
@@ -550,7 +555,7 @@ def normalize(records: Iterable, kind: str, file: str = "<memory>",
                         + "; ".join(f"{f}: {', '.join(c)}" for f, c in FORMAT_COLUMNS.items()
                                     if f in KIND_FORMATS[kind]), file=file, row=numbered[0][0])
     log.debug("%s: detected format %s", file, dataset_format)
-    rows, skipped = [], 0
+    rows, skipped = [], len(unreadable)
     for row, record in numbered:
         try:
             rows.append(_normalize_row(record, kind, _row_format(record, dataset_format, kind)))
@@ -561,6 +566,11 @@ def normalize(records: Iterable, kind: str, file: str = "<memory>",
             skipped += 1
             if skipped <= _MAX_LOGGED_SKIPS:
                 log.warning("skipping bad row: %s", error)
+    if kind == "preference":
+        empty = sum(1 for r in rows if not (r["chosen"].strip() and r["rejected"].strip()))
+        if empty:
+            log.warning("%s: %d pairs have an empty chosen or rejected answer; kept (a deliberate non-answer "
+                        "is a real preference)", file, empty)
     return rows, skipped
 
 
@@ -582,10 +592,13 @@ def load_dataset_file(spec, kind: str, skip_bad_rows: bool = False, limit: int |
         skip_bad_rows = True
     else:
         file = str(spec)
-        records = read_records(spec)
+        records = read_records(spec, bad_rows=skip_bad_rows)
         if limit is not None:
             records = itertools.islice(records, limit)
     rows, skipped = normalize(records, kind, file=file, skip_bad_rows=skip_bad_rows)
+    if not rows:
+        raise DataError(f"all {skipped} rows are bad (see the warnings above)" if skipped else
+                        "no records in the file", file=file)
     if skipped:
         log.warning("%s: skipped %d bad rows of %d (kept %d %s rows)", file, skipped, skipped + len(rows),
                     len(rows), kind)

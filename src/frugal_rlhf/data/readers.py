@@ -97,51 +97,94 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def read_records(path) -> Iterator[tuple[int, dict]]:
+def read_records(path, bad_rows: bool = False) -> Iterator[tuple[int, dict | DataError]]:
     """Yield ``(row_number, record)`` for every record of a data file (see the module doc).
 
     Row numbers are 1-based line numbers for JSONL and 1-based record indices otherwise.
     Raises ``FileNotFoundError`` for a missing path and :class:`DataError` for an unknown
-    file type or unreadable content.
+    file type or unreadable content. With ``bad_rows``, a record that cannot be decoded (a
+    JSONL line that is not JSON or not UTF-8, the cut-off last record of a JSON array) is
+    yielded as its DataError instead, so that a caller skipping bad rows can count it.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     kind = _kind_of(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError("the file is empty (0 bytes)", file=str(path))
     reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv,
               "dir": _read_saved_dataset}[kind]
-    yield from reader(path)
+    for row, record in reader(path):
+        if isinstance(record, DataError) and not bad_rows:
+            raise record
+        yield row, record
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    """A line that is not UTF-8 or not JSON is yielded as a DataError in place of its record:
+    normalize() stops there, or skips and counts it with skip_bad_rows (a last line cut off
+    by an interrupted write is the usual case)."""
     name = str(path)
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], start + 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, DataError(_not_utf8(e, start, path), file=name, row=lineno)
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON on line {lineno}: {e.msg} (column {e.colno})",
-                                file=name, row=lineno) from None
+                cut = not raw.endswith(b"\n")  # only the last line can lack its newline
+                yield lineno, DataError(f"invalid JSON on line {lineno}: {e.msg} (column {e.colno})"
+                                        + ("; the last line is cut off (an interrupted write?): --skip-bad-rows "
+                                           "drops it" if cut else ""), file=name, row=lineno)
+                continue
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object on line {lineno}, got {_type_name(record)}",
                                 file=name, row=lineno)
             yield lineno, record
 
 
+def _not_utf8(e: UnicodeDecodeError, start: int, path: Path) -> str:
+    where = "of the decompressed data" if path.name.lower().endswith(".gz") else ""
+    return (f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at byte offset {start + e.start}"
+            f"{' ' + where if where else ''} (a binary file, or another encoding?)")
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text; a byte that is not UTF-8 is an error naming its offset."""
+    data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(e, bom, path), file=str(path)) from None
+
+
 def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
     name = str(path)
-    with _open_text(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            hint = ""
-            if e.pos >= _content_end(e.doc) - 8 or e.msg.startswith("Unterminated string"):
-                hint = ("; the file looks truncated - frugal_rlhf.data.readers.recover_json_array "
-                        "can salvage its complete records")
-            raise DataError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno}){hint}",
-                            file=name) from None
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if (e.pos >= _content_end(e.doc) - 8 or e.msg.startswith("Unterminated string")) \
+                and text.lstrip().startswith("["):
+            # Cut off mid-record: every complete record, then the cut one as a bad row.
+            records, cut = _recover(io.StringIO(text), name, None, CHUNK_SIZE)
+            yield from enumerate(records, 1)
+            if cut:
+                yield len(records) + 1, DataError(
+                    f"the file ends inside this record (cut off); --skip-bad-rows keeps the {len(records)} "
+                    "complete records before it", file=name, row=len(records) + 1)
+            return
+        raise DataError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=name) from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -160,7 +203,10 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
     index = 0
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types, none naming the file
+        raise DataError(f"not a readable Parquet file ({e})", file=str(path)) from None
     for batch in pf.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             index += 1
@@ -169,7 +215,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     name = str(path)
-    with _open_text(path) as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return

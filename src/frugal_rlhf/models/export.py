@@ -17,14 +17,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..rundir import fsync_dir, fsync_tree
+
 
 def _replace_dir(tmp: Path, target: Path):
     """Swap a finished temporary directory into place (the old one is removed after)."""
+    fsync_tree(tmp)  # on disk before it takes the final name: a power loss leaves old or new, whole
     old = None
     if target.exists():
         old = target.with_name(f".old-{target.name}-{os.getpid()}")
         os.replace(target, old)
     os.replace(tmp, target)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -78,7 +78,9 @@ def load_reward_model(path, shared: SharedLM | None = None, dtype=None, trust_re
 
             tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path / meta["adapter"]))
     rm = RewardModel(lm, "reward" if meta["adapter"] else None)
-    rm.head.load_state_dict(load_file(path / HEAD))
+    # A full fine-tune's output directory names its final/ as the base; the head is there.
+    head = path / HEAD if (path / HEAD).exists() or not meta["base_in_artifact"] else Path(base) / HEAD
+    rm.head.load_state_dict(load_file(head))
     rm.head.requires_grad_(False)
     if not meta["adapter"]:
         lm.model.requires_grad_(False)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.loader import ResumableLoader
 from ..device import autocast, compute_dtype, default_device
-from ..runlog import atomic_write
+from ..rundir import atomic_write
 
 
 def module_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,7 +82,8 @@ class NaiveStrategy:
     def optimizer_step(self, optim, max_grad_norm: float | None = None, model=None) -> float:
         params = [p for group in optim.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-        optim.step()
+        if torch.isfinite(norm):  # a non-finite gradient is never applied (the trainer counts the skip)
+            optim.step()
         optim.zero_grad(set_to_none=True)
         return float(norm)
 

@@ -47,7 +47,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from ..runlog import atomic_write
+from ..rundir import atomic_write
 from .base import module_state_names
 from .ddp import ZeroStrategy
 
@@ -267,7 +267,8 @@ class FSDPStrategy(ZeroStrategy):
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        optim.step()
+        if torch.isfinite(norm):  # a non-finite gradient is never applied (the trainer counts the skip)
+            optim.step()
         optim.zero_grad(set_to_none=True)
         return float(norm)
 

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from ..device import peak_memory_bytes
+from ..errors import NonFiniteError, UserError
+from ..rundir import (check_free_space, clear_run, fsync_dir, fsync_tree, holds_a_run, latest_complete,
+                      prepare_output, reconcile, run_identity)
 from ..runlog import RunDir, make_progress, rng_state, set_rng_state
 
 log = logging.getLogger("frugal_rlhf")
@@ -44,7 +47,8 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0):
 
 
 def make_scheduler(optim, config):
-    return torch.optim.lr_scheduler.LambdaLR(optim, warmup_cosine(config.max_steps, config.warmup_ratio))
+    length = config.schedule_steps or config.max_steps  # a resumed run keeps the length it started with
+    return torch.optim.lr_scheduler.LambdaLR(optim, warmup_cosine(length, config.warmup_ratio))
 
 
 def _portable_rng() -> dict:
@@ -84,6 +88,41 @@ class Trainer:
         self.sharded = config.checkpoint_format == "sharded"
         if self.sharded and not hasattr(strategy, "save_shard"):
             raise ValueError("--checkpoint-format sharded needs --strategy fsdp (other strategies write full checkpoints)")
+        if config.keep_checkpoints < 0 or config.max_nonfinite_steps < 1:
+            raise UserError("--keep-checkpoints must be >= 0 (0 keeps all) and --max-nonfinite-steps >= 1")
+        self.nonfinite_in_row, self.skipped_updates = 0, 0
+        self.resume_from, self.history_entry = None, None
+        self.open_run_dir()
+
+    def open_run_dir(self):
+        """Before anything loads or trains: the output is writable and holds this run or nothing;
+        on resume, the checkpoint to continue from is complete and was made by this run."""
+        cfg = self.config
+        if self.strategy.is_rank0:
+            prepare_output(self.out, bool(cfg.save_every))
+        self.strategy.barrier()
+        found = latest_complete(self.checkpoints()) if cfg.resume else None
+        if found:
+            self.resume_from, meta = found
+            changes = reconcile(cfg, meta, meta["step"])
+            self.history_entry = {"resumed_at_step": meta["step"], **({"changed": changes} if changes else {})}
+        leftovers = [] if found else holds_a_run(self.out)
+        self.strategy.barrier()  # every rank has looked before rank 0 changes anything
+        if leftovers:
+            if not cfg.overwrite:
+                raise UserError(f"{self.out} already holds a run ({', '.join(leftovers[:4])})" + (
+                    ": it has no complete checkpoint to resume; add --overwrite to start it again from step 0"
+                    if cfg.resume else ": add --resume to continue it, or --overwrite to replace it"))
+            if self.strategy.is_rank0:
+                log.warning("--overwrite: removing the previous run in %s", self.out)
+                clear_run(self.out)
+            self.strategy.barrier()
+        # Defaults resolved, so that config.yaml records the values in effect (and a resumed run keeps them).
+        if cfg.schedule_steps is None:
+            cfg.schedule_steps = cfg.max_steps
+        if cfg.lr is None:
+            cfg.lr = cfg.learning_rate()
+        self.identity = run_identity(cfg)
 
     def checkpoint_activations(self, *roles):
         """With config.gradient_checkpointing, each block's activations are recomputed in
@@ -109,8 +148,10 @@ class Trainer:
     def fit(self, stop_at: int | None = None):
         """Train to config.max_steps (or stop after step `stop_at`, e.g. to continue later)."""
         cfg = self.config
-        start = self.resume() if cfg.resume else 0
-        self.run = RunDir(self.out, cfg, resume_step=start, enabled=self.strategy.is_rank0)
+        start = self.resume() if self.resume_from else 0
+        self.check_disk_space()  # before the run writes anything: a rerun after freeing space is a fresh run
+        self.run = RunDir(self.out, cfg, resume_step=start, enabled=self.strategy.is_rank0,
+                          history_entry=self.history_entry)
         last = min(cfg.max_steps, stop_at or cfg.max_steps)
         if start == 0 and self.evaluate_at_start:
             baseline = self.evaluate()
@@ -120,8 +161,13 @@ class Trainer:
             task = progress.add_task(self.stage, total=cfg.max_steps, completed=start, info="")
             for step in range(start + 1, last + 1):
                 t0 = time.perf_counter()
+                skipped = self.skipped_updates
                 metrics = self.train_step(step)
                 metrics["step_time"] = time.perf_counter() - t0
+                if self.skipped_updates > skipped:
+                    metrics["skipped_updates"] = self.skipped_updates - skipped
+                else:
+                    self.nonfinite_in_row = 0
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
                     metrics.update(self.evaluate())
                 if step == cfg.max_steps:
@@ -133,6 +179,7 @@ class Trainer:
                 if cfg.save_every and (step % cfg.save_every == 0 or step == last):
                     self.save_checkpoint(step)
         if last == cfg.max_steps:
+            self.refuse_nonfinite("the final model")
             with self.strategy.full_models(*self.models.values()):  # exports need whole models
                 self.finish()
         self.strategy.barrier()
@@ -142,12 +189,73 @@ class Trainer:
         keys = [k for k in ("loss", "reward", "kl", "accuracy", "eval_loss") if k in metrics]
         return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
 
+    # ---- the non-finite guard: every stage's updates go through optimizer_step ------------------
+    def optimizer_step(self, optim, model, loss: float | None = None) -> float:
+        """One guarded update. A non-finite loss (the global one, the same on every rank) or
+        gradient norm skips it: counted, and the run stops after max_nonfinite_steps skipped
+        updates with no clean step between. Parameters that turn non-finite despite a finite
+        gradient cannot be taken back: the run stops at once, before anything is saved."""
+        if loss is not None and not math.isfinite(loss):
+            self.skip_update(f"loss {loss}")
+            return float("nan")
+        norm = self.strategy.optimizer_step(optim, self.config.max_grad_norm, model)
+        if not math.isfinite(norm):  # the strategy did not apply it
+            self.skip_update(f"gradient norm {norm}")
+        elif not self.params_finite(optim):
+            raise NonFiniteError(f"{self.stage}: the parameters became non-finite in an update (lower --lr, or use "
+                                 f"--dtype fp32); nothing after the last checkpoint in {self.ckpt_root} was saved")
+        return norm
+
+    def nonfinite_on_any_rank(self, loss) -> bool:
+        # Decided by all ranks together: a rank that skipped its backward while the others ran
+        # theirs would leave them waiting in the gradient all-reduce.
+        return self.strategy.all_reduce_sum(float(not torch.isfinite(loss))) > 0
+
+    def skip_update(self, what: str):
+        for optim in self.optimizers.values():
+            optim.zero_grad(set_to_none=True)
+        self.nonfinite_in_row += 1
+        self.skipped_updates += 1
+        log.warning("%s: non-finite %s: update skipped (%d in a row)", self.stage, what, self.nonfinite_in_row)
+        if self.nonfinite_in_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.stage}: {self.nonfinite_in_row} updates in a row had a non-finite {what.split()[0]} "
+                f"(--max-nonfinite-steps {self.config.max_nonfinite_steps}): lower --lr, or use --dtype fp32; "
+                f"the checkpoints in {self.ckpt_root} hold the last finite state")
+
+    def params_finite(self, optim) -> bool:
+        local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p.data).all())
+                    for group in optim.param_groups for p in group["params"])
+        return self.strategy.all_reduce_sum(float(not local)) == 0
+
+    def refuse_nonfinite(self, what: str):
+        if not all(self.params_finite(o) for o in self.optimizers.values()):
+            raise NonFiniteError(f"{self.stage}: the parameters are non-finite: {what} is not written")
+
+    def check_disk_space(self):
+        """Room for one checkpoint (trained tensors and two Adam moments each), before any step."""
+        need = sum(p.numel() * p.element_size() for o in self.optimizers.values() for g in o.param_groups
+                   for p in g["params"]) * 3
+        if self.config.save_every:
+            check_free_space(self.out, int(self.strategy.max_over_ranks(need)))
+
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, step: int):
         """Everything needed to continue: trained tensors, optimizers, schedulers, data
-        position, RNG. Written into a temporary directory and renamed when complete."""
-        final = self.ckpt_root / f"step-{step:07d}"
+        position, RNG. Written into a temporary directory, fsynced, renamed when complete;
+        meta.json, written last, lists every file and its size."""
+        self.refuse_nonfinite(f"checkpoint step {step}")
         tmp = self.ckpt_root / f".tmp-step-{step:07d}"
+        try:
+            self._write_checkpoint(step, tmp)
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(self.out).free / 2**20
+            raise UserError(f"could not write checkpoint {tmp}: {str(e).strip().splitlines()[0]} ({free:.0f} MiB "
+                            "free on that disk); the previous checkpoints are kept") from None
+
+    def _write_checkpoint(self, step: int, tmp: Path):
+        final = self.ckpt_root / f"step-{step:07d}"
         if self.strategy.is_rank0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -163,11 +271,16 @@ class Trainer:
             state = {"step": step, "rng": _portable_rng(),
                      "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
             torch.save(state, tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "stage": self.stage}))
+            files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "stage": self.stage, "files": files,
+                                                       **self.identity}))
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in self.checkpoints()[: -self.config.keep_checkpoints or None]:
+            fsync_dir(self.ckpt_root)
+            keep = self.config.keep_checkpoints  # 0 keeps all
+            for old in (self.checkpoints()[:-keep] if keep else []):
                 shutil.rmtree(old, ignore_errors=True)
         self.strategy.barrier()
 
@@ -177,11 +290,7 @@ class Trainer:
         return sorted(p for p in self.ckpt_root.glob("step-*") if (p / "meta.json").exists())
 
     def resume(self) -> int:
-        ckpts = self.checkpoints()
-        if not ckpts:
-            log.info("no checkpoint in %s: starting from scratch", self.ckpt_root)
-            return 0
-        ckpt = ckpts[-1]
+        ckpt = self.resume_from
         for name, model in self.models.items():
             if not (ckpt / f"{name}.safetensors").exists() and hasattr(self.strategy, "load_shard"):
                 self.strategy.load_shard(model, self.optimizers[name], ckpt, name)

@@ -100,7 +100,6 @@ class PPOTrainer(Trainer):
             cfg.advantage, cfg.group_size)
         self.stateful = {**{f"sched_{k}": v for k, v in self.schedulers.items()}, "kl": self.kl_ctl,
                          "moments": self.moments, "generator": self.gen}
-        self.nan_steps = 0
         self.ptx_loader = None
         if ptx_rows:
             encode = lambda r: encode_conversation(self.tokenizer, r["messages"], cfg.max_length)  # noqa: E731
@@ -232,8 +231,8 @@ class PPOTrainer(Trainer):
                         if mb.kl is None:  # the rollout's KL, for the log and an adaptive coefficient
                             pg["kl"] = float(L.token_kl(old, mb.ref_logprobs, mb.action_mask,
                                                         cfg.kl_estimator).sum(1).mean())
-                if self.any_rank_nonfinite(actor_loss):
-                    self.skip_nan()
+                if self.nonfinite_on_any_rank(actor_loss):
+                    self.skip_update("policy loss")
                     continue
                 self.strategy.backward(actor_loss, self.actor, self.actor_optim)
                 row = {"policy_loss": float(pg_loss.detach()), "entropy": float(ent.detach()), **pg}
@@ -241,15 +240,13 @@ class PPOTrainer(Trainer):
                     with self.strategy.autocast():
                         values = self.critic(mb.sequences, mb.attention_mask, n, shared).float()
                         vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
-                    if self.any_rank_nonfinite(vf_loss):
-                        self.skip_nan()
+                    if self.nonfinite_on_any_rank(vf_loss):
+                        self.skip_update("value loss")
                         continue
                     self.strategy.backward(cfg.vf_coef * vf_loss, self.critic, self.critic_optim)
                     row.update(value_loss=float(vf_loss.detach()), **vf)
                 for name, model in self.models.items():
-                    row[f"{name}_grad_norm"] = self.strategy.optimizer_step(self.optimizers[name], cfg.max_grad_norm,
-                                                                            model)
-                self.nan_steps = 0
+                    row[f"{name}_grad_norm"] = self.optimizer_step(self.optimizers[name], model)
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -262,20 +259,6 @@ class PPOTrainer(Trainer):
         logp, _ = self.actor(batch["input_ids"], batch["attention_mask"])
         mask = (batch["labels"][:, 1:] != IGNORE).float()
         return self.config.ptx_coef * -(logp * mask).sum() / mask.sum().clamp(min=1)
-
-    def any_rank_nonfinite(self, loss) -> bool:
-        # Decided by all ranks together: a rank that skipped its backward while the others ran
-        # theirs would leave them waiting in the gradient all-reduce.
-        return self.strategy.all_reduce_sum(float(not torch.isfinite(loss))) > 0
-
-    def skip_nan(self):
-        self.nan_steps += 1
-        for optim in self.optimizers.values():
-            optim.zero_grad(set_to_none=True)
-        log.warning("non-finite PPO loss: update skipped (%d in a row)", self.nan_steps)
-        if self.nan_steps >= 3:
-            raise FloatingPointError("PPO produced non-finite losses 3 times in a row: lower the learning rate, "
-                                     "check the reward model's scores, or use --dtype fp32")
 
     def warn(self, m):
         if m["kl"] > 20:

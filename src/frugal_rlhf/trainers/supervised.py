@@ -74,11 +74,12 @@ class SupervisedTrainer(Trainer):
             encoded += batch.get("encoded", real)  # fewer when a shared prompt is encoded once
             for k, v in batch_stats.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
-        grad_norm = self.strategy.optimizer_step(self.optim, self.config.max_grad_norm, self.model)
+        loss = self.strategy.all_reduce_sum(loss_total) / total_weight  # the global loss: every rank decides alike
+        grad_norm = self.optimizer_step(self.optim, self.model, loss)
         self.scheduler.step()
         elapsed = time.perf_counter() - t0
         tokens = self.strategy.all_reduce_sum(tokens)
-        out = {"loss": self.strategy.all_reduce_sum(loss_total) / total_weight, "grad_norm": grad_norm,
+        out = {"loss": loss, "grad_norm": grad_norm,
                "lr": self.scheduler.get_last_lr()[0],
                "tokens": tokens, "encoded_tokens": self.strategy.all_reduce_sum(encoded),
                "sequences": self.strategy.all_reduce_sum(

@@ -1,0 +1,21 @@
+"""Errors the command line reports as one line (`frugal CMD: error: ...`) instead of a traceback.
+
+A low-level module raises these; cli.main turns them into the message and `exit_code`.
+"""
+from __future__ import annotations
+
+
+class FrugalError(Exception):
+    """A failure with a complete, one-line explanation (the run itself went wrong)."""
+
+    exit_code = 1
+
+
+class UserError(FrugalError, ValueError):
+    """Something the user asked for or gave cannot work (flags, paths, data, disk): exit 2."""
+
+    exit_code = 2
+
+
+class NonFiniteError(FrugalError):
+    """Training produced non-finite numbers more often than the run allows."""

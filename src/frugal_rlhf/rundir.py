@@ -1,0 +1,236 @@
+"""Run-directory safety: where a run may write, what identifies a run across resumes, which
+checkpoint is complete, and writes that survive a crash or a power loss.
+
+A run directory belongs to one run. A fresh run refuses a directory that holds anything
+(unless `overwrite`, which removes the previous run's files); `resume` continues the run
+only with the settings that define it (RESUME_MAY_CHANGE lists the others).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger("frugal_rlhf")
+
+# What a run writes into its directory (--overwrite removes exactly these, nothing of the user's).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "final", "adapter", "eval.json", "reward_model.json",
+             "score_head.safetensors")
+# Settings that do not change what is computed, or only how long and how often: a resumed run
+# applies the new value and records the change in config.yaml's history.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "save_every", "eval_every", "keep_checkpoints", "max_nonfinite_steps", "resume", "overwrite",
+    "output", "strategy", "zero_stage", "offload", "checkpoint_format", "gradient_checkpointing",
+    "trust_remote_code", "eval_only"})
+# Settings naming files whose contents define the run: their fingerprints must match too.
+FINGERPRINTED = ("model", "data", "prompts", "eval_data", "ptx_data", "reward_model", "critic_model")
+_EDGE = 1 << 20  # bytes hashed at each end of a file
+
+
+# ---- durable writes -------------------------------------------------------------------------------
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path):
+    """Make a rename or a new entry in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file.
+    The data reaches the disk before the rename, and the rename before we go on: a power loss
+    leaves the old file or the new one, never an empty one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_tree(path: Path):
+    for root, _, files in os.walk(path):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
+# ---- the output directory -----------------------------------------------------------------------
+def clean_temporaries(out: Path) -> int:
+    """Remove what an interrupted run left half-written: `.tmp-*` exports and checkpoints,
+    `NAME.tmp-PID` files of atomic writes, `.old-*` directories of an export swap."""
+    stale = []
+    for root in (out, out / "checkpoints"):
+        if root.is_dir():
+            stale += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-")) or ".tmp-" in p.name]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    if stale:
+        log.warning("%s: removed %d temporary file(s) an interrupted run left (%s)", out, len(stale),
+                    ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
+    return len(stale)
+
+
+def _probe(directory: Path):
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
+
+
+def prepare_output(out: Path, checkpoints: bool):
+    """The output directory exists and is writable (and its checkpoints/ too, when the run
+    saves any): found before training starts, not at the first save."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a directory")
+    _probe(out)
+    if checkpoints:
+        _probe(out / "checkpoints")
+    clean_temporaries(out)
+
+
+def holds_a_run(out: Path) -> list[str]:
+    """What a fresh run would mix with (an empty checkpoints/ left by the write probe aside)."""
+    if not out.is_dir():
+        return []
+    names = [p.name for p in out.iterdir()]
+    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+        names.remove("checkpoints")
+    return sorted(names)
+
+
+def clear_run(out: Path):
+    """--overwrite: remove the previous run's files (only those a run writes)."""
+    for name in RUN_FILES:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for png in out.glob("*.png"):
+        png.unlink()
+
+
+def check_free_space(path: Path, need: int, what: str = "one checkpoint"):
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise UserError(f"{path}: {free / 2**20:.0f} MiB free, {what} needs about {need / 2**20:.0f} MiB; "
+                        "free some space or choose another --output")
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (None when it is complete): meta.json, written last,
+    lists every file with its size; state.pt must load."""
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json is unreadable ({e})"
+    for name, size in meta.get("files", {}).items():
+        f = ckpt / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    try:
+        torch.load(ckpt / "state.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the same: not resumable
+        return f"state.pt is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def latest_complete(checkpoints: list[Path]) -> tuple[Path, dict] | None:
+    """The newest checkpoint that is complete, with its meta; the ones skipped are named."""
+    for ckpt in reversed(checkpoints):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, json.loads((ckpt / "meta.json").read_text())
+        log.warning("checkpoint %s is incomplete or corrupt (%s): falling back to the previous one", ckpt, problem)
+    if checkpoints:
+        raise UserError(f"--resume: none of the {len(checkpoints)} checkpoints in {checkpoints[0].parent} is "
+                        "complete (see the warnings above); start the run again with --overwrite")
+    return None
+
+
+# ---- the run's identity ---------------------------------------------------------------------------
+def fingerprint(spec) -> str | None:
+    """Size and SHA-256 of the first and last MiB of each file (a whole small file): changed
+    data is caught without reading a large data set or model on every resume."""
+    path = Path(str(spec))
+    if not spec or not path.exists():
+        return None
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else ''}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_EDGE))
+            if size > _EDGE:
+                fh.seek(max(_EDGE, size - _EDGE))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg) -> dict:
+    return {"config": dataclasses.asdict(cfg),
+            "fingerprints": {k: fingerprint(getattr(cfg, k)) for k in FINGERPRINTED if getattr(cfg, k, None)}}
+
+
+def reconcile(cfg, recorded: dict, step: int) -> dict:
+    """Check that `cfg` continues the run recorded in a checkpoint and settle the schedule.
+
+    Refuses (listing every difference) when a setting that defines the run differs. The LR
+    schedule keeps the length the run started with, whatever --max-steps now says (a longer
+    run continues at the schedule's final LR). Returns {field: [old, new]} of what changed."""
+    old = recorded.get("config", {})
+    differ = []
+    for f in dataclasses.fields(cfg):
+        name = f.name
+        if name not in old or name in RESUME_MAY_CHANGE or name == "schedule_steps":
+            continue
+        then, now = old[name], getattr(cfg, name)
+        if name == "lr":  # the default depends on LoRA: compare the rates in effect
+            then = dataclasses.replace(cfg, lr=then, lora_rank=old.get("lora_rank", cfg.lora_rank)).learning_rate()
+            now = cfg.learning_rate()
+        if then != now:
+            differ.append(f"{name} {then!r} -> {now!r}")
+    fingerprints_now = run_identity(cfg)["fingerprints"]
+    for name, then in recorded.get("fingerprints", {}).items():
+        if old.get(name) == getattr(cfg, name, None) and then != fingerprints_now.get(name):
+            differ.append(f"the contents of {name} {getattr(cfg, name)} changed since the checkpoint")
+    schedule = old.get("schedule_steps") or old.get("max_steps", cfg.max_steps)
+    if cfg.schedule_steps not in (None, schedule):
+        differ.append(f"schedule_steps {schedule!r} -> {cfg.schedule_steps!r}")
+    if differ:
+        raise UserError(f"--resume: {cfg.output} is a run with other settings ({'; '.join(differ)}); resume with "
+                        "the run's own values, or start a new run (another --output, or --overwrite)")
+    if cfg.max_steps < step:
+        raise UserError(f"--resume: --max-steps {cfg.max_steps} is below the checkpoint's step {step}")
+    cfg.schedule_steps = schedule
+    return {n: [old[n], getattr(cfg, n)] for n in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"})
+            if n in old and old[n] != getattr(cfg, n)}
