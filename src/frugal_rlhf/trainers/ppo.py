@@ -185,7 +185,7 @@ class PPOTrainer(Trainer):
         if rewards is not None:
             rewards.check_rows(train, cfg.prompts)
             rewards.check_rows(held_out, cfg.eval_data or cfg.prompts)
-            rewards.probe(train)
+            rewards.probe(rows)
             cfg = dataclasses.replace(cfg, reward_model=rewards.model_path)  # None: no reward model to load
         roles = build_ppo_roles(cfg)
         ptx = load_dataset_file(cfg.ptx_data, "sft", cfg.skip_bad_rows) if cfg.ptx_data and cfg.ptx_coef else None
