@@ -1,0 +1,93 @@
+"""The GRPO family end to end on a tiny model: each estimator raises a reward with a known optimum
+(the letters task of test_ppo: the fraction of lowercase letters, 1.0 at best, ~0.1 at the start),
+program rewards reach the trainer, and a failing reward function stops the run with its checkpoint."""
+import pytest
+import torch
+from test_ppo import PROMPTS, mean, run_ppo, shared_roles
+
+from frugal_rlhf.config import PPOConfig
+from frugal_rlhf.rl.rewards import RewardError, RewardSet
+from frugal_rlhf.strategies import NaiveStrategy
+from frugal_rlhf.trainers.ppo import PPOTrainer
+
+ESTIMATORS = {
+    "rloo": dict(advantage="rloo", group_size=4, rollout_batch_size=4),
+    "reinforce++": dict(advantage="reinforce++", group_size=1, rollout_batch_size=16),
+    # Dr. GRPO (no std scaling, no length normalization) with DAPO's clip-higher and dynamic sampling
+    "dr-grpo+dapo": dict(advantage="group", group_size=4, rollout_batch_size=4, scale_rewards="none",
+                         loss_agg="token-sum-norm", clip_eps_high=0.28, dynamic_sampling=True),
+}
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_estimator_raises_the_reward(tmp_path, name, seed=0):
+    torch.manual_seed(seed)  # the adapters' initialization
+    trainer, m = run_ppo(tmp_path, seed=seed, max_steps=20, **ESTIMATORS[name])
+    assert trainer.critic is None and "value_loss" not in m[-1]
+    rewards = [x["reward"] for x in m]
+    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.3, rewards
+    if name == "dr-grpo+dapo":
+        assert all("dropped_groups" in x for x in m)
+
+
+def test_estimator_options_are_checked_before_models_load(tmp_path):
+    from frugal_rlhf.trainers.estimators import check_estimator
+
+    bad = [(dict(advantage="ppo"), "expected one of"), (dict(advantage="rloo", group_size=1), "group_size >= 2"),
+           (dict(advantage="gae", dynamic_sampling=True), "dynamic-sampling"),
+           (dict(advantage="group", group_size=2, loss_agg="sum"), "unknown loss aggregation"),
+           (dict(advantage="group", group_size=2, scale_rewards="max"), "scale_rewards")]
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            check_estimator(PPOConfig(**kw), kw["advantage"] == "gae")
+
+
+def letters_text(prompts, completions, rows):
+    """The letters task read from decoded text, and a row field: what a user function sees."""
+    assert all(r["answer"] == "x" for r in rows)
+    return [sum(ch.islower() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def raise_after_two_calls(prompts, completions, rows):
+    raise_after_two_calls.calls = getattr(raise_after_two_calls, "calls", 0) + 1
+    if raise_after_two_calls.calls > 2:
+        raise RuntimeError("boom")
+    return [0.5] * len(completions)
+
+
+def _text_trainer(tmp_path, spec, **kw):
+    actor, _, ref, tok = shared_roles()
+    cfg = PPOConfig(**{"model": "tiny-llama", "output": str(tmp_path / "ppo"), "lora_rank": 8, "rollout_batch_size": 4,
+                       "batch_size": 16, "lr": 3e-3, "max_new_tokens": 8, "kl_coef": 0.01, "dtype": "fp32",
+                       "eval_every": 0, "advantage": "group", "group_size": 4, "overlong_penalty": 2, **kw})
+    strategy = NaiveStrategy(seed=cfg.seed, dtype=cfg.dtype)
+    strategy.setup_distributed()
+    rows = [{"prompt": [{"role": "user", "content": p}], "reference": "x", "answer": "x"} for p in PROMPTS]
+    return PPOTrainer(strategy, actor, None, None, ref, config=cfg, tokenizer=tok, prompts=rows, eval_prompts=rows[:4],
+                      rewards=RewardSet([spec]))
+
+
+def test_program_rewards_reach_the_trainer_and_are_logged_per_component(tmp_path):
+    torch.manual_seed(0)
+    metrics = [m for m in _text_trainer(tmp_path, "python:test_rlvr:letters_text=2", max_steps=2,
+                                        save_every=0).fit() if m["step"] > 0]
+    for m in metrics:  # the score is 2 x the function's value plus the overlong penalty, each logged
+        assert m["reward"] == pytest.approx(2 * m["reward_letters_text"] + m["reward_overlong"], abs=1e-5)
+        assert -1 <= m["reward_overlong"] <= 0
+    assert "eval_reward_letters_text" in metrics[-1]
+
+
+def test_a_failing_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    raise_after_two_calls.calls = 0  # the step-0 evaluation and step 1 succeed, step 2 raises
+    torch.manual_seed(0)
+    trainer = _text_trainer(tmp_path, "python:test_rlvr:raise_after_two_calls", max_steps=4, save_every=1)
+    with pytest.raises(RewardError, match=r"RuntimeError: boom on row 0 of the batch \(prompt 'Write letters \d+', "
+                                          r"completion '.*'\)"):
+        trainer.fit()
+    assert [p.name for p in trainer.checkpoints()] == ["step-0000001"]
+    torch.manual_seed(0)
+    resumed = _text_trainer(tmp_path, "math", max_steps=2, save_every=1, resume=True)
+    rows = {m["step"]: m for m in resumed.fit()}
+    # Step 1 is the failed run's (kept, not redone); step 2 is new, under the new reward.
+    assert sorted(rows) == [0, 1, 2]
+    assert "reward_raise_after_two_calls" in rows[1] and "reward_math" in rows[2]
