@@ -104,3 +104,34 @@ def test_a_failing_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     # Step 1 is the failed run's (kept, not redone); step 2 is new, under the new reward.
     assert sorted(rows) == [0, 1, 2]
     assert "reward_raise_after_two_calls" in rows[1] and "reward_math" in rows[2]
+
+
+def test_rm_component_is_the_reward_models_score_weighted(tmp_path):
+    """--reward rm:PATH=2 --reward length:4 scores 2 x what --reward-model alone gives, plus the length term."""
+    from frugal_rlhf.data.tokenize import PromptCollator, encode_prompt
+    from frugal_rlhf.models.roles import RewardModel, SharedLM
+    from frugal_rlhf.models.loading import load_model
+
+    torch.manual_seed(0)
+    hf, tok = load_model("tiny-llama", torch.float32)
+    rm = RewardModel(SharedLM(hf))
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    actor, _, ref, _ = shared_roles()
+    cfg = PPOConfig(model="tiny-llama", output=str(tmp_path / "out"), dtype="fp32", save_every=0, eval_every=0,
+                    advantage="group", group_size=2)
+    strategy = NaiveStrategy(seed=0, dtype="fp32")
+    strategy.setup_distributed()
+    plain = PPOTrainer(strategy, actor, None, rm, ref, config=cfg, tokenizer=tok)
+    mixed = PPOTrainer(strategy, actor, None, rm, ref, config=cfg, tokenizer=tok,
+                       rewards=RewardSet([f"rm:{tmp_path}=2", "length:4"]))
+    rows = [{"prompt": [{"role": "user", "content": "Say hi"}], "reference": None}]
+    batch = PromptCollator(tok.pad_token_id)([{"prompt_ids": encode_prompt(tok, r["prompt"], 64)} for r in rows])
+    resp = torch.tensor([[70, 71, 72, 73], [80, 81, tok.pad_token_id, tok.pad_token_id]])
+    seq = torch.cat([batch["input_ids"].repeat(2, 1), resp], 1)
+    attn = torch.cat([batch["attention_mask"].repeat(2, 1), (resp != tok.pad_token_id).long()], 1)
+    with torch.no_grad():
+        alone = plain.reward_fn(seq, attn, batch["input_ids"].shape[1])
+        both = mixed.reward_fn(seq, attn, batch["input_ids"].shape[1], rows)
+    length = torch.tensor([1.0, 0.5])  # 4 and 2 tokens against the target 4
+    torch.testing.assert_close(both, 2 * alone + length)
+    torch.testing.assert_close(mixed.reward_parts["reward_rm"], alone)
