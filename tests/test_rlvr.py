@@ -35,10 +35,13 @@ def run_rl(tmp_path, **kw):
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_estimator_raises_the_reward(tmp_path, name, seed=0):
     torch.manual_seed(seed)  # the adapters' initialization
-    trainer, m = run_rl(tmp_path, seed=seed, **ESTIMATORS[name])
+    # 8 tokens and 4 epochs a rollout: more updates per generated token than test_ppo's runs, for cost.
+    trainer, m = run_rl(tmp_path, seed=seed, max_steps=30, max_new_tokens=8, ppo_epochs=4, **ESTIMATORS[name])
     assert trainer.critic is None and "value_loss" not in m[-1]
     rewards = [x["reward"] for x in m]
-    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.3, rewards
+    # Without learning the 5-step means differ by noise of ~0.03 (16 answers x 8 tokens a step); the
+    # estimators without std scaling (rloo, Dr. GRPO) climb slower than GRPO: +0.2 in 30 steps.
+    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.2, rewards
     if name == "dr-grpo+dapo":
         assert all("dropped_groups" in x for x in m)
 
