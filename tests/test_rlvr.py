@@ -1,6 +1,8 @@
 """The GRPO family end to end on a tiny model: each estimator raises a reward with a known optimum
 (the letters task of test_ppo: the fraction of lowercase letters, 1.0 at best, ~0.1 at the start),
 program rewards reach the trainer, and a failing reward function stops the run with its checkpoint."""
+import json
+
 import pytest
 import torch
 from test_ppo import PROMPTS, letter_reward, mean, shared_roles
@@ -138,3 +140,34 @@ def test_rm_component_is_the_reward_models_score_weighted(tmp_path):
     length = torch.tensor([1.0, 0.5])  # 4 and 2 tokens against the target 4
     torch.testing.assert_close(both, 2 * alone + length)
     torch.testing.assert_close(mixed.reward_parts["reward_rm"], alone)
+
+
+def test_recipe_comparison_and_verdict_by_hand():
+    from frugal_rlhf.recipe_math import compare, verdict
+
+    before = {"strict": [0, 0, 0, 0, 1, 0, 0, 0], "lenient": [1, 0, 1, 0, 1, 0, 0, 0]}
+    after = {"strict": [1, 0, 1, 0, 1, 0, 0, 0], "lenient": [1, 0, 1, 0, 1, 0, 0, 0]}
+    r = compare(before, after)
+    # strict 1/8 -> 3/8; paired differences [1,0,1,0,0,0,0,0]: mean 0.25, sd sqrt(2/7), SE sd/sqrt(8)
+    assert r["strict"]["before"] == 0.125 and r["strict"]["after"] == 0.375
+    assert r["strict"]["change"] == 0.25 and r["strict"]["change_se"] == pytest.approx((2 / 7) ** 0.5 / 8 ** 0.5)
+    assert r["lenient"]["change"] == 0 and verdict(r).startswith("format only")
+    assert verdict(compare(after, after)).startswith("no significant change")
+    better = {"strict": after["strict"], "lenient": [1, 1, 1, 1, 1, 1, 1, 0]}
+    assert verdict(compare(before, better)).startswith("learned")
+
+
+def test_recipe_math_runs_end_to_end_on_a_tiny_model(tmp_path):
+    from frugal_rlhf.pipeline import packaged_config
+    from frugal_rlhf.recipe_math import load_recipe_config, run_math_recipe
+
+    cfg = load_recipe_config(packaged_config("rlvr-math-quick"), {"output": str(tmp_path), "eval_problems": 8})
+    cfg.ppo = {**cfg.ppo, "max_steps": 2, "eval_prompts": 2, "dtype": "fp32"}
+    result = run_math_recipe(cfg)
+    assert result["n_eval"] == 8 and result["steps"] == 2
+    assert {"before", "after", "change", "change_se"} <= set(result["lenient"]) and result["verdict"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| lenient |" in report and "| strict |" in report and (tmp_path / "grpo" / "rlvr.png").exists()
+    train = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()}
+    test = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()}
+    assert not train & test
