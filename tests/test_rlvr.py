@@ -148,9 +148,10 @@ def test_recipe_comparison_and_verdict_by_hand():
     before = {"strict": [0, 0, 0, 0, 1, 0, 0, 0], "lenient": [1, 0, 1, 0, 1, 0, 0, 0]}
     after = {"strict": [1, 0, 1, 0, 1, 0, 0, 0], "lenient": [1, 0, 1, 0, 1, 0, 0, 0]}
     r = compare(before, after)
-    # strict 1/8 -> 3/8; paired differences [1,0,1,0,0,0,0,0]: mean 0.25, sd sqrt(2/7), SE sd/sqrt(8)
+    # strict 1/8 -> 3/8; paired differences [1,0,1,0,0,0,0,0]: mean 0.25, unbiased variance
+    # (2 x 0.75^2 + 6 x 0.25^2) / 7 = 1.5 / 7, SE sqrt(variance / 8)
     assert r["strict"]["before"] == 0.125 and r["strict"]["after"] == 0.375
-    assert r["strict"]["change"] == 0.25 and r["strict"]["change_se"] == pytest.approx((2 / 7) ** 0.5 / 8 ** 0.5)
+    assert r["strict"]["change"] == 0.25 and r["strict"]["change_se"] == pytest.approx((1.5 / 7 / 8) ** 0.5)
     assert r["lenient"]["change"] == 0 and verdict(r).startswith("format only")
     assert verdict(compare(after, after)).startswith("no significant change")
     better = {"strict": after["strict"], "lenient": [1, 1, 1, 1, 1, 1, 1, 0]}
