@@ -34,6 +34,9 @@ def add_config_flags(parser, cls):
         tp = _field_type(f)
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(tp) is list:  # repeatable: --reward math --reward format:...=0.2
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="SPEC",
+                                help="repeatable")
         else:
             parser.add_argument(flag, dest=f.name, type=tp, default=None, metavar=tp.__name__.upper(),
                                 help=f"default: {f.default}")
@@ -218,6 +221,53 @@ def cmd_eval(args):
     print(f"written: {out / 'eval.json'}, {out / 'eval.md'}")
 
 
+def add_data_args(p):
+    p.add_argument("kind", choices=["math"], help="math: arithmetic word problems with exact answers")
+    p.add_argument("--n", type=int, default=2000, help="number of distinct problems")
+    p.add_argument("--level", type=int, default=2, help="1 one-digit addition, 2 two-digit addition, 3 addition or "
+                   "subtraction story, 4 multiplication story, 5 two steps")
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="decided by a hash of each problem: the splits never overlap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="math.jsonl")
+
+
+def cmd_data(args):
+    from .data.math_problems import generate, write_jsonl
+
+    path = write_jsonl(generate(args.n, args.level, args.seed, args.split), args.output)
+    print(f"data math: {args.n} level-{args.level} {args.split} problems -> {path}")
+
+
+def add_recipe_args(p):
+    p.add_argument("name", choices=["math"], help="math: GRPO with a verifiable reward on arithmetic problems")
+    p.add_argument("--config", help="recipe YAML (default: the packaged configs/rlvr-math.yaml)")
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
+    p.add_argument("--output")
+    p.add_argument("--model")
+    p.add_argument("--level", type=int)
+    p.add_argument("--eval-problems", type=int)
+    p.add_argument("--max-steps", type=int, help="GRPO steps (the recipe's ppo.max_steps)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype")
+
+
+def cmd_recipe(args):
+    from .pipeline import packaged_config
+    from .recipe_math import load_recipe_config, run_math_recipe
+
+    path = args.config or packaged_config("rlvr-math-quick" if args.quick else "rlvr-math")
+    cfg = load_recipe_config(path, {"output": args.output, "model": args.model, "level": args.level,
+                                    "eval_problems": args.eval_problems, "seed": args.seed, "dtype": args.dtype})
+    if args.max_steps:
+        cfg.ppo = {**cfg.ppo, "max_steps": args.max_steps}
+    r = run_math_recipe(cfg)
+    print(" ".join(f"{m} accuracy {r[m]['before']:.3f} -> {r[m]['after']:.3f} ({r[m]['change']:+.3f} ± "
+                   f"{r[m]['change_se']:.3f});" for m in ("strict", "lenient"))
+          + f" {r['verdict']}; {r['n_eval']} held-out problems, {r['wall_seconds'] / 60:.1f} min; "
+          f"report in {cfg.output}/report.md")
+
+
 def _serve(args):
     from .serve.command import cmd_serve
 
@@ -263,6 +313,8 @@ COMMANDS = {
     "pipeline": (cmd_pipeline, "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
     "demo": (cmd_demo, "the whole pipeline on the embedded default model and data", add_pipeline_args),
     "eval": (cmd_eval, "compare a model with a baseline on held-out prompts", add_eval_args),
+    "data": (cmd_data, "generate data: arithmetic problems with exact answers (held-out split apart)", add_data_args),
+    "recipe": (cmd_recipe, "recipes: math = GRPO on a verifiable reward, accuracy before -> after", add_recipe_args),
     "chat": (_chat, "chat with a model in the terminal", _chat_args),
     "serve": (_serve, "OpenAI-compatible HTTP API and a web chat page", _serve_args),
     "bench": (_bench, "throughput and peak memory per stage (table + JSON)", _bench_args),

@@ -79,7 +79,7 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = 8        # prompts per PPO step
     batch_size: int = 4                # mini-batch for the update
     ppo_epochs: int = 1
-    advantage: str = "gae"             # gae (learned critic) | group (GRPO: no critic; needs group_size >= 2)
+    advantage: str = "gae"             # gae (learned critic) | group (GRPO) | rloo | reinforce++ (no critic)
     group_size: int = 1                # completions sampled per prompt (a step has rollout_batch_size x this)
     lr: float | None = None
     critic_lr: float | None = None
@@ -104,6 +104,14 @@ class PPOConfig(TrainConfig):
     eval_every: int = 0
     save_every: int = 10
     eval_prompts: int = 16
+    # Verifiable rewards and the GRPO family's variants (rl/rewards.py, rl/losses.py).
+    reward: list[str] | None = None    # reward specs (math, math:strict, format:RE, length:N, python:m:f, rm:PATH)
+    #                                    each [=WEIGHT]; None = the reward model at reward_model
+    scale_rewards: str = "group"       # group | batch | none (Dr. GRPO): the std dividing group advantages
+    loss_agg: str = "token-mean"       # token-mean | seq-mean-token-mean | token-sum-norm (Dr. GRPO)
+    clip_eps_high: float | None = None  # DAPO's decoupled upper clip (default: clip_eps)
+    dynamic_sampling: bool = False     # DAPO: drop groups whose rewards are all equal from the update
+    overlong_penalty: int = 0          # DAPO's soft overlong punishment over the last N tokens (0 = off)
 
 
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}

@@ -9,7 +9,7 @@ Kinds and their internal forms
   "margin": float | None}``; the prompt follows the same role rules and ends with a user
   message; chosen/rejected are the two candidate final assistant answers.
 * ``"prompt"`` (PPO) -> ``{"prompt": [messages ending with a user message],
-  "reference": str | None}``.
+  "reference": str | None}`` (plus ``"answer": str``, the final answer, from rows with one).
 
 Recognised input formats (by column names; a ``None`` value counts as absent)
 ----------------------------------------------------------------------------
@@ -21,6 +21,8 @@ Recognised input formats (by column names; a ``None`` value counts as absent)
 * ``prompt_completion``: ``prompt``, ``completion`` - kinds sft, prompt
 * ``prompt_response``: ``prompt``, ``response`` - kinds sft, prompt
 * ``prompt_only``: ``prompt`` - kind prompt
+* ``prompt_answer``: ``prompt``, ``answer`` - kind prompt (``answer``: the reference, for rewards)
+* ``gsm8k``: ``question``, ``answer`` ending in ``#### N`` - kind prompt (``answer``: N)
 
 The data set's format is detected from the first record whose columns match one of these
 (checked in the order of this list). Each row is then read with that format if it has any
@@ -105,6 +107,8 @@ FORMAT_COLUMNS = {
     "prompt_completion": ("prompt", "completion"),
     "prompt_response": ("prompt", "response"),
     "prompt_only": ("prompt",),
+    "prompt_answer": ("prompt", "answer"),
+    "gsm8k": ("question", "answer"),
 }
 
 KIND_FORMATS = {
@@ -165,11 +169,15 @@ def detect_format(record: dict) -> str | None:
         return "sharegpt"
     if "instruction" in has:
         return "alpaca"
+    if "question" in has and "answer" in has:
+        return "gsm8k"
     if "prompt" in has:
         if "completion" in has:
             return "prompt_completion"
         if "response" in has:
             return "prompt_response"
+        if "answer" in has:
+            return "prompt_answer"
         return "prompt_only"
     return None
 
@@ -477,6 +485,8 @@ def _normalize_row(record: Any, kind: str, fmt: str | None) -> dict:
         return {"prompt": _out(msgs), "reference": reference}
     if fmt == "prompt_only":
         return {"prompt": _out(_prompt(record)), "reference": None}
+    if fmt in ("prompt_answer", "gsm8k"):
+        return _with_answer(record, fmt)
     if fmt == "alpaca":
         if kind == "sft":
             return {"messages": _out(_sft_alpaca(record))}
@@ -487,6 +497,31 @@ def _normalize_row(record: Any, kind: str, fmt: str | None) -> dict:
         return {"messages": _out(_prompt_answer(record, answer_field))}
     prompt, reference = _prompt_answer(record, answer_field, need_answer=False)
     return {"prompt": _out(prompt), "reference": reference}
+
+
+def _with_answer(record: dict, fmt: str) -> dict:
+    """Prompt rows with a reference answer, for verifiable rewards: ``answer`` is the final
+    answer (GSM8K: the text after its last '####', commas dropped), ``reference`` the whole text."""
+    if fmt == "gsm8k":
+        question = _string(_require(record, "question"), "question")
+        if not question.strip():
+            raise _RowError("question", "empty question")
+        prompt = _system(record) + [(None, "user", question)]
+    else:
+        prompt = _prompt(record)
+    value = _require(record, "answer")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _RowError("answer", f"wrong type: expected a string or a number, got {_type_name(value)}")
+    text = str(value).strip()
+    if fmt == "gsm8k":
+        if "####" not in text:
+            raise _RowError("answer", "a GSM8K answer must end with '#### N' (the final answer)")
+        final = text.rsplit("####", 1)[1].strip().replace(",", "")
+    else:
+        final = text
+    if not final:
+        raise _RowError("answer", "empty answer")
+    return {"prompt": _out(prompt), "reference": text, "answer": final}
 
 
 def _row_format(record: Any, dataset_format: str, kind: str) -> str:

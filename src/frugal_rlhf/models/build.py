@@ -30,7 +30,7 @@ log = logging.getLogger("frugal_rlhf")
 class PPORoles:
     actor: Actor
     critic: Critic | None
-    reward_model: RewardModel
+    reward_model: RewardModel | None
     reference: Actor
     tokenizer: object
     shared: bool
@@ -45,21 +45,23 @@ def _same_base(a: str, b: str) -> bool:
 
 def build_ppo_roles(cfg) -> PPORoles:
     dtype = compute_dtype(override=cfg.dtype)
-    rm_path = Path(cfg.reward_model)
-    rm_meta = json.loads((rm_path / META).read_text()) if (rm_path / META).exists() else None
-    if rm_meta is None:
+    # reward_model None: program rewards only (--reward without rm:), no reward model to load.
+    rm_path = Path(cfg.reward_model) if cfg.reward_model else None
+    rm_meta = json.loads((rm_path / META).read_text()) if rm_path and (rm_path / META).exists() else None
+    if rm_path and rm_meta is None:
         raise FileNotFoundError(f"{rm_path} is not a reward model (no {META}); train one with `frugal rm`")
-    rm_on_base = bool(rm_meta["adapter"]) and not rm_meta["base_in_artifact"] and _same_base(rm_meta["base"], cfg.model)
+    rm_on_base = rm_meta is not None and bool(rm_meta["adapter"]) and not rm_meta["base_in_artifact"] and \
+        _same_base(rm_meta["base"], cfg.model)
     if not cfg.lora_rank:
         return _separate_full(cfg, dtype)
     hf, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code)
     lm = SharedLM(hf)
     lm.add_adapter("actor", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     actor = Actor(lm, "actor")
-    reward = load_reward_model(rm_path, shared=lm if rm_on_base else None, dtype=dtype)
-    if not rm_on_base:
+    reward = load_reward_model(rm_path, shared=lm if rm_on_base else None, dtype=dtype) if rm_path else None
+    if rm_path and not rm_on_base:
         log.info("reward model base %s differs from %s: loading it separately", rm_meta["base"], cfg.model)
-    if cfg.advantage == "group":
+    if cfg.advantage != "gae":  # GRPO, RLOO, REINFORCE++: no critic
         critic = None
     elif cfg.critic_model:
         critic = Critic(cfg.critic_model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -72,7 +74,8 @@ def build_ppo_roles(cfg) -> PPORoles:
     else:
         lm.add_adapter("critic", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         critic = Critic(lm, "critic")
-    return PPORoles(actor, critic, reward, Actor(lm, None), tokenizer, shared=rm_on_base and not cfg.critic_model)
+    return PPORoles(actor, critic, reward, Actor(lm, None), tokenizer,
+                    shared=(rm_on_base or rm_path is None) and not cfg.critic_model)
 
 
 def _separate_full(cfg, dtype) -> PPORoles:
@@ -80,7 +83,7 @@ def _separate_full(cfg, dtype) -> PPORoles:
     actor = Actor(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     hf, _ = load_model(cfg.model, dtype, cfg.trust_remote_code)
     reference = Actor(SharedLM(hf.requires_grad_(False)), None)
-    critic = None if cfg.advantage == "group" else Critic(cfg.critic_model or cfg.model, dtype=cfg.dtype,
+    critic = None if cfg.advantage != "gae" else Critic(cfg.critic_model or cfg.model, dtype=cfg.dtype,
                                                           trust_remote_code=cfg.trust_remote_code)
-    reward = load_reward_model(cfg.reward_model, dtype=dtype)
+    reward = load_reward_model(cfg.reward_model, dtype=dtype) if cfg.reward_model else None
     return PPORoles(actor, critic, reward, reference, actor.tokenizer, shared=False)

@@ -82,6 +82,7 @@ class RolloutSettings:
     whiten_advantages: bool = True
     advantage: str = "gae"             # gae: critic + GAE; group: GRPO, KL in the loss instead of the reward
     group_size: int = 1
+    scale_rewards: str = "group"       # group | batch | none: what divides GRPO's centered scores
 
 
 def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generator, autocast):
@@ -125,10 +126,17 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
         moments.update(strategy.all_gather(score))
         score = moments.normalize(score)
     ref_logprobs, values = ref_logprobs.float(), values * mask
-    if settings.advantage == "group":  # the clipped score of each completion against its group, at every token
+    if settings.advantage in ("group", "rloo"):  # the clipped score against its group's, at every token
         rewards = L.score_rewards(score, mask, settings.reward_clip)
-        advantages = returns = L.group_advantages(rewards.sum(1), settings.group_size)[:, None] * mask
+        outcome = (L.scaled_group_advantages(rewards.sum(1), settings.group_size, settings.scale_rewards)
+                   if settings.advantage == "group" else L.rloo_advantages(rewards.sum(1), settings.group_size))
+        advantages = returns = outcome[:, None] * mask
         kl = None if logprobs is None else L.token_kl(logprobs, ref_logprobs, mask, settings.kl_estimator)
+    elif settings.advantage == "reinforce++":  # KL in the per-token reward, returns whitened over the batch
+        rewards, kl = L.shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
+                                      settings.reward_clip)
+        returns = L.discounted_returns(rewards, mask, settings.gamma)
+        advantages = strategy.whiten(returns, mask)
     else:
         rewards, kl = L.shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
                                       settings.reward_clip)

@@ -176,14 +176,16 @@ def zero_spread(score: Tensor, group_size: int) -> Tensor:
 
 # ------------------------------------------------------------------------ PPO losses
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                clip_eps: float = 0.2, clip_eps_high: float | None = None):
+                clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                agg: str = "token-mean", max_len: int | None = None):
     """PPO clipped surrogate (to minimise), token-level mean over the mask.
 
         ratio  = exp(logp - old_logp)
         loss_t = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
 
     ``clip_eps_high`` defaults to ``clip_eps`` (set it higher for asymmetric
-    "clip-higher"). Stats (python floats): ``clipfrac`` (fraction of tokens where the
+    "clip-higher", DAPO). ``agg``/``max_len``: how token losses become one number
+    (:func:`aggregate_loss`). Stats (python floats): ``clipfrac`` (fraction of tokens where the
     clipped term is strictly larger, i.e. no gradient), ``approx_kl`` (k3 estimate
     of KL(old || new): mean of (ratio - 1) - log ratio), ``ratio_mean``.
     """
@@ -193,7 +195,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     adv = _keep(advantages, mask).to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
@@ -260,3 +262,83 @@ def pairwise_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = 
     with torch.no_grad():
         stats = {"accuracy": (diff > 0).float().mean().item(), "margin": diff.float().mean().item()}
     return loss, stats
+
+
+# ------------------------------------------------- outcome-reward estimators (RLVR family)
+def aggregate_loss(loss: Tensor, mask: Tensor, agg: str = "token-mean", max_len: int | None = None) -> Tensor:
+    """One number from per-token losses [B, T].
+
+    * ``token-mean``: sum over all real tokens / their count (DAPO): every token weighs the same.
+    * ``seq-mean-token-mean``: each row's token mean, then the mean over rows (original GRPO):
+      a token of a short answer weighs more than one of a long answer.
+    * ``token-sum-norm``: sum over real tokens / (B * max_len) with a constant max_len
+      (Dr. GRPO): no length normalization, so no bias toward long wrong answers.
+    """
+    if agg == "token-mean":
+        return masked_mean(loss, mask)
+    if agg == "seq-mean-token-mean":
+        return masked_mean(loss, mask, dim=1).mean()
+    if agg == "token-sum-norm":
+        if not max_len:
+            raise ValueError("loss aggregation 'token-sum-norm' needs max_len (the generation budget)")
+        return masked_sum(loss, mask) / (loss.shape[0] * max_len)
+    raise ValueError(f"unknown loss aggregation {agg!r} (expected token-mean, seq-mean-token-mean or token-sum-norm)")
+
+
+def scaled_group_advantages(score: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> Tensor:
+    """GRPO advantages [B] with a choice of scale (Dr. GRPO drops the per-group std):
+
+    * ``group``: :func:`group_advantages`, (s - group mean) / (group std + eps)
+    * ``batch``: (s - group mean) / (std of the whole batch's scores + eps)
+    * ``none``:  s - group mean (Dr. GRPO: easy and hard prompts are not up-weighted)
+    """
+    if scale == "group":
+        return group_advantages(score, group_size, eps)
+    if group_size < 2 or score.numel() % group_size:
+        raise ValueError(f"group advantages need groups of 2+ completions; got {score.numel()} scores "
+                         f"in groups of {group_size}")
+    g = score.view(-1, group_size)
+    centered = (g - g.mean(1, keepdim=True)).view(-1)
+    if scale == "none":
+        return centered
+    if scale == "batch":
+        return centered / (score.std() + eps)
+    raise ValueError(f"unknown reward scaling {scale!r} (expected group, batch or none)")
+
+
+def rloo_advantages(score: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): a completion's score minus the mean of the OTHER completions
+    of its prompt, s_i - (sum_g - s_i) / (G - 1); unbiased because the baseline excludes s_i.
+    ``score`` is [B] with groups adjacent; returns [B]."""
+    if group_size < 2 or score.numel() % group_size:
+        raise ValueError(f"RLOO needs groups of 2+ completions; got {score.numel()} scores in groups of {group_size}")
+    g = score.view(-1, group_size)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE returns-to-go G_t = sum_{k >= t} gamma^(k-t) r_k over real tokens (0 elsewhere).
+    REINFORCE++ (Hu 2025) uses them, with the per-token KL inside r, as advantages after
+    whitening over the global batch (no critic, no per-prompt baseline)."""
+    r = _keep(rewards, mask)
+    out, running = torch.zeros_like(r), torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma * running
+        out[:, t] = running
+    return _keep(out, mask)
+
+
+def informative_groups(score: Tensor, group_size: int) -> Tensor:
+    """DAPO's dynamic sampling: a [B] bool mask keeping the groups whose scores are not all
+    equal (a group of equal scores has zero advantage: it only dilutes the batch)."""
+    g = score.view(-1, group_size)
+    return (g.max(1).values > g.min(1).values).repeat_interleave(group_size)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment [B]: 0 up to max_len - buffer tokens, then falling
+    linearly to -1 at max_len (a response cut at the budget gets -1), -1 beyond."""
+    if buffer <= 0 or buffer > max_len:
+        raise ValueError(f"overlong buffer must be in 1..{max_len} (max_new_tokens), got {buffer}")
+    over = lengths.to(torch.float32) - (max_len - buffer)
+    return -(over / buffer).clamp(0.0, 1.0)

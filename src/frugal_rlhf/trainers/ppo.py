@@ -25,6 +25,7 @@ from ..rl import losses as L
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
 from ..rl.kl import AdaptiveKLController, FixedKLController
 from .base import Trainer, make_optimizer, make_scheduler
+from .estimators import check_estimator
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -60,17 +61,13 @@ class PPOTrainer(Trainer):
     evaluate_at_start = True
 
     def __init__(self, strategy, actor, critic, reward_model, initial_model, actor_optim=None, critic_optim=None,
-                 config=None, tokenizer=None, prompts=None, eval_prompts=None, ptx_rows=None, reward_fn=None):
+                 config=None, tokenizer=None, prompts=None, eval_prompts=None, ptx_rows=None, reward_fn=None,
+                 rewards=None):
         from ..config import PPOConfig
 
         super().__init__(strategy, config or PPOConfig())
         cfg = self.config
-        if cfg.advantage not in ("gae", "group"):
-            raise ValueError(f"advantage: expected 'gae' or 'group', got {cfg.advantage!r}")
-        if cfg.advantage == "group" and (cfg.group_size < 2 or critic is not None):
-            raise ValueError("advantage 'group' (GRPO) needs group_size >= 2 and no critic")
-        if cfg.advantage == "gae" and critic is None:
-            raise ValueError("advantage 'gae' needs a critic")
+        check_estimator(cfg, critic is not None, strategy.world_size)
         self.tokenizer = tokenizer or actor.tokenizer
         self.reward_model, self.reference = reward_model, initial_model
         trained = {"actor": (actor, actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
@@ -84,8 +81,9 @@ class PPOTrainer(Trainer):
         self.actor, self.actor_optim = trained["actor"]
         self.critic, self.critic_optim = trained.get("critic", (None, None))
         self.reward_model, self.reference = strategy.prepare(reward_model, initial_model)
-        # A programmatic reward (sequences, attention_mask, prompt_length) -> [B] replaces the model.
-        self.custom_reward = reward_fn
+        # A programmatic reward (sequences, attention_mask, prompt_length) -> [B] replaces the model;
+        # a RewardSet (rl/rewards.py: --reward specs) scores decoded responses against their rows.
+        self.custom_reward, self.rewards, self.reward_parts = reward_fn, rewards, {}
         self.models = {k: m for k, (m, _) in trained.items()}
         self.optimizers = {k: o for k, (_, o) in trained.items()}
         self.schedulers = {k: make_scheduler(o, cfg) for k, o in self.optimizers.items()}
@@ -97,7 +95,7 @@ class PPOTrainer(Trainer):
             SampleConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop_tokens(self.tokenizer),
                          self.tokenizer.pad_token_id),
             cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.reward_clip, cfg.normalize_reward, cfg.whiten_advantages,
-            cfg.advantage, cfg.group_size)
+            cfg.advantage, cfg.group_size, cfg.scale_rewards)
         self.stateful = {**{f"sched_{k}": v for k, v in self.schedulers.items()}, "kl": self.kl_ctl,
                          "moments": self.moments, "generator": self.gen}
         self.ptx_loader = None
@@ -125,9 +123,34 @@ class PPOTrainer(Trainer):
             self.set_prompts(prompts, eval_prompts)
         return super().fit(stop_at=stop_at)
 
-    def reward_fn(self, seq, attn, prompt_length):
+    def reward_fn(self, seq, attn, prompt_length, rows=None):
+        """The score [B] of each response; its components (raw, per row) are kept in self.reward_parts."""
+        self.reward_parts = {}
         if self.custom_reward is not None:
-            return self.custom_reward(seq, attn, prompt_length)
+            score = self.custom_reward(seq, attn, prompt_length)
+        elif self.rewards is not None:
+            score = self.program_rewards(seq, attn, prompt_length, rows)
+        else:
+            score = self.model_score(seq, attn, prompt_length)
+        if self.config.overlong_penalty:
+            penalty = L.overlong_penalty(attn[:, prompt_length:].sum(1), self.config.max_new_tokens,
+                                         self.config.overlong_penalty)
+            self.reward_parts["reward_overlong"] = penalty.cpu()
+            score = score + penalty.to(score.device, score.dtype)
+        return score
+
+    def program_rewards(self, seq, attn, prompt_length, rows):
+        from ..rl.rewards import prompt_texts
+
+        rows = [r for r in rows for _ in range(self.settings.group_size)]  # a group's copies are adjacent
+        resp, resp_mask = seq[:, prompt_length:], attn[:, prompt_length:]
+        completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
+        model = self.model_score(seq, attn, prompt_length) if self.rewards.model_path else None
+        total, self.reward_parts = self.rewards(prompt_texts(rows), completions, rows, resp_mask.sum(1).tolist(),
+                                                model)
+        return total.to(seq.device)
+
+    def model_score(self, seq, attn, prompt_length):
         # The reward model learned to score at an end-of-turn token (every training answer ends
         # with one); a response cut at max_new_tokens gets one appended so it is scored the same
         # way, instead of at an arbitrary mid-answer token the head never saw.
@@ -138,20 +161,31 @@ class PPOTrainer(Trainer):
     @classmethod
     def from_config(cls, strategy, cfg):
         """The short path: roles on one shared base, prompts and demonstrations from files."""
+        import dataclasses
+
         from ..data.formats import load_dataset_file
         from ..models.build import build_ppo_roles
+        from ..rl.rewards import RewardSet
 
-        roles = build_ppo_roles(cfg)
+        check_estimator(cfg, cfg.advantage == "gae", strategy.world_size)
+        # --reward specs are checked, and program rewards probed on the data, before any model loads.
+        rewards = RewardSet(cfg.reward) if cfg.reward else None
         rows = load_dataset_file(cfg.prompts, "prompt", cfg.skip_bad_rows, cfg.max_rows)
         if cfg.eval_data:
             train, held_out = rows, load_dataset_file(cfg.eval_data, "prompt", cfg.skip_bad_rows)[:cfg.eval_prompts]
         else:
             train, held_out = split_rows(rows, 1.0, cfg.eval_prompts, cfg.seed)
+        if rewards is not None:
+            rewards.check_rows(train, cfg.prompts)
+            rewards.check_rows(held_out, cfg.eval_data or cfg.prompts)
+            rewards.probe(rows)
+            cfg = dataclasses.replace(cfg, reward_model=rewards.model_path)  # None: no reward model to load
+        roles = build_ppo_roles(cfg)
         ptx = load_dataset_file(cfg.ptx_data, "sft", cfg.skip_bad_rows) if cfg.ptx_data and cfg.ptx_coef else None
         log.info("ppo: %d prompts, %d held out; roles on %s", len(train), len(held_out),
                  "one shared base" if roles.shared else "separate models")
         return cls(strategy, roles.actor, roles.critic, roles.reward_model, roles.reference, config=cfg,
-                   tokenizer=roles.tokenizer, prompts=train, eval_prompts=held_out, ptx_rows=ptx)
+                   tokenizer=roles.tokenizer, prompts=train, eval_prompts=held_out, ptx_rows=ptx, rewards=rewards)
 
     # ---- one PPO step ------------------------------------------------------------------------
     def train_step(self, step):
@@ -160,13 +194,14 @@ class PPOTrainer(Trainer):
         reset_phase_peak(dev)
         inference(self.actor, self.critic, self.reference, self.reward_model)
         with self.strategy.unsharded(self.actor):
-            exp, timing = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
+            exp, timing = make_experience(self.actor, self.critic, self.with_rows(batch["rows"]), self.reference,
                                           batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
                                           self.kl_ctl.value, self.gen.generator, self.strategy, self.moments,
                                           policy_logprobs=not self.one_update(batch["input_ids"].shape[0]))
         memory = {"mem_rollout_gb": reset_phase_peak(dev) / 2**30}  # generation and scoring
         t0 = time.perf_counter()
-        stats = self.update(exp)
+        parts = {k: float(v.mean()) for k, v in self.reward_parts.items()}
+        stats = self.update(self.informative(exp))
         timing["time_update"] = time.perf_counter() - t0
         memory["mem_update_gb"] = reset_phase_peak(dev) / 2**30
         for sched in self.schedulers.values():
@@ -175,11 +210,13 @@ class PPOTrainer(Trainer):
         kl = float((exp.kl * mask).sum(1).mean()) if exp.kl is not None else stats.pop("kl", float("nan"))
         local = {"kl": kl, "response_length": float(mask.sum(1).mean()),
                  "prompt_length": float(batch["attention_mask"].sum(1).float().mean()),
-                 **timing, **stats}
+                 **timing, **stats, **parts}
         if self.critic is not None:
             local["explained_variance"] = L.explained_variance(exp.values, exp.returns, mask)
-        else:  # groups whose completions all scored the same: no signal (common with verifiable rewards)
-            local["zero_std_frac"] = float(L.zero_spread(exp.rewards.sum(1), self.config.group_size).float().mean())
+        if self.config.group_size > 1:  # groups whose completions all scored the same: no signal (common with verifiable rewards)
+            local["zero_std_frac"] = float(L.zero_spread(exp.score, self.config.group_size).float().mean())
+        if self.config.dynamic_sampling:
+            local["dropped_groups"] = self.dropped_groups
         if self.config.normalize_reward:
             local["reward_norm"] = float(self.moments.normalize(exp.score).mean())
         # Every rank logs, and the KL controller adapts to, the global batch (a rank's own
@@ -195,11 +232,25 @@ class PPOTrainer(Trainer):
         self.warn(out)
         return out
 
+    def with_rows(self, rows):
+        return lambda seq, attn, prompt_length: self.reward_fn(seq, attn, prompt_length, rows)
+
+    def informative(self, exp):
+        """Dynamic sampling (DAPO): the update sees only groups whose scores differ (logged)."""
+        if not self.config.dynamic_sampling:
+            return exp
+        keep = L.informative_groups(exp.score, self.config.group_size)
+        self.dropped_groups = int((~keep).sum()) // self.config.group_size
+        # With nothing left, all advantages are 0 anyway: update on the whole batch (KL term only).
+        return exp.select(keep.nonzero().squeeze(1)) if keep.any() else exp
+
     def one_update(self, prompts: int) -> bool:
         """GRPO taking one optimizer step on the whole rollout: the rollout's log-probs would be
-        those the update's own forward computes, so the experience skips them (as TRL does)."""
+        those the update's own forward computes, so the experience skips them (as TRL does).
+        REINFORCE++ needs them before the update: its KL is in the rollout's rewards."""
         cfg = self.config
-        return self.critic is None and cfg.ppo_epochs == 1 and cfg.batch_size >= prompts * cfg.group_size
+        return (self.critic is None and cfg.advantage != "reinforce++" and cfg.ppo_epochs == 1
+                and cfg.batch_size >= prompts * cfg.group_size)
 
     def update(self, exp) -> dict:
         cfg, sums, count = self.config, {}, 0
@@ -221,11 +272,13 @@ class PPOTrainer(Trainer):
                     logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=temp,
                                                with_entropy=True, shared_prefix=shared)
                     old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
-                    pg_loss, pg = L.policy_loss(logp.float(), old, mb.advantages, mb.action_mask, cfg.clip_eps)
+                    pg_loss, pg = L.policy_loss(logp.float(), old, mb.advantages, mb.action_mask, cfg.clip_eps,
+                                                cfg.clip_eps_high, cfg.loss_agg, cfg.max_new_tokens)
                     ent = L.masked_mean(entropy, mb.action_mask)
                     actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
-                    if self.critic is None:  # GRPO: the KL to the reference is a loss term
-                        kl_loss = L.masked_mean(L.kl_penalty(logp.float(), mb.ref_logprobs, "k3"), mb.action_mask)
+                    if cfg.advantage in ("group", "rloo"):  # the KL to the reference is a loss term
+                        kl_loss = L.aggregate_loss(L.kl_penalty(logp.float(), mb.ref_logprobs, "k3"),
+                                                   mb.action_mask, cfg.loss_agg, cfg.max_new_tokens)
                         actor_loss = actor_loss + self.kl_ctl.value * kl_loss
                         pg["kl_loss"] = float(kl_loss.detach())
                         if mb.kl is None:  # the rollout's KL, for the log and an adaptive coefficient
@@ -278,19 +331,22 @@ class PPOTrainer(Trainer):
         if not getattr(self, "eval_rows", None):
             return {}
         collate = PromptCollator(self.tokenizer.pad_token_id)
-        scores, kls = [], []
+        scores, kls, parts = [], [], {}
         gen = torch.Generator().manual_seed(self.config.seed + 1)
         dev = self.strategy.device
         inference(self.actor, self.critic, self.reference, self.reward_model)
         for i in range(0, len(self.eval_rows), self.config.rollout_batch_size):
             batch = collate(self.eval_rows[i:i + self.config.rollout_batch_size])
             with self.strategy.unsharded(self.actor):
-                exp, _ = make_experience(self.actor, self.critic, self.reward_fn, self.reference,
+                exp, _ = make_experience(self.actor, self.critic, self.with_rows(batch["rows"]), self.reference,
                                          batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
                                          0.0, gen, self.strategy)
             scores.append(exp.score)
             kls.append((exp.kl * exp.action_mask).sum(1))
-        return {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean())}
+            for k, v in self.reward_parts.items():
+                parts.setdefault(f"eval_{k}", []).append(v)
+        return {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean()),
+                **{k: float(torch.cat(v).mean()) for k, v in parts.items()}}
 
     def finish(self):
         if self.strategy.is_rank0:
@@ -300,6 +356,8 @@ class PPOTrainer(Trainer):
                 export_adapter(actor, self.tokenizer, self.out / "adapter", base=self.config.model)
             self.run.plot(["reward", "eval_reward", "kl", "response_length"], "ppo.png", "PPO")
             self.run.plot(["value_loss", "explained_variance", "clipfrac", "entropy"], "ppo_diagnostics.png")
+            if self.reward_parts:
+                self.run.plot(sorted(self.reward_parts), "rewards.png", "reward components")
 
 
 def _as_prompt_row(p):
