@@ -209,8 +209,14 @@ class PreferenceTrainer(SupervisedTrainer):
         z = max(0.0, total / count)
         loss, reward = L.kto_loss(logp, ref, label, z, self.beta, self.config.desirable_weight,
                                   self.config.undesirable_weight)
+        # Accuracy: the fraction of (desirable, undesirable) rows of the batch whose rewards are in
+        # the right order, the paired accuracy's unpaired form (a batch lacking one side: chance).
+        # The sign of a reward alone says little: undesirable answers pushed down drag similar
+        # desirable ones below 0 while keeping them above.
+        d, u = reward[label.bool()], reward[~label.bool()]
+        ranked = (d[:, None] > u[None, :]).float().mean() if d.numel() and u.numel() else torch.tensor(0.5)
         sign = label.float() * 2 - 1
-        stats = {"accuracy": ((reward * sign) > 0).float().sum(), "margin": (reward * sign).sum(),
+        stats = {"accuracy": ranked * reward.numel(), "margin": (reward * sign).sum(),
                  "kl": torch.tensor(z * ratio.numel())}
         return loss.sum(), loss.shape[0], stats
 
