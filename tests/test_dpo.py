@@ -144,3 +144,19 @@ def test_quick_pipeline_with_method_dpo(tmp_path):
     assert summary["eval_accuracy_last"] == json.loads((out / "dpo" / "eval.json").read_text())["accuracy"]
     assert not (out / "rm").exists() and not (out / "ppo").exists()
     assert f"{summary['eval_accuracy_last']:.3f}" in (out / "dpo_report.md").read_text()
+
+
+def test_bench_dpo_and_the_frugal_side_of_compare(tmp_path):
+    """Smoke: the workloads run and report what the tables print (no timing is asserted)."""
+    from frugal_rlhf.bench_peers import _frugal
+
+    out = tmp_path / "dpo.json"
+    assert main(["bench", "dpo", "--model", "tiny-llama", "--steps", "2", "--batch-size", "2", "--max-length", "64",
+                 "--lora-rank", "4", "--dtype", "fp32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["workload"] == "dpo" and result["pairs_per_s"]["n"] == 1 and result["peak_mem_gb"] > 0
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                            for r in marker_pairs(4)))
+    rates = _frugal("dpo", "tiny-llama", str(rows), 2, 2, 64, 4, "fp32", 0)
+    assert len(rates) == 1 and rates[0] > 0
