@@ -85,12 +85,18 @@ def test_resume_with_precomputed_reference_equals_uninterrupted(tmp_path):
 
 
 def test_precomputed_reference_equals_the_live_one(tmp_path):
+    """At the first step the policy is the reference: h = 0 for every pair, so the loss is log 2
+    exactly when each table entry belongs to its sequence (a misplaced entry makes h != 0),
+    and the gradient equals the live reference's. (Later steps are not compared: Adam turns
+    float noise in near-zero gradients into weight moves of up to lr.)"""
     rows = marker_pairs(32, seed=2)
-    _, live = run(tmp_path / "live", rows, max_steps=3, eval_split=0.0)
-    _, pre = run(tmp_path / "pre", rows, max_steps=3, eval_split=0.0, precompute_ref=True)
-    assert live[0]["loss"] == pytest.approx(0.6931471805599453, rel=1e-6)  # policy = reference at step 1
-    for a, b in zip(live, pre):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    _, live = run(tmp_path / "live", rows, max_steps=1, eval_split=0.0)
+    _, pre = run(tmp_path / "pre", rows, max_steps=1, eval_split=0.0, precompute_ref=True)
+    # fp32 sums of ~50 log-probs of a few nats: batch layouts differ by ~1e-5 nats at most
+    for m in (live[0], pre[0]):
+        assert m["loss"] == pytest.approx(0.6931471805599453, abs=1e-5)
+        assert m["chosen_reward"] == pytest.approx(0.0, abs=1e-5) and m["rejected_reward"] == pytest.approx(0.0, abs=1e-5)
+    assert live[0]["grad_norm"] == pytest.approx(pre[0]["grad_norm"], rel=1e-4)
 
 
 def test_full_finetuning_reference_is_a_frozen_copy(tmp_path):
