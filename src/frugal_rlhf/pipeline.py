@@ -110,6 +110,8 @@ class Pipeline:
         from .runlog import setup_logging
 
         setup_logging()
+        if self.cfg.method not in ("ppo", "dpo"):
+            raise ValueError(f"method: expected 'ppo' or 'dpo', got {self.cfg.method!r}")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
         data = self.out / "data"
@@ -122,8 +124,6 @@ class Pipeline:
             self._stage("dpo", self.run_dpo, self.out / "dpo" / "final" / "config.json")
             self._stage("dpo report", lambda: write_dpo_report(self.out, self.cfg), self.out / "dpo_report.md")
             return json.loads((self.out / "dpo_summary.json").read_text())
-        if self.cfg.method != "ppo":
-            raise ValueError(f"method: expected 'ppo' or 'dpo', got {self.cfg.method!r}")
         self._stage("rm", self.run_rm, self.out / "rm" / "reward_model.json")
         self._stage("ppo", self.run_ppo, self.out / "ppo" / "final" / "config.json")
         self._stage("report", self.run_report, self.out / "report.md")
