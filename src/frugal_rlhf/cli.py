@@ -118,6 +118,29 @@ def cmd_ppo(args):
                                          if len(ev) > 1 else "") + f"; policy in {cfg.output}/final")
 
 
+def cmd_dpo(args, stage="dpo"):
+    from .trainers.preference import PreferenceTrainer
+
+    cfg, metrics = _run_stage(STAGE_CONFIGS[stage], PreferenceTrainer, args)
+    if metrics:
+        result = json.loads((Path(cfg.output) / "eval.json").read_text())
+        start = next((m["eval_accuracy"] for m in metrics if "eval_accuracy" in m), None)
+        accuracy = f"{start:.3f} -> {result['accuracy']:.3f}" if result["accuracy"] is not None else "n/a"
+        print(f"{cfg.loss}: {len([m for m in metrics if m['step'] > 0])} steps, held-out implicit-reward accuracy "
+              f"{accuracy} on {result['n_held_out']} {'pairs' if cfg.loss != 'kto' else 'rows'}; "
+              f"model in {cfg.output}/final")
+
+
+def cmd_kto(args):
+    cmd_dpo(args, stage="kto")
+
+
+def add_preference_aliases(p):
+    """The names the papers (and other frameworks) use, beside our field names."""
+    p.add_argument("--gamma", dest="simpo_gamma", type=float, default=argparse.SUPPRESS, help="= --simpo-gamma")
+    p.add_argument("--lambda", dest="orpo_lambda", type=float, default=argparse.SUPPRESS, help="= --orpo-lambda")
+
+
 def add_prefs_args(p):
     p.add_argument("--model", default="runs/sft/final", help="the SFT model whose samples are ranked")
     p.add_argument("--prompts", default="sharegpt", help="prompts (conversations with answers for --labeler reference)")
@@ -157,6 +180,7 @@ def add_pipeline_args(p):
     p.add_argument("--config", help="pipeline YAML (see configs/example.yaml)")
     p.add_argument("--output")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test in ~1 minute")
+    p.add_argument("--method", choices=["ppo", "dpo"], help="ppo: RM -> PPO (default); dpo: DPO on the pairs")
 
 
 def cmd_pipeline(args, default_config=None):
@@ -166,7 +190,7 @@ def cmd_pipeline(args, default_config=None):
                            args.quick else None)
     if path is None:
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
-    Pipeline(load_pipeline_config(path, {"output": args.output})).run()
+    Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method})).run()
 
 
 def cmd_demo(args):
@@ -308,6 +332,8 @@ def _chat_args(p):
 COMMANDS = {
     "sft": (cmd_sft, "supervised fine-tuning on demonstrations", "sft"),
     "rm": (cmd_rm, "train (or --eval-only: score) a reward model on ranked pairs", "rm"),
+    "dpo": (cmd_dpo, "offline preference optimization on pairs: --loss dpo|ipo|cdpo|simpo|orpo|kto", "dpo"),
+    "kto": (cmd_kto, "KTO on unpaired rows (prompt, completion, label) or on pairs", "kto"),
     "prefs": (cmd_prefs, "build preference pairs with the simulated labeler", add_prefs_args),
     "ppo": (cmd_ppo, "PPO against a reward model, four roles on one base", "ppo"),
     "pipeline": (cmd_pipeline, "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
@@ -331,6 +357,8 @@ def build_parser():
             add_config_flags(p, STAGE_CONFIGS[stage])
             p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                            help="start N processes on this machine with torchrun (with --strategy ddp|fsdp|deepspeed)")
+            if stage in ("dpo", "kto"):
+                add_preference_aliases(p)
         else:
             stage(p)
         p.set_defaults(fn=fn, config_stage=stage if isinstance(stage, str) else None)

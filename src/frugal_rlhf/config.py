@@ -114,7 +114,29 @@ class PPOConfig(TrainConfig):
     overlong_penalty: int = 0          # DAPO's soft overlong punishment over the last N tokens (0 = off)
 
 
-STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+@dataclass
+class PreferenceConfig(TrainConfig):
+    output: str = "runs/dpo"
+    data: str = "prefs.jsonl"          # preference pairs (any format `frugal rm` reads); kto: unpaired rows too
+    loss: str = "dpo"                  # dpo | ipo | cdpo | simpo | orpo | kto
+    beta: float | None = None          # default 0.1 (simpo: 2.0)
+    label_smoothing: float | None = None  # dpo/cdpo/simpo: probability a label is wrong (default 0; cdpo 0.1)
+    simpo_gamma: float = 1.0           # simpo: the reward margin chosen must win by
+    orpo_lambda: float = 0.1           # orpo: weight of the odds-ratio term beside the NLL
+    desirable_weight: float = 1.0      # kto
+    undesirable_weight: float = 1.0    # kto
+    precompute_ref: bool = False       # reference log-probs once before training (no reference in memory)
+    eval_split: float = 0.1
+
+
+@dataclass
+class KTOConfig(PreferenceConfig):
+    output: str = "runs/kto"
+    loss: str = "kto"
+
+
+STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": PreferenceConfig,
+                 "kto": KTOConfig}
 
 
 def from_dict(cls, data: dict, source: str = "config"):

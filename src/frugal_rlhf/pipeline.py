@@ -49,6 +49,8 @@ class PipelineConfig:
     rm: dict = field(default_factory=dict)      # RewardConfig fields
     ppo: dict = field(default_factory=dict)     # PPOConfig fields
     eval: dict = field(default_factory=dict)    # max_new_tokens, temperature, batch_size
+    method: str = "ppo"                         # ppo (RM -> PPO) | dpo (DPO on the pairs: no RM, no PPO)
+    dpo: dict = field(default_factory=dict)     # PreferenceConfig fields (method dpo)
 
 
 def load_pipeline_config(path=None, overrides: dict | None = None) -> PipelineConfig:
@@ -112,12 +114,20 @@ class Pipeline:
         from .runlog import setup_logging
 
         setup_logging()
+        if self.cfg.method not in ("ppo", "dpo"):
+            raise ValueError(f"method: expected 'ppo' or 'dpo', got {self.cfg.method!r}")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
         data = self.out / "data"
         self._stage("split", lambda: write_split(self.cfg, data), data / "sft.jsonl")
         self._stage("sft", self.run_sft, self.out / "sft" / "final" / "config.json")
         self._stage("prefs", self.run_prefs, self.out / "prefs.jsonl")
+        if self.cfg.method == "dpo":
+            from .report_dpo import write_dpo_report
+
+            self._stage("dpo", self.run_dpo, self.out / "dpo" / "final" / "config.json")
+            self._stage("dpo report", lambda: write_dpo_report(self.out, self.cfg), self.out / "dpo_report.md")
+            return json.loads((self.out / "dpo_summary.json").read_text())
         self._stage("rm", self.run_rm, self.out / "rm" / "reward_model.json")
         self._stage("ppo", self.run_ppo, self.out / "ppo" / "final" / "config.json")
         self._stage("report", self.run_report, self.out / "report.md")
@@ -177,6 +187,15 @@ class Pipeline:
                                         "prompts": str(self.out / "data" / "ppo_prompts.jsonl"),
                                         "eval_data": str(self.out / "data" / "held_out.jsonl")}, self.cfg.ppo, "ppo")
         self._run_trainer(cfg, PPOTrainer.from_config)
+
+    def run_dpo(self):
+        from .config import PreferenceConfig
+        from .trainers.preference import PreferenceTrainer
+
+        cfg = _stage_config(PreferenceConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
+                                               "output": str(self.out / "dpo"), "data": str(self.out / "prefs.jsonl")},
+                            self.cfg.dpo, "dpo")
+        self._run_trainer(cfg, PreferenceTrainer)
 
     def run_report(self):
         from .report import write_report

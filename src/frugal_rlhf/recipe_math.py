@@ -53,7 +53,7 @@ def accuracy(trainer, rows, max_new_tokens: int, batch_size: int) -> dict:
     from .data.tokenize import PromptCollator, encode_prompt
     from .generation import SampleConfig, sample
     from .rl.rewards import answers_match, final_answer
-    from .trainers.ppo import stop_tokens
+    from .data.tokenize import stop_tokens
 
     tok, actor, strategy = trainer.tokenizer, trainer.actor, trainer.strategy
     cfg = SampleConfig(max_new_tokens, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)

@@ -40,7 +40,7 @@ def above_chance(accuracy: float, n_pairs: int) -> bool:
     return accuracy > 0.5 + 2 * (0.25 / max(n_pairs, 1)) ** 0.5
 
 
-def held_out_comparison(out: Path, cfg) -> dict:
+def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
     from .data.formats import load_dataset_file
     from .data.tokenize import stop_tokens
     from .device import autocast, compute_dtype, default_device
@@ -51,7 +51,7 @@ def held_out_comparison(out: Path, cfg) -> dict:
     device = default_device()
     dtype = compute_dtype(device, cfg.dtype)
     sft, tok = load_policy(str(out / "sft" / "final"), dtype)
-    ppo, _ = load_policy(str(out / "ppo" / "final"), dtype)
+    ppo, _ = load_policy(str(out / policy / "final"), dtype)  # the trained policy: ppo/ or dpo/
     rm = load_reward_model(out / "rm", dtype=dtype)
     for m in (sft, ppo, rm):
         m.to(device).eval()

@@ -19,9 +19,9 @@ ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_ra
 
 def add_bench_args(p):
     p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
-    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "grpo", "generate"],
+    p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "grpo", "generate", "dpo"],
                    help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
-                        "(sft, rm, grpo; generate: our sampler vs HF generate); strategies: sft or ppo")
+                        "(sft, rm, grpo, dpo; generate: our sampler vs HF generate); strategies: sft or ppo")
     p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
     p.add_argument("--model", default="default")
@@ -84,7 +84,8 @@ def _compare(args, kw):
     return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "
                f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
                f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
-               f"| x{r['ratio']:.2f} ({r['unit']}) |")
+               f"| x{r['ratio']:.2f} ({r['unit']}) | peak {r['frugal']['peak_mem_gb']:.2f} vs "
+               f"{r[r['peer']]['peak_mem_gb']:.2f} GiB |")
 
 
 def _serve(args, kw):

@@ -1,4 +1,4 @@
-"""`frugal bench compare --peer trl --stage sft|rm|grpo`: one workload run by frugal-rlhf and by TRL.
+"""`frugal bench compare --peer trl --stage sft|rm|grpo|dpo`: one workload run by frugal-rlhf and by TRL.
 
 Same model, same rows, same lengths, batch size, LoRA rank and targets, dtype and thread count;
 each (tool, repeat) in its own process; the first step of every run is warm-up and excluded;
@@ -108,14 +108,21 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
             sft.write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
                                    + "\n" for r in rows))
             _, metrics = train_bench("sft", SFTConfig(data=str(sft), **common), SFTTrainer, "tokens_per_s")
+        elif stage == "dpo":
+            from ..config import PreferenceConfig
+            from ..trainers.preference import PreferenceTrainer
+
+            pairs = [{**r, "margin": None} for r in rows]
+            _, metrics = train_bench("dpo", PreferenceConfig(loss="dpo", beta=0.1, **common),
+                                      lambda s, c: PreferenceTrainer(s, c, rows=pairs), "tokens_per_s")
         else:
             from ..config import RewardConfig
             from ..trainers.reward import RewardTrainer
 
             pairs = [{**r, "margin": None} for r in rows]
             _, metrics = train_bench("rm", RewardConfig(**common), lambda s, c: RewardTrainer(s, c, rows=pairs),
-                                     "tokens_per_s")
-    # Samples (SFT) or pairs (RM: two sequences each) per second of step, loading excluded.
+                                      "tokens_per_s")
+    # Samples (SFT) or pairs (RM, DPO: two sequences each) per second of step, loading excluded.
     per_item = 1 if stage == "sft" else 2
     return [m["tokens_per_s"] * m["sequences"] / m["tokens"] / per_item for m in metrics]
 
@@ -200,11 +207,19 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
                                   processing_class=tok, reward_processing_classes=tok,
                                   peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
                                   callbacks=[StepTimer(), Lengths()])
+        elif stage == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            # ref_model None with a peft_config: TRL's reference is the model with the adapter disabled, as ours.
+            trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=dt),
+                                 args=DPOConfig(output_dir=tmp, beta=0.1, loss_type="sigmoid", **common),
+                                 train_dataset=_trl_pairs(Dataset, rows), processing_class=tok,
+                                 peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
+                                 callbacks=[StepTimer()])
         else:
             from trl import RewardConfig, RewardTrainer
 
-            data = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                       "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+            data = _trl_pairs(Dataset, rows)
             hf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dt)
             hf.config.pad_token_id = tok.pad_token_id
             trainer = RewardTrainer(model=hf, args=RewardConfig(output_dir=tmp, **common), train_dataset=data,
@@ -218,13 +233,22 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
     return [batch_size / t for t in times[1:]]  # the first step is warm-up
 
 
+def _trl_pairs(dataset_cls, rows):
+    """TRL's conversational preference form: the prompt's messages, each answer as one message."""
+    return dataset_cls.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+
+
 RUNNERS = {"frugal": _frugal, "trl": _trl}
 
 
 def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens):
     """Child-process entry: print the per-step rates as JSON."""
     torch.manual_seed(0)
+    from ..device import peak_memory_bytes
+
     rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens)
+    print(f"PEAK {peak_memory_bytes()}")  # this process's peak: each (tool, repeat) runs in its own
     print("RATES " + json.dumps(rates))
 
 
@@ -232,13 +256,14 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
             dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, **_):
     from ..models.loading import load_model
 
-    if stage not in ("sft", "rm", "grpo"):
-        raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm, grpo); see docs/benchmarks.md")
+    if stage not in ("sft", "rm", "grpo", "dpo"):
+        raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm, grpo, dpo); see docs/benchmarks.md")
     if stage == "grpo" and batch_size % GROUP:
         raise SystemExit(f"bench compare grpo: --batch-size must be a multiple of {GROUP} (completions per prompt)")
     _, tok = load_model(model)
     rows = equal_length_rows(tok, batch_size * steps, max_length - 8, prompt_tokens)
     medians = {"frugal": [], peer: []}
+    peaks = {"frugal": [], peer: []}
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = _write_rows(rows, Path(tmp))
         for r in range(repeats):
@@ -249,14 +274,15 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
                 if proc.returncode != 0:
                     raise RuntimeError(f"bench compare: {tool} {stage} failed:\n{proc.stderr[-3000:]}")
                 rates = json.loads(proc.stdout.split("RATES ")[-1])
+                peaks[tool].append(int(proc.stdout.split("PEAK ")[-1].split()[0]) / 2**30)
                 medians[tool].append(statistics.median(rates))
                 print(f"{tool} {stage} repeat {r + 1}: {medians[tool][-1]:.3f}/s", file=sys.stderr)
-    unit = {"sft": "samples_per_s", "rm": "pairs_per_s", "grpo": "completions_per_s"}[stage]
+    unit = {"sft": "samples_per_s", "rm": "pairs_per_s", "grpo": "completions_per_s", "dpo": "pairs_per_s"}[stage]
     result = {"workload": "compare", "peer": peer, "stage": stage, "model": model, "batch_size": batch_size,
               "length": max_length - 8, "prompt_tokens": prompt_tokens or None, "lora_rank": lora_rank,
               "dtype": dtype, "threads": torch.get_num_threads(),
               "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP} if stage == "grpo" else {})}
     for tool, values in medians.items():
-        result[tool] = stats(values)
+        result[tool] = {**stats(values), "peak_mem_gb": max(peaks[tool])}
     result["ratio"] = result["frugal"]["median"] / result[peer]["median"]
     return result

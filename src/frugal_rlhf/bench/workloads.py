@@ -134,8 +134,7 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
     from ..config import RewardConfig
     from ..trainers.reward import RewardTrainer
 
-    rows = [{"prompt": r["prompt"], "chosen": r.get("reference") or "Sure.", "rejected": "I don't know.",
-             "margin": None} for r in _prompts(batch_size * (steps + 1))]
+    rows = _bench_pairs(batch_size * (steps + 1))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RewardConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                            lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
@@ -143,6 +142,30 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
         out, metrics = train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
                                    lambda t, m: _supervised_flops(t, m, False))
     if out:  # rank 0 (all ranks' pairs: a pair is two sequences)
+        out["pairs_per_s"] = stats([m["sequences"] / 2 / m["step_time"] for m in metrics])
+    return out
+
+
+def _bench_pairs(n):
+    return [{"prompt": r["prompt"], "chosen": r.get("reference") or "Sure.", "rejected": "I don't know.",
+             "margin": None} for r in _prompts(n)]
+
+
+def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
+              **_):
+    """DPO steps: the policy's forward and backward on both answers of each pair, the reference's
+    forward (the base with the adapter off; lora_rank 0: a frozen copy). No FLOP count: the
+    reference forward and the answer-only head make the SFT formula wrong here."""
+    from ..config import PreferenceConfig
+    from ..trainers.preference import PreferenceTrainer
+
+    rows = _bench_pairs(batch_size * (steps + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = PreferenceConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
+                               lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
+                               strategy=strategy, loss="dpo")
+        out, metrics = train_bench("dpo", cfg, lambda s, c: PreferenceTrainer(s, c, rows=rows), "tokens_per_s")
+    if out:  # rank 0 (all ranks' pairs)
         out["pairs_per_s"] = stats([m["sequences"] / 2 / m["step_time"] for m in metrics])
     return out
 
@@ -173,7 +196,7 @@ def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8
     return out
 
 
-WORKLOADS = {"generate": bench_generate, "sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}
+WORKLOADS = {"generate": bench_generate, "sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "dpo": bench_dpo}
 
 
 def dummy_sizes() -> dict[str, int]:

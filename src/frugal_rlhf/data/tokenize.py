@@ -155,8 +155,9 @@ class PairCollator:
     def __call__(self, rows):
         seqs = [s for r in rows for s in (r["chosen"], r["rejected"])]
         # Every row keeps at least its last token after the prefix: the score is read there.
-        common = [k for c, r in zip(seqs[::2], seqs[1::2])
-                  for k in [min(_common_prefix(c, r), len(c) - 1, len(r) - 1)] * 2]
+        # A row's `max_shared` caps it further (DPO reads every answer token's predicting position).
+        common = [k for row, c, r in zip(rows, seqs[::2], seqs[1::2])
+                  for k in [min(_common_prefix(c, r), len(c) - 1, len(r) - 1, row.get("max_shared", len(c)))] * 2]
         shared, rest = max(common), max(len(s) - k for s, k in zip(seqs, common))
         # Columns computed: the prefix once per pair and the rest per row, against every row whole.
         # The split forward (two passes, the prefix's keys and values repeated) must save a tenth.

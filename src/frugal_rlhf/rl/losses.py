@@ -342,3 +342,65 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
         raise ValueError(f"overlong buffer must be in 1..{max_len} (max_new_tokens), got {buffer}")
     over = lengths.to(torch.float32) - (max_len - buffer)
     return -(over / buffer).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------ offline preference optimization
+# Inputs are per-sequence log-probs [B] of the answer tokens: summed (``logp``) or averaged
+# per token (``avg_logp``). Each loss returns (per-row loss [B], chosen reward [B], rejected
+# reward [B]); rewards are detached, for the metrics (accuracy = chosen reward > rejected).
+def dpo_loss(logp_c: Tensor, logp_r: Tensor, ref_logp_c: Tensor, ref_logp_r: Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * h), h = log-ratio of chosen minus that of
+    rejected (log-ratio = policy - reference log-prob). ``label_smoothing`` eps > 0 is cDPO: the
+    label is taken to be wrong with probability eps, -(1-eps) log s(beta h) - eps log s(-beta h)."""
+    h = (logp_c - ref_logp_c) - (logp_r - ref_logp_r)
+    loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return loss, (beta * (logp_c - ref_logp_c)).detach(), (beta * (logp_r - ref_logp_r)).detach()
+
+
+def ipo_loss(logp_c: Tensor, logp_r: Tensor, ref_logp_c: Tensor, ref_logp_r: Tensor, beta: float = 0.1):
+    """IPO (Azar et al. 2023): (h - 1/(2 beta))^2, h as in DPO. It regresses the log-ratio gap to
+    a finite target instead of pushing it to infinity (DPO's overfitting on deterministic labels)."""
+    h = (logp_c - ref_logp_c) - (logp_r - ref_logp_r)
+    loss = (h - 1 / (2 * beta)) ** 2
+    return loss, (beta * (logp_c - ref_logp_c)).detach(), (beta * (logp_r - ref_logp_r)).detach()
+
+
+def simpo_loss(avg_logp_c: Tensor, avg_logp_r: Tensor, beta: float = 2.0, gamma: float = 1.0,
+               label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024): no reference; the reward is beta times the per-token mean
+    log-prob, and chosen must beat rejected by the margin gamma: -log s(beta (a_c - a_r) - gamma)
+    (label smoothing as in cDPO)."""
+    z = beta * (avg_logp_c - avg_logp_r) - gamma
+    loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return loss, (beta * avg_logp_c).detach(), (beta * avg_logp_r).detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x (Maechler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(avg_logp_c: Tensor, avg_logp_r: Tensor, lam: float = 0.1):
+    """ORPO (Hong et al. 2024): no reference; the chosen answer's NLL (per-token mean) plus
+    lam * -log s(log odds ratio), odds(y) = p / (1 - p) with p = exp(mean log-prob). The
+    rewards reported are lam times the mean log-probs."""
+    # mean log-probs of exactly 0 (p = 1) would make the odds infinite
+    a_c, a_r = (a.clamp(max=-1e-6) for a in (avg_logp_c, avg_logp_r))
+    log_odds = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
+    loss = -avg_logp_c - lam * F.logsigmoid(log_odds)
+    return loss, (lam * avg_logp_c).detach(), (lam * avg_logp_r).detach()
+
+
+def kto_loss(logp: Tensor, ref_logp: Tensor, desirable: Tensor, kl_ref: Tensor | float, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024) on unpaired answers: r = policy - reference log-prob;
+    desirable: w_d (1 - s(beta (r - z))), undesirable: w_u (1 - s(beta (z - r))), where z is
+    the reference point (an estimate of KL(policy || reference), detached, >= 0).
+    Returns (per-row loss, reward beta r detached)."""
+    r = logp - ref_logp
+    z = torch.as_tensor(kl_ref, dtype=r.dtype, device=r.device)
+    value = torch.where(desirable.bool(), desirable_weight * torch.sigmoid(beta * (r - z)),
+                        undesirable_weight * torch.sigmoid(beta * (z - r)))
+    weight = torch.where(desirable.bool(), torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
+    return weight - value, (beta * r).detach()
