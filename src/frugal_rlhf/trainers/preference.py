@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.loader import LazyEncoded, split_rows
 from ..data.tokenize import PairCollator, attention, encode_prompt, encode_response, pad
 from ..models.export import export_adapter, export_merged
 from ..models.roles import last_token_index
@@ -23,7 +24,6 @@ from ..models.sequence import SequenceScorer
 from ..rl import losses as L
 from ..rundir import atomic_write
 from .reward import encode_pair
-from ..data.loader import LazyEncoded, split_rows
 from .supervised import SupervisedTrainer
 
 log = logging.getLogger("frugal_rlhf")
