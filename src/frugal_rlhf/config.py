@@ -101,6 +101,7 @@ class PPOConfig(TrainConfig):
     eval_every: int = 0
     save_every: int = 10
     eval_prompts: int = 16
+    gold_eval: bool = False            # also log the hidden gold judge's held-out score (eval_gold; never a reward)
 
 
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
