@@ -119,25 +119,26 @@ def write_report(out: Path, cfg) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if gain > 2 * se:
         proxy = (f"PPO raised the held-out reward-model score by {gain:+.3f} (more than two standard errors, "
-                   f"{2 * se:.3f}; win rate {comparison['win_rate']:.2f}) at a KL of "
-                   f"{comparison['kl_to_baseline']:.2f} nats per answer.")
+                 f"{2 * se:.3f}; win rate {comparison['win_rate']:.2f}) at a KL of "
+                 f"{comparison['kl_to_baseline']:.2f} nats per answer.")
     elif gain > 0:
         proxy = (f"The held-out reward-model score rose by {gain:+.3f}, but that is within noise (two standard "
-                   f"errors are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show that PPO "
-                   "improved it.")
+                 f"errors are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show that PPO "
+                 "improved it.")
     else:
         proxy = f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below."
     verdict = gold_verdict(comparison)
     if not summary["rm_above_chance"]:
         # A score gain under a reward model that cannot rank held-out pairs is not evidence of better answers.
         proxy += (f" Caution: the reward model's held-out accuracy ({rm_eval['accuracy']:.2f} on "
-                    f"{rm_eval['n_pairs']} pairs) is not distinguishable from chance, so its score says little about "
-                    "answer quality: judge by the gold score and the examples.")
+                  f"{rm_eval['n_pairs']} pairs) is not distinguishable from chance, so its score says little about "
+                  "answer quality: judge by the gold score and the examples.")
     curve_png = overopt.plot(summary["overoptimization"], out / "overoptimization.png")
     md = [verdict, "", f"# RLHF run report: {out}", "",
-          f"Model: `{cfg.model}`. The gold judge (docs/preferences.md) labeled the preference pairs with "
-          "human-like noise and is never seen by the policy; the reward model is its learned proxy. "
-          f"Proxy: {proxy}", "",
+          f"Model: `{cfg.model}`. The gold judge (docs/preferences.md) is never seen by the policy"
+          + ("; it labeled the preference pairs with human-like noise, and the reward model is its learned proxy"
+             if prefs.get("labeler") == "gold" else f"; the pairs came from the {prefs.get('labeler', '?')} labeler")
+          + f". Proxy (reward model): {proxy}", "",
           "## Stage 1: supervised fine-tuning", "",
           f"Loss {summary['sft']['loss_first']:.3f} -> {summary['sft']['loss_last']:.3f} (means of the first and "
           f"last {edge_window(summary['sft']['steps'])} steps) over "
