@@ -76,6 +76,9 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = 8        # prompts per PPO step
     batch_size: int = 4                # mini-batch for the update
     ppo_epochs: int = 1
+    # Adam's first step moves every weight by ~lr whatever its gradient's size (m/sqrt(v) = +-1),
+    # noise-only gradients included: warm up over a few steps (4 of 40), not one.
+    warmup_ratio: float = 0.1
     advantage: str = "gae"             # gae (learned critic) | group (GRPO: no critic; needs group_size >= 2)
     group_size: int = 1                # completions sampled per prompt (a step has rollout_batch_size x this)
     lr: float | None = None
