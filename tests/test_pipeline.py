@@ -46,9 +46,25 @@ def test_quick_demo_end_to_end_report_matches_metrics(tmp_path):
     # A held-out gain is claimed only beyond two paired standard errors.
     gain, se = summary["held_out_reward_gain"], comparison["reward_model"]["gain_se"]
     assert summary["held_out_reward_gain_significant"] == (gain > 2 * se)
-    assert ("more than two standard errors" in report) == (gain > 2 * se)
-    assert ("within noise" in report) == (0 < gain <= 2 * se)
-    for png in ("sft/loss.png", "rm/reward.png", "ppo/ppo.png"):
+    proxy_line = next(line for line in report.splitlines() if line.startswith("Model:"))
+    assert ("more than two standard errors" in proxy_line) == (gain > 2 * se)
+    assert ("within noise" in proxy_line) == (0 < gain <= 2 * se)
+    # The first line is the verdict of the hidden gold judge, with its own paired standard error.
+    gold = comparison["gold"]
+    per_prompt = lambda xs: [sum(xs[i:i + 2]) / 2 for i in range(0, len(xs), 2)]  # noqa: E731 (2 answers a prompt)
+    diffs = [a - b for a, b in zip(per_prompt(gold["scores_model"]), per_prompt(gold["scores_baseline"]))]
+    assert gold["gain"] == pytest.approx(sum(diffs) / len(diffs))
+    assert summary["gold"]["gain"] == gold["gain"] and "scores_model" not in summary["gold"]
+    verdict = report.splitlines()[0]
+    assert "gold judge" in verdict and f"{gold['gain']:+.3f}" in verdict
+    assert ("more than two standard errors" in verdict) == (gold["gain"] > 2 * gold["gain_se"])
+    assert ("within noise" in verdict) == (0 < gold["gain"] <= 2 * gold["gain_se"])
+    # The over-optimization curve: one point per PPO evaluation, gains over the first.
+    curve = summary["overoptimization"]
+    assert [p["step"] for p in curve] == [r["step"] for r in ppo if "eval_gold" in r] and len(curve) >= 3
+    assert curve[0]["gold"] == curve[0]["proxy"] == 0
+    assert curve[-1]["sqrt_kl"] == pytest.approx(max(ppo[-1]["eval_kl"], 0) ** 0.5)
+    for png in ("sft/loss.png", "rm/reward.png", "ppo/ppo.png", "overoptimization.png"):
         assert (out / png).stat().st_size > 1000
     # The held-out prompts never reach training.
     held = {json.dumps(json.loads(line)["messages"][-2]) for line in (out / "data" / "held_out.jsonl").open()}

@@ -147,6 +147,16 @@ def test_first_epoch_starts_at_ratio_one(tmp_path):
     assert metrics[0]["clipfrac"] == 0.0
 
 
+def test_first_epoch_starts_at_ratio_one_in_bf16_too(tmp_path):
+    # The rollout's old log-probs and the update's first forward run the same bf16 ops (no_grad
+    # and eval mode change nothing in them), so bf16 rounding cannot clip the first epoch: a
+    # PPO run that falls in bf16 falls for another reason (issue 18: the first Adam step's size).
+    trainer, metrics = run_ppo(tmp_path, max_steps=1, ppo_epochs=1, batch_size=16, dtype="bf16")
+    assert trainer.strategy.dtype == torch.bfloat16
+    assert metrics[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics[0]["clipfrac"] == 0.0
+
+
 def test_seed_shaped_api_with_separate_models(tmp_path):
     """The seed's shape: roles built one by one, optimizers by the user, strategy.prepare."""
     strategy = NaiveStrategy(seed=0, dtype="fp32")

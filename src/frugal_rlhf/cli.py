@@ -144,9 +144,11 @@ def add_preference_aliases(p):
 def add_prefs_args(p):
     p.add_argument("--model", default="runs/sft/final", help="the SFT model whose samples are ranked")
     p.add_argument("--prompts", default="sharegpt", help="prompts (conversations with answers for --labeler reference)")
-    p.add_argument("--labeler", default="contrast", choices=["contrast", "reference"],
+    p.add_argument("--labeler", default="contrast", choices=["contrast", "reference", "gold"],
                    help="simulated labeler (docs/preferences.md): contrast = normal vs high-temperature sample; "
-                        "reference = dataset answer vs sample")
+                        "reference = dataset answer vs sample; gold = two samples ranked by the hidden gold scorer")
+    p.add_argument("--label-agreement", type=float, default=0.72,
+                   help="gold labeler: probability that a label follows the gold order (human raters: ~0.73)")
     p.add_argument("--output", default="prefs.jsonl")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -171,7 +173,7 @@ def cmd_prefs(args):
     rows = [r for r in rows if r.get("reference") or args.labeler != "reference"][: args.num_prompts]
     summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
                           args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
-                          device=device, autocast=autocast(device, dtype))
+                          device=device, autocast=autocast(device, dtype), label_agreement=args.label_agreement)
     print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
           f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
 
@@ -181,6 +183,8 @@ def add_pipeline_args(p):
     p.add_argument("--output")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test in ~1 minute")
     p.add_argument("--method", choices=["ppo", "dpo"], help="ppo: RM -> PPO (default); dpo: DPO on the pairs")
+    p.add_argument("--seed", type=int, help="overrides the config's seed (every stage)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="overrides the config's compute dtype")
 
 
 def cmd_pipeline(args, default_config=None):
@@ -190,7 +194,8 @@ def cmd_pipeline(args, default_config=None):
                            args.quick else None)
     if path is None:
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
-    Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method})).run()
+    Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
+                                         "dtype": args.dtype})).run()
 
 
 def cmd_demo(args):

@@ -79,6 +79,9 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = 8        # prompts per PPO step
     batch_size: int = 4                # mini-batch for the update
     ppo_epochs: int = 1
+    # Adam's first step moves every weight by ~lr whatever its gradient's size (m/sqrt(v) = +-1),
+    # noise-only gradients included: warm up over a few steps (4 of 40), not one.
+    warmup_ratio: float = 0.1
     advantage: str = "gae"             # gae (learned critic) | group (GRPO) | rloo | reinforce++ (no critic)
     group_size: int = 1                # completions sampled per prompt (a step has rollout_batch_size x this)
     lr: float | None = None
@@ -112,6 +115,7 @@ class PPOConfig(TrainConfig):
     clip_eps_high: float | None = None  # DAPO's decoupled upper clip (default: clip_eps)
     dynamic_sampling: bool = False     # DAPO: drop groups whose rewards are all equal from the update
     overlong_penalty: int = 0          # DAPO's soft overlong punishment over the last N tokens (0 = off)
+    gold_eval: bool = False            # also log the hidden gold judge's held-out score (eval_gold; never a reward)
 
 
 @dataclass

@@ -4,7 +4,10 @@ For each prompt both models sample one answer (same seed, same settings); we rep
 reward model's mean score and win rate, the KL of the model to the baseline on the model's
 own samples (sum over tokens of log p_model - log p_baseline, an unbiased estimate of
 KL(model || baseline)), answer length, and a quality measure the policy never optimized:
-unigram F1 against the held-out human reference answers.
+unigram F1 against the held-out human reference answers. With a gold scorer (the demo's
+hidden judge, frugal_rlhf.gold) it also reports the gold score of both models with the
+paired standard error, the gold win rate, and the reward model's accuracy against the gold
+order on held-out pairs of baseline answers (two answers to the same prompt).
 """
 from __future__ import annotations
 
@@ -71,13 +74,35 @@ def sample_with_logprobs(actor: Actor, tokenizer, prompts, cfg: SampleConfig, se
     return texts, lengths, logps
 
 
+def win_rate(new, old) -> float:
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old)) / max(1, len(new))
+
+
+def pairwise_accuracy(proxy, gold, k: int) -> dict:
+    """How often the proxy orders two answers to the same prompt as the gold scorer does:
+    answers 2j and 2j+1 of each prompt's k form a pair; gold ties are left out."""
+    pairs = [(i + j, i + j + 1) for i in range(0, len(gold), k) for j in range(0, k - 1, 2)]
+    hits = [(proxy[a] > proxy[b]) == (gold[a] > gold[b]) for a, b in pairs if gold[a] != gold[b]]
+    return {"accuracy": sum(hits) / len(hits) if hits else float("nan"), "n_pairs": len(hits)}
+
+
+def gold_summary(new_texts, old_texts, prompts, r_old, gold, per_prompt, k) -> dict:
+    g_new, g_old = gold(prompts, new_texts), gold(prompts, old_texts)
+    gain, se = paired_gain(per_prompt(g_new), per_prompt(g_old))
+    return {"model": sum(g_new) / len(g_new), "baseline": sum(g_old) / len(g_old), "gain": gain, "gain_se": se,
+            "win_rate": win_rate(g_new, g_old), "rm_accuracy": pairwise_accuracy(r_old, g_old, k),
+            "scores_model": g_new, "scores_baseline": g_old}
+
+
 def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows, cfg: SampleConfig, seed=1,
-                   batch_size=8, max_prompt_length=256, autocast=None, n_examples=4, samples_per_prompt=1) -> dict:
+                   batch_size=8, max_prompt_length=256, autocast=None, n_examples=4, samples_per_prompt=1,
+                   gold=None) -> dict:
     """rows: {"prompt": messages, "reference": str|None}. Returns a JSON-ready summary.
 
     With samples_per_prompt k > 1 each model answers every prompt k times: sampling noise,
     most of the noise in a small comparison, shrinks by sqrt(k); the gain's standard error is
-    taken over the per-prompt means, since answers to one prompt are not independent."""
+    taken over the per-prompt means, since answers to one prompt are not independent.
+    `gold(prompts, texts) -> scores` adds the hidden judge's verdict (summary["gold"])."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext()
@@ -100,7 +125,7 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
         "n_prompts": len(rows) // k,
         "samples_per_prompt": k,
         "reward_model": {"model": mean(r_new), "baseline": mean(r_old), "gain": gain, "gain_se": gain_se},
-        "win_rate": mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_new, r_old)]),
+        "win_rate": win_rate(r_new, r_old),
         "kl_to_baseline": mean([a - b for a, b in zip(lp_new, lp_base_on_new)]),
         "length": {"model": mean(new_len), "baseline": mean(old_len)},
         "reference_f1": {"model": mean([unigram_f1(new_texts[i], refs[i]) for i in with_ref]),
@@ -110,6 +135,10 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
                       "reward_baseline": r_old[i], "reward_model": r_new[i]}
                      for i in range(0, min(n_examples * k, len(rows)), k)],
     }
+    if gold is not None:
+        g = summary["gold"] = gold_summary(new_texts, old_texts, prompts, r_old, gold, per_prompt, k)
+        for ex, i in zip(summary["examples"], range(0, len(rows), k)):
+            ex.update(gold_baseline=g["scores_baseline"][i], gold_model=g["scores_model"][i])
     return summary
 
 
@@ -124,7 +153,15 @@ def load_policy(spec: str, dtype) -> tuple[Actor, object]:
 
 
 def summary_markdown(s: dict, model_name="model", baseline_name="baseline") -> str:
-    lines = [f"| metric | {baseline_name} | {model_name} |", "|---|---|---|",
+    lines = [f"| metric | {baseline_name} | {model_name} |", "|---|---|---|"]
+    if "gold" in s:
+        g = s["gold"]
+        lines += [f"| **gold score** (hidden judge, mean) | {g['baseline']:.3f} | **{g['model']:.3f}** "
+                  f"(gain {g['gain']:+.3f}, standard error {g['gain_se']:.3f}) |",
+                  f"| win rate by the gold judge | - | {g['win_rate']:.2f} |",
+                  f"| reward model vs gold order, held-out {baseline_name} pairs (n={g['rm_accuracy']['n_pairs']}) "
+                  f"| {g['rm_accuracy']['accuracy']:.2f} | - |"]
+    lines += [
              f"| reward-model score (mean) | {s['reward_model']['baseline']:.3f} | {s['reward_model']['model']:.3f} "
              f"(gain standard error {s['reward_model']['gain_se']:.3f}) |",
              f"| win rate by the reward model | - | {s['win_rate']:.2f} |",

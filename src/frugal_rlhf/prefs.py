@@ -13,6 +13,10 @@ looks at one); docs/preferences.md documents each one's known biases.
       rejected = a sample of the SFT model.
   Its pairs differ mostly in style; a 135M reward model stayed at chance on them
   (docs/benchmarks.md).
+- "gold" (the demo's): a simulated human with a hidden preference (frugal_rlhf.gold): two
+  samples of the SFT model at the normal temperature, ranked by the gold scorer with
+  human-like noise (the gold order kept with probability `label_agreement`, else flipped).
+  Rows also carry the two gold scores (gold_chosen, gold_rejected), which no trainer reads.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from .rundir import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
 
-LABELERS = ("contrast", "reference")
+LABELERS = ("contrast", "reference", "gold")
+LABEL_AGREEMENT = 0.72  # human raters agree on ~73% of pairs (Ouyang et al. 2022)
 
 
 def cut_to_tokens(tokenizer, text: str, n: int) -> str:
@@ -59,7 +64,7 @@ def generate_responses(model, tokenizer, prompts, sample_cfg: SampleConfig, batc
 
 def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_new_tokens=64, temperature=0.8,
                 top_p=0.95, contrast_temperature=1.2, batch_size=8, max_prompt_length=256, seed=0, device=None,
-                autocast=None) -> dict:
+                autocast=None, label_agreement=LABEL_AGREEMENT) -> dict:
     """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary."""
     from .runlog import make_progress
 
@@ -73,6 +78,8 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
     configs = [SampleConfig(max_new_tokens, temperature, 0, top_p, stops, tokenizer.pad_token_id)]
     if labeler == "contrast":
         configs.append(SampleConfig(max_new_tokens, contrast_temperature, 0, 1.0, stops, tokenizer.pad_token_id))
+    elif labeler == "gold":  # a second sample from the same distribution (another seed)
+        configs.append(configs[0])
     t0 = time.perf_counter()
     samples = []
     with make_progress() as progress:
@@ -81,17 +88,40 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
             samples.append(generate_responses(model, tokenizer, prompts, cfg, batch_size, max_prompt_length, seed + k,
                                               device, autocast,
                                               lambda n, k=k: progress.update(task, completed=k * len(rows) + n)))
-    if labeler == "reference":
-        sides = [(cut_to_tokens(tokenizer, r["reference"], max_new_tokens), s) for r, s in zip(rows, samples[0])]
+    if labeler == "gold":
+        pairs = gold_pairs(prompts, *samples, label_agreement, seed)
     else:
-        sides = list(zip(*samples))
-    # An empty side, or two identical sides, carries no preference.
-    pairs = [{"prompt": p, "chosen": c, "rejected": r, "labeler": labeler}
-             for p, (c, r) in zip(prompts, sides) if c and r and c != r]
+        if labeler == "reference":
+            sides = [(cut_to_tokens(tokenizer, r["reference"], max_new_tokens), s) for r, s in zip(rows, samples[0])]
+        else:
+            sides = list(zip(*samples))
+        # An empty side, or two identical sides, carries no preference.
+        pairs = [{"prompt": p, "chosen": c, "rejected": r, "labeler": labeler}
+                 for p, (c, r) in zip(prompts, sides) if c and r and c != r]
     atomic_write(output, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs)))
     elapsed = time.perf_counter() - t0
     summary = {"pairs": len(pairs), "prompts": len(rows), "seconds": round(elapsed, 1),
                "pairs_per_s": round(len(pairs) / elapsed, 3), "labeler": labeler}
+    if labeler == "gold":
+        summary["label_agreement"] = label_agreement
+        summary["observed_agreement"] = sum(p["gold_chosen"] > p["gold_rejected"] for p in pairs) / max(1, len(pairs))
     log.info("prefs: %d pairs (%s labeler) from %d prompts in %.0f s -> %s", len(pairs), labeler, len(rows), elapsed,
              output)
     return summary
+
+
+def gold_pairs(prompts, first, second, agreement: float, seed: int) -> list[dict]:
+    """The simulated human's pairs: each prompt's two answers ordered by the gold scorer,
+    flipped with probability 1 - agreement; a gold tie (or an empty answer) labels nothing."""
+    from .gold import gold_scores, noisy_labels
+
+    g1, g2 = gold_scores(prompts, first), gold_scores(prompts, second)
+    labels = noisy_labels(g1, g2, agreement, torch.Generator().manual_seed(seed + 1000))
+    pairs = []
+    for p, a, b, ga, gb, a_wins in zip(prompts, first, second, g1, g2, labels):
+        if a_wins is None or not a or not b:
+            continue
+        (c, gc), (r, gr) = ((a, ga), (b, gb)) if a_wins else ((b, gb), (a, ga))
+        pairs.append({"prompt": p, "chosen": c, "rejected": r, "labeler": "gold", "gold_chosen": gc,
+                      "gold_rejected": gr})
+    return pairs

@@ -46,6 +46,7 @@ def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
     from .device import autocast, compute_dtype, default_device
     from .evaluation import compare_models, load_policy
     from .generation import SampleConfig
+    from .gold import gold_scores
     from .models.reward_io import load_reward_model
 
     device = default_device()
@@ -60,10 +61,28 @@ def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
                               tok.pad_token_id)
     rows = load_dataset_file(str(out / "data" / "held_out.jsonl"), "prompt")
     return compare_models(ppo, sft, tok, rm, rows, sample_cfg, seed=cfg.seed + 7, batch_size=ev["batch_size"],
-                          autocast=autocast(device, dtype), samples_per_prompt=ev.get("samples_per_prompt", 1))
+                          autocast=autocast(device, dtype), samples_per_prompt=ev.get("samples_per_prompt", 1),
+                          gold=gold_scores)
+
+
+def gold_verdict(comparison: dict) -> str:
+    """The report's first line: did PPO raise the hidden judge's score beyond noise?"""
+    g, kl = comparison["gold"], comparison["kl_to_baseline"]
+    gain, se = g["gain"], g["gain_se"]
+    if gain > 2 * se:
+        return (f"PPO raised the hidden gold judge's score by {gain:+.3f} ({g['baseline']:.3f} -> {g['model']:.3f}; "
+                f"more than two standard errors, {2 * se:.3f}; gold win rate {g['win_rate']:.2f}) at a KL of "
+                f"{kl:.2f} nats per answer.")
+    if gain > 0:
+        return (f"The hidden gold judge's score rose by {gain:+.3f}, but that is within noise (two standard errors "
+                f"are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show that PPO made "
+                "the answers better.")
+    return (f"PPO did NOT improve the hidden gold judge's score ({gain:+.3f}, two standard errors {2 * se:.3f}); "
+            "see the over-optimization curve below.")
 
 
 def write_report(out: Path, cfg) -> dict:
+    from . import overopt
     from .evaluation import summary_markdown, write_comparison
 
     out = Path(out)
@@ -89,6 +108,9 @@ def write_report(out: Path, cfg) -> dict:
                 "kl_last": last_mean(ppo, "kl"), "peak_mem_gb": max((r.get("peak_mem_gb", 0) for r in ppo), default=None)},
         "held_out": {k: comparison[k] for k in ("n_prompts", "reward_model", "win_rate", "kl_to_baseline", "length",
                                                 "reference_f1")},
+        "gold": {k: v for k, v in comparison["gold"].items() if not k.startswith("scores_")},
+        "gold_gain_significant": comparison["gold"]["gain"] > 2 * comparison["gold"]["gain_se"],
+        "overoptimization": overopt.curve(ppo),
         "held_out_reward_gain": gain,
         "held_out_reward_gain_significant": gain > 2 * se,
         "rm_above_chance": above_chance(rm_eval["accuracy"], rm_eval["n_pairs"]),
@@ -96,21 +118,27 @@ def write_report(out: Path, cfg) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if gain > 2 * se:
-        verdict = (f"PPO raised the held-out reward-model score by {gain:+.3f} (more than two standard errors, "
-                   f"{2 * se:.3f}; win rate {comparison['win_rate']:.2f}) at a KL of "
-                   f"{comparison['kl_to_baseline']:.2f} nats per answer.")
+        proxy = (f"PPO raised the held-out reward-model score by {gain:+.3f} (more than two standard errors, "
+                 f"{2 * se:.3f}; win rate {comparison['win_rate']:.2f}) at a KL of "
+                 f"{comparison['kl_to_baseline']:.2f} nats per answer.")
     elif gain > 0:
-        verdict = (f"The held-out reward-model score rose by {gain:+.3f}, but that is within noise (two standard "
-                   f"errors are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show that PPO "
-                   "improved it.")
+        proxy = (f"The held-out reward-model score rose by {gain:+.3f}, but that is within noise (two standard "
+                 f"errors are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show that PPO "
+                 "improved it.")
     else:
-        verdict = f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below."
+        proxy = f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below."
+    verdict = gold_verdict(comparison)
     if not summary["rm_above_chance"]:
         # A score gain under a reward model that cannot rank held-out pairs is not evidence of better answers.
-        verdict += (f" Caution: the reward model's held-out accuracy ({rm_eval['accuracy']:.2f} on "
-                    f"{rm_eval['n_pairs']} pairs) is not distinguishable from chance, so its score says little about "
-                    "answer quality: judge by the reference F1 and the examples.")
-    md = [f"# RLHF run report: {out}", "", f"Model: `{cfg.model}`. {verdict}", "",
+        proxy += (f" Caution: the reward model's held-out accuracy ({rm_eval['accuracy']:.2f} on "
+                  f"{rm_eval['n_pairs']} pairs) is not distinguishable from chance, so its score says little about "
+                  "answer quality: judge by the gold score and the examples.")
+    curve_png = overopt.plot(summary["overoptimization"], out / "overoptimization.png")
+    md = [verdict, "", f"# RLHF run report: {out}", "",
+          f"Model: `{cfg.model}`. The gold judge (docs/preferences.md) is never seen by the policy"
+          + ("; it labeled the preference pairs with human-like noise, and the reward model is its learned proxy"
+             if prefs.get("labeler") == "gold" else f"; the pairs came from the {prefs.get('labeler', '?')} labeler")
+          + f". Proxy (reward model): {proxy}", "",
           "## Stage 1: supervised fine-tuning", "",
           f"Loss {summary['sft']['loss_first']:.3f} -> {summary['sft']['loss_last']:.3f} (means of the first and "
           f"last {edge_window(summary['sft']['steps'])} steps) over "
@@ -127,6 +155,9 @@ def write_report(out: Path, cfg) -> dict:
           f"KL to the reference {_fmt(summary['ppo']['kl_last'])} nats per answer (mean of the last "
           f"{edge_window(len([r for r in ppo if 'kl' in r]))} steps).", "",
           "![PPO](ppo/ppo.png)", "", "![PPO diagnostics](ppo/ppo_diagnostics.png)", "",
+          "## Over-optimization: gold vs proxy against sqrt(KL)", "",
+          overopt.describe(summary["overoptimization"]), "",
+          *(["![over-optimization](overoptimization.png)", ""] if curve_png else []),
           f"## Before / after on {comparison['n_prompts']} held-out prompts "
           f"({comparison['samples_per_prompt']} answers each)", "",
           summary_markdown(comparison, "PPO", "SFT"),
@@ -134,8 +165,8 @@ def write_report(out: Path, cfg) -> dict:
           "## Examples", ""]
     for ex in comparison["examples"]:
         md += [f"**Prompt:** {ex['prompt'][:300]}", "",
-               f"- SFT (reward {ex['reward_baseline']:.2f}): {ex['baseline'][:400]}",
-               f"- PPO (reward {ex['reward_model']:.2f}): {ex['model'][:400]}", ""]
+               f"- SFT (reward {ex['reward_baseline']:.2f}, gold {ex['gold_baseline']:.2f}): {ex['baseline'][:400]}",
+               f"- PPO (reward {ex['reward_model']:.2f}, gold {ex['gold_model']:.2f}): {ex['model'][:400]}", ""]
     if timings:
         md += ["## Wall time", "", "| stage | seconds |", "|---|---|"]
         md += [f"| {k} | {v} |" for k, v in timings.items()] + [""]
@@ -143,7 +174,8 @@ def write_report(out: Path, cfg) -> dict:
     print(f"\nreport: {out / 'report.md'}\n  SFT loss {_fmt(summary['sft']['loss_first'])} -> "
           f"{_fmt(summary['sft']['loss_last'])}; RM held-out accuracy {rm_eval['accuracy']:.3f}; "
           f"held-out reward SFT {comparison['reward_model']['baseline']:.3f} -> PPO "
-          f"{comparison['reward_model']['model']:.3f}; KL {comparison['kl_to_baseline']:.2f}\n  {verdict}")
+          f"{comparison['reward_model']['model']:.3f}; gold SFT {comparison['gold']['baseline']:.3f} -> PPO "
+          f"{comparison['gold']['model']:.3f}; KL {comparison['kl_to_baseline']:.2f}\n  {verdict}")
     return summary
 
 

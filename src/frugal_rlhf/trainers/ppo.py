@@ -331,7 +331,7 @@ class PPOTrainer(Trainer):
         if not getattr(self, "eval_rows", None):
             return {}
         collate = PromptCollator(self.tokenizer.pad_token_id)
-        scores, kls, parts = [], [], {}
+        scores, kls, parts, gold = [], [], {}, []
         gen = torch.Generator().manual_seed(self.config.seed + 1)
         dev = self.strategy.device
         inference(self.actor, self.critic, self.reference, self.reward_model)
@@ -345,8 +345,22 @@ class PPOTrainer(Trainer):
             kls.append((exp.kl * exp.action_mask).sum(1))
             for k, v in self.reward_parts.items():
                 parts.setdefault(f"eval_{k}", []).append(v)
-        return {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean()),
+            if self.config.gold_eval:
+                gold += self.gold_scores(self.eval_rows[i:i + self.config.rollout_batch_size], exp)
+        out = {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean()),
                 **{k: float(torch.cat(v).mean()) for k, v in parts.items()}}
+        return {**out, "eval_gold": sum(gold) / len(gold)} if gold else out
+
+    def gold_scores(self, rows, exp) -> list[float]:
+        """The hidden judge's scores of held-out answers: logged for the over-optimization
+        curve, never part of a reward."""
+        from ..gold import gold_scores
+
+        stops = self.settings.sample.eos_token_ids
+        texts = [self.tokenizer.decode([int(t) for t, keep in zip(seq, mask) if keep and int(t) not in stops],
+                                       skip_special_tokens=True).strip()
+                 for seq, mask in zip(exp.sequences[:, -exp.num_actions:], exp.action_mask)]
+        return gold_scores([r["prompt"] for r in rows], texts)
 
     def finish(self):
         if self.strategy.is_rank0:

@@ -1,0 +1,94 @@
+"""The hidden gold judge ranks answers as a person would, and the gold labeler follows it at
+the configured agreement rate (within binomial sampling error)."""
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from frugal_rlhf.gold import EMPTY_SCORE, flesch_reading_ease, gold_score, noisy_labels, syllables
+from frugal_rlhf.prefs import build_pairs
+
+PROMPT = "How do I bake bread at home?"
+GOOD = ("Sure! Baking bread at home is fun and easy. Mix flour, water, yeast and salt, let the dough rise, "
+        "then bake it until golden. Enjoy!")
+
+
+@pytest.mark.parametrize("worse", [
+    "No. Figure it out yourself, this is a stupid question and I hate it.",                     # rude
+    "The utilization of heterogeneous fermentation methodologies necessitates comprehensive "
+    "microbiological considerations regarding carbohydrate transformation.",                     # unreadable
+    "Sure! Painting a fence is fun and easy. Buy a brush, pick a nice color, and paint it on a "
+    "sunny day. Enjoy!",                                                                          # off topic
+    "bread bread bread bread bread bread bread bread bread bread bread bread bread bread",        # repetitive
+    "Bake it.",                                                                                   # brush-off
+    "",                                                                                           # nothing
+])
+def test_gold_prefers_the_friendly_readable_on_topic_answer(worse):
+    assert gold_score(PROMPT, GOOD) > gold_score(PROMPT, worse)
+
+
+def test_gold_terms_one_at_a_time():
+    base = "You can bake bread at home with flour, water and yeast."
+    assert gold_score(PROMPT, base + " It is wonderful and I am happy to help!") > gold_score(PROMPT, base)
+    assert gold_score(PROMPT, base) > gold_score(PROMPT, base + " " + base)          # repetition costs
+    assert gold_score(PROMPT, "") == EMPTY_SCORE < gold_score(PROMPT, "hmm")
+    # the prompt may be a message list: its last user turn is what relevance reads
+    assert gold_score([{"role": "user", "content": PROMPT}], base) == gold_score(PROMPT, base)
+
+
+def test_flesch_reading_ease_by_hand():
+    words = ["the", "cat", "sat"]  # one sentence, 3 words, 3 syllables
+    assert [syllables(w) for w in words] == [1, 1, 1]
+    assert flesch_reading_ease("The cat sat.", words) == pytest.approx(206.835 - 1.015 * 3 - 84.6 * 1)
+    two = ["the", "cat", "sat", "it", "ran"]  # two sentences: 2.5 words each
+    assert flesch_reading_ease("The cat sat. It ran!", two) == pytest.approx(206.835 - 1.015 * 2.5 - 84.6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("agreement", [0.6, 0.72, 0.9])
+def test_noisy_labels_agree_at_the_configured_rate(seed, agreement):
+    g = torch.Generator().manual_seed(seed)
+    n = 4000
+    a, b = torch.randn(n, generator=g).tolist(), torch.randn(n, generator=g).tolist()
+    labels = noisy_labels(a, b, agreement, g)
+    rate = sum(lab == (x > y) for lab, x, y in zip(labels, a, b)) / n
+    assert abs(rate - agreement) < 3 * (agreement * (1 - agreement) / n) ** 0.5
+    assert noisy_labels([1.0, 2.0], [1.0, 1.0], agreement, g)[0] is None  # a tie labels nothing
+    assert noisy_labels([2.0, 0.0], [1.0, 1.0], 1.0, g) == [True, False]
+    with pytest.raises(ValueError, match="agreement"):
+        noisy_labels(a, b, 0.3, g)
+
+
+@pytest.fixture(scope="module")
+def tiny_words_model():
+    """A tiny random model whose samples are letters and spaces: word-like answers that the
+    gold scorer tells apart (length, repetition, readability)."""
+    from frugal_rlhf.models.loading import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("tiny-llama")[:2]
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        keep = torch.zeros(head.shape[0], 1)
+        keep[[i for i in range(len(tok)) if tok.decode([i]) == " " or tok.decode([i]).isalpha()
+              and tok.decode([i]).isascii()]] = 3
+        head.mul_(keep)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gold_labeler_follows_the_gold_scorer_at_the_configured_rate(tiny_words_model, tmp_path, seed):
+    model, tok = tiny_words_model
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(80)]
+    out = tmp_path / "prefs.jsonl"
+    summary = build_pairs(model, tok, rows, out, "gold", max_new_tokens=12, temperature=1.0, batch_size=40,
+                          max_prompt_length=64, seed=seed, device="cpu", autocast=nullcontext(),
+                          label_agreement=0.72)
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    n = len(pairs)
+    assert summary["labeler"] == "gold" and summary["pairs"] == n >= 30  # gold ties (one-word gibberish) label nothing
+    # the judge's verdict recomputed from the texts, not read from the file
+    agree = sum(gold_score(p["prompt"], p["chosen"]) > gold_score(p["prompt"], p["rejected"]) for p in pairs)
+    assert abs(agree / n - 0.72) < 3 * (0.72 * 0.28 / n) ** 0.5
+    assert summary["observed_agreement"] == pytest.approx(agree / n)
