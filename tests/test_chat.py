@@ -1,4 +1,4 @@
-"""`python -m frugal_rlhf.chat` driven like a person at a terminal (pexpect)."""
+"""`python -m frugal_rlhf.app.chat` driven like a person at a terminal (pexpect)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ TIMEOUT = 60  # first start imports torch and transformers
 
 
 def _spawn(*args):
-    child = pexpect.spawn(sys.executable, ["-m", "frugal_rlhf.chat", "tiny-llama", "--max-new-tokens", "12",
+    child = pexpect.spawn(sys.executable, ["-m", "frugal_rlhf.app.chat", "tiny-llama", "--max-new-tokens", "12",
                                            "--dtype", "fp32", *args],
                           encoding="utf-8", timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"})
     child.expect_exact("you> ")
@@ -50,7 +50,7 @@ def test_chat_leaves_cleanly_on_eof():
 
 
 def test_prompt_keeps_history_and_drops_oldest_turns_when_too_long():
-    from frugal_rlhf.chat import _prompt_ids
+    from frugal_rlhf.app.chat import _prompt_ids
     from frugal_rlhf.models.loading import load_model
 
     _, tokenizer = load_model("tiny-llama")

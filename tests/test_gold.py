@@ -6,8 +6,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from frugal_rlhf.gold import EMPTY_SCORE, flesch_reading_ease, gold_score, noisy_labels, syllables
-from frugal_rlhf.prefs import build_pairs
+from frugal_rlhf.rl.gold import EMPTY_SCORE, flesch_reading_ease, gold_score, noisy_labels, syllables
+from frugal_rlhf.app.prefs import build_pairs
 
 PROMPT = "How do I bake bread at home?"
 GOOD = ("Sure! Baking bread at home is fun and easy. Mix flour, water, yeast and salt, let the dough rise, "

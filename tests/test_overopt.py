@@ -1,8 +1,8 @@
 """The over-optimization curve reads PPO's evaluations and says what it shows, by hand-made runs."""
 import pytest
 
-from frugal_rlhf.evaluation import pairwise_accuracy
-from frugal_rlhf.overopt import curve, describe, plot
+from frugal_rlhf.app.evaluation import pairwise_accuracy
+from frugal_rlhf.app.overopt import curve, describe, plot
 
 
 def run(gold, proxy, kl):

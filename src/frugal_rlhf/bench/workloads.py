@@ -94,7 +94,7 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
     measured on the spot in the compute dtype. The strategy is the config's: a distributed one
     runs under torchrun, its rates and FLOPs are the whole job's, and MFU is against the peak
     of all its processes."""
-    from ..stages import run_stage
+    from ..app.stages import run_stage
 
     def report(strategy, trainer, metrics):
         metrics = [m for m in metrics if m.get("step", 0) > 1]  # step 1 is warm-up

@@ -354,7 +354,7 @@ class PPOTrainer(Trainer):
     def gold_scores(self, rows, exp) -> list[float]:
         """The hidden judge's scores of held-out answers: logged for the over-optimization
         curve, never part of a reward."""
-        from ..gold import gold_scores
+        from ..rl.gold import gold_scores
 
         stops = self.settings.sample.eos_token_ids
         texts = [self.tokenizer.decode([int(t) for t, keep in zip(seq, mask) if keep and int(t) not in stops],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 def make_strategy(cfg):
     """The strategy a stage config asks for."""
-    from .strategies import make_strategy as build
+    from ..strategies import make_strategy as build
 
     return build(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage, offload=cfg.offload)
 

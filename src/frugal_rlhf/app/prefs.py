@@ -13,7 +13,7 @@ looks at one); docs/preferences.md documents each one's known biases.
       rejected = a sample of the SFT model.
   Its pairs differ mostly in style; a 135M reward model stayed at chance on them
   (docs/benchmarks.md).
-- "gold" (the demo's): a simulated human with a hidden preference (frugal_rlhf.gold): two
+- "gold" (the demo's): a simulated human with a hidden preference (frugal_rlhf.rl.gold): two
   samples of the SFT model at the normal temperature, ranked by the gold scorer with
   human-like noise (the gold order kept with probability `label_agreement`, else flipped).
   Rows also carry the two gold scores (gold_chosen, gold_rejected), which no trainer reads.
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .data.tokenize import PromptCollator, encode_prompt, stop_tokens
-from .generation import SampleConfig, sample
-from .rundir import atomic_write
+from ..data.tokenize import PromptCollator, encode_prompt, stop_tokens
+from ..generation import SampleConfig, sample
+from ..rundir import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -66,7 +66,7 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
                 top_p=0.95, contrast_temperature=1.2, batch_size=8, max_prompt_length=256, seed=0, device=None,
                 autocast=None, label_agreement=LABEL_AGREEMENT) -> dict:
     """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary."""
-    from .runlog import make_progress
+    from ..runlog import make_progress
 
     if labeler not in LABELERS:
         raise ValueError(f"unknown labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
@@ -113,7 +113,7 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
 def gold_pairs(prompts, first, second, agreement: float, seed: int) -> list[dict]:
     """The simulated human's pairs: each prompt's two answers ordered by the gold scorer,
     flipped with probability 1 - agreement; a gold tie (or an empty answer) labels nothing."""
-    from .gold import gold_scores, noisy_labels
+    from ..rl.gold import gold_scores, noisy_labels
 
     g1, g2 = gold_scores(prompts, first), gold_scores(prompts, second)
     labels = noisy_labels(g1, g2, agreement, torch.Generator().manual_seed(seed + 1000))

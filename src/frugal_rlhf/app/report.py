@@ -41,13 +41,13 @@ def above_chance(accuracy: float, n_pairs: int) -> bool:
 
 
 def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
-    from .data.formats import load_dataset_file
-    from .data.tokenize import stop_tokens
-    from .device import autocast, compute_dtype, default_device
+    from ..data.formats import load_dataset_file
+    from ..data.tokenize import stop_tokens
+    from ..device import autocast, compute_dtype, default_device
     from .evaluation import compare_models, load_policy
-    from .generation import SampleConfig
-    from .gold import gold_scores
-    from .models.reward_io import load_reward_model
+    from ..generation import SampleConfig
+    from ..rl.gold import gold_scores
+    from ..models.reward_io import load_reward_model
 
     device = default_device()
     dtype = compute_dtype(device, cfg.dtype)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import PPOConfig, from_dict
+from ..config import PPOConfig, from_dict
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -50,10 +50,10 @@ def load_recipe_config(path, overrides: dict) -> MathRecipeConfig:
 @torch.no_grad()
 def accuracy(trainer, rows, max_new_tokens: int, batch_size: int) -> dict:
     """Greedy answers of the trainer's actor to `rows`: strict and lenient correctness per row."""
-    from .data.tokenize import PromptCollator, encode_prompt
-    from .generation import SampleConfig, sample
-    from .rl.rewards import answers_match, final_answer
-    from .data.tokenize import stop_tokens
+    from ..data.tokenize import PromptCollator, encode_prompt
+    from ..generation import SampleConfig, sample
+    from ..rl.rewards import answers_match, final_answer
+    from ..data.tokenize import stop_tokens
 
     tok, actor, strategy = trainer.tokenizer, trainer.actor, trainer.strategy
     cfg = SampleConfig(max_new_tokens, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)
@@ -104,10 +104,10 @@ def verdict(result: dict) -> str:
 
 
 def run_math_recipe(cfg: MathRecipeConfig) -> dict:
-    from .data.math_problems import generate, write_jsonl
-    from .data.formats import load_dataset_file
-    from .strategies import make_strategy
-    from .trainers.ppo import PPOTrainer
+    from ..data.math_problems import generate, write_jsonl
+    from ..data.formats import load_dataset_file
+    from ..strategies import make_strategy
+    from ..trainers.ppo import PPOTrainer
 
     t0 = time.time()
     out = Path(cfg.output)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import PPOConfig, RewardConfig, SFTConfig, from_dict
-from .rundir import atomic_write
+from ..config import PPOConfig, RewardConfig, SFTConfig, from_dict
+from ..rundir import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -72,8 +72,8 @@ def _first_exchange(row):
 
 def write_split(cfg: PipelineConfig, data_dir: Path):
     """Shuffle once with the seed and cut disjoint parts: held-out prompts never train anything."""
-    from .data.formats import load_dataset_file
-    from .data.loader import split_rows
+    from ..data.formats import load_dataset_file
+    from ..data.loader import split_rows
 
     if (data_dir / "sft.jsonl").exists():
         return
@@ -111,7 +111,7 @@ class Pipeline:
                 "offload": c.offload, "resume": True, "overwrite": True}
 
     def run(self):
-        from .runlog import setup_logging
+        from ..runlog import setup_logging
 
         setup_logging()
         if self.cfg.method not in ("ppo", "dpo"):
@@ -151,16 +151,16 @@ class Pipeline:
         return run_stage(cfg, build)
 
     def run_sft(self):
-        from .trainers.supervised import SFTTrainer
+        from ..trainers.supervised import SFTTrainer
 
         cfg = _stage_config(SFTConfig, {**self.common(), "model": self.cfg.model, "output": str(self.out / "sft"),
                                         "data": str(self.out / "data" / "sft.jsonl")}, self.cfg.sft, "sft")
         self._run_trainer(cfg, SFTTrainer)
 
     def run_prefs(self):
-        from .data.formats import load_dataset_file
-        from .device import autocast, compute_dtype, default_device
-        from .models.loading import load_model
+        from ..data.formats import load_dataset_file
+        from ..device import autocast, compute_dtype, default_device
+        from ..models.loading import load_model
         from .prefs import build_pairs
 
         device = default_device()
@@ -172,7 +172,7 @@ class Pipeline:
         (self.out / "prefs.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def run_rm(self):
-        from .trainers.reward import RewardTrainer
+        from ..trainers.reward import RewardTrainer
 
         cfg = _stage_config(RewardConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
                                            "output": str(self.out / "rm"), "data": str(self.out / "prefs.jsonl")},
@@ -180,7 +180,7 @@ class Pipeline:
         self._run_trainer(cfg, RewardTrainer)
 
     def run_ppo(self):
-        from .trainers.ppo import PPOTrainer
+        from ..trainers.ppo import PPOTrainer
 
         cfg = _stage_config(PPOConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
                                         "output": str(self.out / "ppo"), "reward_model": str(self.out / "rm"),
@@ -189,8 +189,8 @@ class Pipeline:
         self._run_trainer(cfg, PPOTrainer.from_config)
 
     def run_dpo(self):
-        from .config import PreferenceConfig
-        from .trainers.preference import PreferenceTrainer
+        from ..config import PreferenceConfig
+        from ..trainers.preference import PreferenceTrainer
 
         cfg = _stage_config(PreferenceConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
                                                "output": str(self.out / "dpo"), "data": str(self.out / "prefs.jsonl")},

@@ -5,7 +5,7 @@ reward model's mean score and win rate, the KL of the model to the baseline on t
 own samples (sum over tokens of log p_model - log p_baseline, an unbiased estimate of
 KL(model || baseline)), answer length, and a quality measure the policy never optimized:
 unigram F1 against the held-out human reference answers. With a gold scorer (the demo's
-hidden judge, frugal_rlhf.gold) it also reports the gold score of both models with the
+hidden judge, frugal_rlhf.rl.gold) it also reports the gold score of both models with the
 paired standard error, the gold win rate, and the reward model's accuracy against the gold
 order on held-out pairs of baseline answers (two answers to the same prompt).
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .data.tokenize import PromptCollator, encode_prompt
-from .generation import SampleConfig, sample
-from .models.modes import inference
-from .models.roles import Actor, SharedLM
+from ..data.tokenize import PromptCollator, encode_prompt
+from ..generation import SampleConfig, sample
+from ..models.modes import inference
+from ..models.roles import Actor, SharedLM
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -143,7 +143,7 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
 
 
 def load_policy(spec: str, dtype) -> tuple[Actor, object]:
-    from .models.loading import load_model
+    from ..models.loading import load_model
 
     hf, tok = load_model(spec, dtype)
     hf.requires_grad_(False)
