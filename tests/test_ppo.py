@@ -42,6 +42,10 @@ def letter_reward(tok):
 
 
 def run_ppo(tmp_path, stop_at=None, ptx_rows=None, **kw):
+    # The adapters and the value head are drawn from the global RNG before the strategy seeds
+    # it: without this, a run's start depended on the tests before it (an uninterrupted and a
+    # resumed run then began from different weights).
+    torch.manual_seed(0)
     actor, critic, ref, tok = shared_roles()
     if kw.get("advantage") == "group":
         critic = None
