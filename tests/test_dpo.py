@@ -53,8 +53,10 @@ def test_answer_logprobs_equal_each_sequence_scored_alone():
                 torch.testing.assert_close(logp[2 * i + k], expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("loss,kw", [("dpo", {}), ("ipo", {}), ("simpo", {}), ("orpo", {"orpo_lambda": 0.5}),
-                                     ("kto", {})])
+# IPO regresses the summed log-ratio gap to 1/(2 beta) = 5 nats: at lr 3e-3 each Adam step of
+# the adapter moves it by more than that and the loss oscillates (held-out 0.83 on seed 0).
+@pytest.mark.parametrize("loss,kw", [("dpo", {}), ("ipo", {"lr": 3e-4}), ("simpo", {}),
+                                     ("orpo", {"orpo_lambda": 0.5}), ("kto", {})])
 def test_each_loss_learns_the_known_preference(tmp_path, loss, kw):
     """Chosen answers carry the word 'please': after 16 steps the held-out implicit-reward
     accuracy (SimPO/ORPO: the likelihood margin) is far above chance. Checked by hand for seeds
@@ -66,9 +68,8 @@ def test_each_loss_learns_the_known_preference(tmp_path, loss, kw):
     assert eval_json["accuracy"] == metrics[-1]["eval_accuracy"] and eval_json["loss"] == loss
     assert (tmp_path / "dpo" / "dpo.png").exists() and (tmp_path / "dpo" / "final" / "config.json").exists()
     train = [m for m in metrics if m["step"] > 0]
-    assert {"chosen_reward", "rejected_reward", "margin", "accuracy"} <= train[0].keys()
-    if loss != "kto":
-        assert {"chosen_logp", "rejected_logp"} <= train[0].keys()
+    paired = {"chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp"}
+    assert {"margin", "accuracy"} | (paired if loss != "kto" else {"kl"}) <= train[0].keys()
 
 
 def test_resume_with_precomputed_reference_equals_uninterrupted(tmp_path):
