@@ -27,6 +27,8 @@ def test_describe_names_the_gold_peak_only_when_the_proxy_keeps_rising_past_it()
     assert "still rising" in rising and "gaming" not in rising
     both_fell = describe(curve(run([0, 0.5, 0.1], [0, 1, 0.5], [0, 1, 4])))
     assert "not the proxy being gamed" in both_fell
+    never = describe(curve(run([0, -0.1, -0.2], [0, 1, 2], [0, 1, 4])))
+    assert "Gold never rose" in never and "peaked" not in never
     assert "Too few" in describe(curve(run([0, 1], [0, 1], [0, 1])))
 
 

@@ -23,6 +23,10 @@ def describe(points: list[dict]) -> str:
     peak = max(range(len(points)), key=lambda i: points[i]["gold"])
     last = points[-1]
     where = f"sqrt(KL) = {points[peak]['sqrt_kl']:.2f} (step {points[peak]['step']})"
+    if peak == 0 and last["proxy"] > 0:
+        return (f"Gold never rose above its start (last: {last['gold']:+.3f}) while the proxy rose "
+                f"({last['proxy']:+.3f}): the reward model did not carry the gold preference to PPO "
+                "(or the run is too short to tell; the points carry sampling noise).")
     if peak < len(points) - 1 and last["proxy"] > points[peak]["proxy"] and last["gold"] < points[peak]["gold"]:
         return (f"Gold peaked at {where}, {points[peak]['gold']:+.3f} over the start, and fell to {last['gold']:+.3f} "
                 f"while the proxy kept rising ({points[peak]['proxy']:+.3f} -> {last['proxy']:+.3f}): past that point "
