@@ -136,7 +136,7 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
         rewards, kl = L.shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
                                       settings.reward_clip)
         returns = L.discounted_returns(rewards, mask, settings.gamma)
-        advantages = strategy.whiten(returns, mask)
+        advantages = L.masked_whiten(returns, mask, all_reduce=strategy.all_reduce)
     else:
         rewards, kl = L.shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
                                       settings.reward_clip)
