@@ -155,7 +155,7 @@ def test_quick_pipeline_with_method_dpo(tmp_path):
 
 def test_bench_dpo_and_the_frugal_side_of_compare(tmp_path):
     """Smoke: the workloads run and report what the tables print (no timing is asserted)."""
-    from frugal_rlhf.bench_peers import _frugal
+    from frugal_rlhf.bench.peers import _frugal
 
     out = tmp_path / "dpo.json"
     assert main(["bench", "dpo", "--model", "tiny-llama", "--steps", "2", "--batch-size", "2", "--max-length", "64",

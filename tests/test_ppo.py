@@ -3,6 +3,7 @@ import torch
 
 from conftest import TEST_SEED
 from frugal_rlhf.config import PPOConfig
+from frugal_rlhf.errors import NonFiniteError
 from frugal_rlhf.models.loading import load_model
 from frugal_rlhf.models.roles import Actor, Critic, SharedLM
 from frugal_rlhf.strategies import NaiveStrategy
@@ -270,9 +271,9 @@ def test_nonfinite_losses_skip_the_update_then_stop(tmp_path):
     strategy.setup_distributed()
     trainer = PPOTrainer(strategy, actor, critic, None, ref, config=cfg, tokenizer=tok, prompts=PROMPTS,
                          reward_fn=lambda seq, attn, n: torch.full((seq.shape[0],), float("nan")))
-    with pytest.raises(FloatingPointError, match="3 times in a row"):
+    with pytest.raises(NonFiniteError, match="3 updates in a row had a non-finite"):
         trainer.fit()
-    assert trainer.nan_steps == 3
+    assert trainer.skipped_updates == 3
     assert all(torch.equal(v, before[k]) for k, v in actor.trainable_state_dict().items())
 
 
