@@ -66,14 +66,25 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+def rise(rewards, n=5):
+    """(gain of the last n steps' mean reward over the first n's, its standard error)."""
+    first, last = torch.tensor(rewards[:n]), torch.tensor(rewards[-n:])
+    return float(last.mean() - first.mean()), float((first.var() / n + last.var() / n).sqrt())
+
+
 def test_ppo_raises_reward_and_kl_coef_holds_policy_near_reference(tmp_path):
-    _, free = run_ppo(tmp_path / "free")
+    # The letters task starts near 0.1 and its optimum is 1.0. Over 40 steps, five sampling
+    # seeds in fp32 and bf16 rose by +0.21 to +0.4: the bar is a rise of 0.15 (x2.5 the start)
+    # that is also 5 standard errors above the step-to-step noise (~0.02 per step at 16 x 12 tokens).
+    _, free = run_ppo(tmp_path / "free", max_steps=40)
     rewards = [m["reward"] for m in free]
-    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.3, rewards
+    gain, se = rise(rewards)
+    assert gain > max(0.15, 5 * se), (gain, se, rewards)
     assert (tmp_path / "free" / "ppo" / "final" / "config.json").exists()
-    _, held = run_ppo(tmp_path / "held", kl_coef=1.0)
+    _, held = run_ppo(tmp_path / "held", kl_coef=1.0, max_steps=40)
     assert held[-1]["kl"] < 3.0 and held[-1]["kl"] < 0.2 * free[-1]["kl"], (held[-1]["kl"], free[-1]["kl"])
-    assert mean([m["reward"] for m in held[-5:]]) < mean(rewards[-5:]) - 0.2
+    held_gain, _ = rise([m["reward"] for m in held])
+    assert held_gain < gain / 2, (held_gain, gain)  # the KL penalty holds the policy back
 
 
 def test_grpo_raises_reward_without_a_critic(tmp_path):

@@ -56,15 +56,16 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path):
     assert metrics[0]["step"] == 0 and metrics[0]["eval_accuracy"] < result["accuracy"]
     # A saved reward model reloads and gives identical scores.
     live = trainer.model.eval()
-    prompts = ["Say some words (1)", "Say some words (2)"]
-    responses = ["apple please river stone glass", "apple river stone glass music"]  # as in the task: 4 words (+ marker)
+    fresh = marker_pairs(8, seed=TEST_SEED + 1000)  # unseen pairs of the task: chosen first, rejected after
+    prompts = [r["prompt"][0]["content"] for r in fresh] * 2
+    responses = [r["chosen"] for r in fresh] + [r["rejected"] for r in fresh]
     expected = live.score(prompts, responses)
     reloaded = load_reward_model(tmp_path / "rm", dtype=dtype)
     torch.testing.assert_close(reloaded.score(prompts, responses), expected)
     standalone = load_reward_model(tmp_path / "rm" / "final", dtype=dtype)
     tol = 1e-4 if dtype == torch.float32 else 0.03 * float(expected.abs().max())
     torch.testing.assert_close(standalone.score(prompts, responses), expected, atol=tol, rtol=tol)
-    assert expected[0] > expected[1]
+    assert expected[:8].mean() > expected[8:].mean()  # one pair can go either way at 95% accuracy; 8 together do not
     # --eval-only scoring of the held-out pairs agrees with training's own evaluation.
     held = evaluate_reward_model(reloaded, trainer.eval_loader.dataset.rows, max_length=96)
     assert held["accuracy"] == pytest.approx(result["accuracy"])
