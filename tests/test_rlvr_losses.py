@@ -77,6 +77,10 @@ def test_discounted_returns_by_hand():
 def test_informative_groups_drop_groups_of_equal_scores():
     score = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
     assert L.informative_groups(score, 2).tolist() == [False, False, True, True, False, False]
+    # a group apart by one float32 ulp is a tie: the advantage gives it 0, so it is dropped too
+    tie = torch.tensor([0.3, torch.nextafter(torch.tensor(0.3), torch.tensor(1.0)).item(), 0.0, 1.0])
+    assert L.informative_groups(tie, 2).tolist() == [False, False, True, True]
+    assert L.group_advantages(tie, 2)[:2].abs().max() == 0
 
 
 def test_overlong_penalty_by_hand():

@@ -330,9 +330,9 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
 
 def informative_groups(score: Tensor, group_size: int) -> Tensor:
     """DAPO's dynamic sampling: a [B] bool mask keeping the groups whose scores are not all
-    equal (a group of equal scores has zero advantage: it only dilutes the batch)."""
-    g = score.view(-1, group_size)
-    return (g.max(1).values > g.min(1).values).repeat_interleave(group_size)
+    equal (a group of equal scores has zero advantage: it only dilutes the batch). "Equal"
+    is zero_spread's, so the groups kept are exactly those given a nonzero advantage."""
+    return (~zero_spread(score, group_size)).repeat_interleave(group_size)
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
