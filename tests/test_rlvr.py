@@ -173,3 +173,22 @@ def test_recipe_math_runs_end_to_end_on_a_tiny_model(tmp_path):
     train = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()}
     test = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()}
     assert not train & test
+
+
+def test_bench_compare_math_reward_is_ours_on_both_sides(tmp_path):
+    """`bench compare --stage grpo --reward math`: TRL's reward function is our lenient math
+    reward in TRL's calling form (same numbers on the same completions), and our side runs
+    GRPO on the recipe's problems with that reward and no reward model (no timing asserted)."""
+    from frugal_rlhf.bench.peers import _frugal, math_reward, math_rows
+    from frugal_rlhf.rl.rewards import RewardSet
+
+    rows = math_rows(8)
+    assert len({r["prompt"][0]["content"] for r in rows}) == 8
+    texts = [f"It is {r['answer']}." if i % 2 else "It is 3." for i, r in enumerate(rows)]
+    ours = RewardSet(["math"]).components[0].fn(None, texts, rows, None)
+    theirs = math_reward([[{"role": "assistant", "content": t}] for t in texts], [r["answer"] for r in rows])
+    assert theirs == ours and sum(ours) >= 4  # every odd row answers right
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rates = _frugal("grpo", "tiny-llama", str(path), 2, 4, 64, 4, "fp32", 4, reward="math")
+    assert len(rates) == 1 and rates[0] > 0

@@ -44,6 +44,9 @@ def add_bench_args(p):
     p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
     p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
     p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
+    p.add_argument("--reward", default="rm", choices=["rm", "math"],
+                   help="compare grpo: rm = a reward model on both sides; math = the verifiable math reward "
+                        "(two-digit addition problems, `frugal recipe math`'s) as a plain function on both sides")
 
 
 def _row(r) -> str:
@@ -77,8 +80,9 @@ def _compare(args, kw):
     if args.stage == "generate":  # our sampler vs HF generate, same run: the generate workload itself
         r = bench_generate(**kw)
         return r, _table([r])
-    r = compare(args.peer, args.stage, prompt_tokens=args.prompt_tokens, **kw)
-    shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens" if r["stage"] == "grpo" else
+    r = compare(args.peer, args.stage, prompt_tokens=args.prompt_tokens, reward=args.reward, **kw)
+    shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens, reward {r['reward']}"
+             if r["stage"] == "grpo" else
              f"batch {r['batch_size']} x {r['length']} tokens"
              + (f", prompts of ~{r['prompt_tokens']}" if r["prompt_tokens"] else ""))
     return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "

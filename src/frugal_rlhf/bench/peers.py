@@ -15,6 +15,8 @@ fresh one on the same base: its cost, not its scores, is measured), computes log
 the reference (KL weight 0.04 on both sides, so both run the reference forward) and takes one
 optimizer step. Every completion is `new_tokens` long on both sides (TRL: min_new_tokens; ours:
 no stop token), so both do the same work; rates are completions per second of the whole step.
+With `--reward math` the prompts are `frugal recipe math`'s two-digit additions and both sides
+score completions with the same plain function (our lenient math reward), no reward model.
 """
 from __future__ import annotations
 
@@ -93,11 +95,28 @@ GROUP = 4        # GRPO completions per prompt
 KL_WEIGHT = 0.04  # GRPO's KL loss weight, > 0 on both sides so both compute reference log-probs
 
 
-def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens) -> list[float]:
+def math_rows(n: int) -> list[dict]:
+    """n two-digit addition problems (the math recipe's level 2), prompts as one user message."""
+    from ..data.math_problems import generate
+
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+            for r in generate(n, level=2, seed=0, split="train")]
+
+
+def math_reward(completions, answer, **_) -> list[float]:
+    """TRL's reward-function form of our lenient math reward (1 if the last number is the answer)."""
+    from ..rl.rewards import answers_match, final_answer
+
+    return [float(answers_match(final_answer(c[0]["content"] if isinstance(c, list) else c, False), a))
+            for c, a in zip(completions, answer)]
+
+
+def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
+            reward="rm") -> list[float]:
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "grpo":
-            return _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, Path(tmp))
+            return _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, Path(tmp), reward)
         common = dict(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                       lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype)
         if stage == "sft":
@@ -127,14 +146,18 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
     return [m["tokens_per_s"] * m["sequences"] / m["tokens"] / per_item for m in metrics]
 
 
-def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path) -> list[float]:
+def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path, reward="rm") -> list[float]:
     from ..config import PPOConfig
     from ..trainers.ppo import PPOTrainer
 
     prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
-    cfg = PPOConfig(model=model, reward_model=fresh_reward_model(model, lora_rank, dtype, tmp / "rm"),
-                    prompts=str(prompts), output=str(tmp / "grpo"), max_steps=steps, advantage="group",
+    if reward == "math":
+        prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows))
+        scoring = {"reward": ["math"]}
+    else:
+        prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows))
+        scoring = {"reward_model": fresh_reward_model(model, lora_rank, dtype, tmp / "rm")}
+    cfg = PPOConfig(model=model, **scoring, prompts=str(prompts), output=str(tmp / "grpo"), max_steps=steps, advantage="group",
                     group_size=GROUP, rollout_batch_size=batch_size // GROUP, batch_size=batch_size,
                     max_new_tokens=new_tokens, kl_coef=KL_WEIGHT, lora_rank=lora_rank, lr=1e-4, save_every=0,
                     eval_every=0, eval_prompts=0, dtype=dtype)
@@ -151,7 +174,8 @@ def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, t
     return [batch_size / m["step_time"] for m in metrics]
 
 
-def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens) -> list[float]:
+def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
+         reward="rm") -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -189,8 +213,11 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
         elif stage == "grpo":
             from trl import GRPOConfig, GRPOTrainer
 
-            rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dt)
-            rm.config.pad_token_id = tok.pad_token_id
+            if reward == "math":
+                rm = math_reward
+            else:
+                rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dt)
+                rm.config.pad_token_id = tok.pad_token_id
             lengths = []
 
             class Lengths(TrainerCallback):  # every completion must be new_tokens long, as ours
@@ -203,8 +230,9 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
                                   args=GRPOConfig(output_dir=tmp, num_generations=GROUP, max_completion_length=new_tokens,
                                                   beta=KL_WEIGHT, generation_kwargs={"min_new_tokens": new_tokens},
                                                   **common),
-                                  train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
-                                  processing_class=tok, reward_processing_classes=tok,
+                                  train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r.get("answer", "")}
+                                                                   for r in rows]),
+                                  processing_class=tok, reward_processing_classes=None if reward == "math" else tok,
                                   peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
                                   callbacks=[StepTimer(), Lengths()])
         elif stage == "dpo":
@@ -242,26 +270,30 @@ def _trl_pairs(dataset_cls, rows):
 RUNNERS = {"frugal": _frugal, "trl": _trl}
 
 
-def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens):
+def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens, reward="rm"):
     """Child-process entry: print the per-step rates as JSON."""
     torch.manual_seed(0)
     from ..device import peak_memory_bytes
 
-    rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens)
+    rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
+                          reward)
     print(f"PEAK {peak_memory_bytes()}")  # this process's peak: each (tool, repeat) runs in its own
     print("RATES " + json.dumps(rates))
 
 
 def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
-            dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, **_):
+            dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, reward="rm", **_):
     from ..models.loading import load_model
 
     if stage not in ("sft", "rm", "grpo", "dpo"):
         raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm, grpo, dpo); see docs/benchmarks.md")
     if stage == "grpo" and batch_size % GROUP:
         raise SystemExit(f"bench compare grpo: --batch-size must be a multiple of {GROUP} (completions per prompt)")
+    if reward == "math" and stage != "grpo":
+        raise SystemExit("bench compare: --reward math is for --stage grpo")
     _, tok = load_model(model)
-    rows = equal_length_rows(tok, batch_size * steps, max_length - 8, prompt_tokens)
+    rows = (math_rows(batch_size * steps) if reward == "math" else
+            equal_length_rows(tok, batch_size * steps, max_length - 8, prompt_tokens))
     medians = {"frugal": [], peer: []}
     peaks = {"frugal": [], peer: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,7 +301,8 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
         for r in range(repeats):
             for tool in medians:  # alternate the tools so drift in the machine hits both
                 code = (f"from frugal_rlhf.bench.peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
-                        f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r}, {new_tokens})")
+                        f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r}, {new_tokens}, "
+                        f"{reward!r})")
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"bench compare: {tool} {stage} failed:\n{proc.stderr[-3000:]}")
@@ -281,7 +314,7 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
     result = {"workload": "compare", "peer": peer, "stage": stage, "model": model, "batch_size": batch_size,
               "length": max_length - 8, "prompt_tokens": prompt_tokens or None, "lora_rank": lora_rank,
               "dtype": dtype, "threads": torch.get_num_threads(),
-              "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP} if stage == "grpo" else {})}
+              "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP, "reward": reward} if stage == "grpo" else {})}
     for tool, values in medians.items():
         result[tool] = {**stats(values), "peak_mem_gb": max(peaks[tool])}
     result["ratio"] = result["frugal"]["median"] / result[peer]["median"]
