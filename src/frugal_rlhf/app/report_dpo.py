@@ -36,6 +36,8 @@ def write_dpo_report(out: Path, cfg) -> dict:
         comparison = held_out_comparison(out, cfg, policy="dpo")
         write_comparison(comparison, out, "eval_dpo", model_name="DPO", baseline_name="SFT")
         summary["held_out"] = {k: comparison[k] for k in ("n_prompts", "reward_model", "win_rate", "kl_to_baseline")}
+        if "gold" in comparison:
+            summary["gold"] = {k: v for k, v in comparison["gold"].items() if not k.startswith("scores_")}
         md += [f"## Held-out prompts, scored by the PPO path's reward model ({comparison['n_prompts']} prompts)", "",
                summary_markdown(comparison, "DPO", "SFT"), ""]
         if (out / "summary.json").exists():
@@ -51,15 +53,18 @@ def write_dpo_report(out: Path, cfg) -> dict:
 
 
 def _side_by_side(dpo: dict, ppo: dict, timings: dict) -> list[str]:
-    """One row per method: the same held-out prompts, reward model and baseline (the SFT model)."""
+    """One row per method: the same held-out prompts, reward model and baseline (the SFT model),
+    and the hidden gold judge's score where the pairs came from it (the measure that counts)."""
     lines = ["## DPO and PPO on the same held-out prompts", "",
-             "| method | RM score SFT -> policy | gain (SE) | win rate | KL to SFT | wall time (s) |",
-             "|---|---|---|---|---|---|"]
-    for name, held, seconds in (("DPO", dpo["held_out"], timings.get("dpo")),
-                                ("PPO (+ RM)", ppo["held_out"], _sum(timings.get("rm"), timings.get("ppo")))):
+             "| method | gold SFT -> policy | gold gain (SE) | RM score SFT -> policy | gain (SE) | win rate (RM) "
+             "| KL to SFT | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for name, run, seconds in (("DPO", dpo, timings.get("dpo")),
+                               ("PPO (+ RM)", ppo, _sum(timings.get("rm"), timings.get("ppo")))):
+        held, g = run["held_out"], run.get("gold")
         rm = held["reward_model"]
-        lines.append(f"| {name} | {rm['baseline']:.3f} -> {rm['model']:.3f} | {rm['gain']:+.3f} ({rm['gain_se']:.3f}) "
-                     f"| {held['win_rate']:.2f} | {held['kl_to_baseline']:.2f} | {_fmt(seconds)} |")
+        gold = (f"{g['baseline']:.3f} -> {g['model']:.3f} | {g['gain']:+.3f} ({g['gain_se']:.3f})" if g else "- | -")
+        lines.append(f"| {name} | {gold} | {rm['baseline']:.3f} -> {rm['model']:.3f} | {rm['gain']:+.3f} "
+                     f"({rm['gain_se']:.3f}) | {held['win_rate']:.2f} | {held['kl_to_baseline']:.2f} | {_fmt(seconds)} |")
     return lines + [""]
 
 
