@@ -161,3 +161,20 @@ def test_pipeline_and_cli_build_every_strategy_field(tmp_path, monkeypatch):
         main(["sft", "--model", "tiny-llama", "--data", "x.jsonl", "--strategy", "deepspeed", "--zero-stage", "2",
               "--offload", "cpu", "--dtype", "fp32", "--seed", "3"])
     assert asked == [{"strategy": "deepspeed", "seed": 3, "dtype": "fp32", "zero_stage": 2, "offload": "cpu"}]
+
+
+def test_eval_of_a_model_against_itself_finds_no_difference(tmp_path, capsys):
+    """`frugal eval` end to end: a model compared with itself (same weights, same sampling seed)
+    answers identically, so its KL to the baseline and its reward gain are exactly 0."""
+    from frugal_rlhf.bench.common import fresh_reward_model
+
+    rm = fresh_reward_model("tiny-llama", 4, "fp32", tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about number {i}."}) + "\n" for i in range(4)))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "tiny-llama", "--baseline", "tiny-llama", "--prompts", str(prompts),
+                 "--reward-model", rm, "--output", str(out), "--max-new-tokens", "6", "--dtype", "fp32"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["n_prompts"] == 4 and summary["kl_to_baseline"] == 0.0
+    assert summary["reward_model"]["gain"] == 0.0 and summary["win_rate"] == 0.5
+    assert "written:" in capsys.readouterr().out

@@ -92,7 +92,6 @@ def cmd_rm(args):
 
 def _rm_eval_only(cfg):
     from .data.formats import load_dataset_file
-    from .data.tokenize import stop_tokens
     from .device import default_device
     from .models.reward_io import load_reward_model
     from .trainers.reward import evaluate_reward_model
@@ -229,6 +228,7 @@ def cmd_eval(args):
     from .data.formats import load_dataset_file
     from .device import autocast, compute_dtype, default_device
     from .app.evaluation import compare_models, load_policy, summary_markdown, write_comparison
+    from .data.tokenize import stop_tokens
     from .generation import SampleConfig
     from .models.reward_io import load_reward_model
 

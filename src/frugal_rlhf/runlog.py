@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import sys
 from pathlib import Path
