@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
 from ..config import PPOConfig, from_dict
@@ -47,31 +46,21 @@ def load_recipe_config(path, overrides: dict) -> MathRecipeConfig:
     return from_dict(MathRecipeConfig, data, source=str(path))
 
 
-@torch.no_grad()
 def accuracy(trainer, rows, max_new_tokens: int, batch_size: int) -> dict:
-    """Greedy answers of the trainer's actor to `rows`: strict and lenient correctness per row."""
-    from ..data.tokenize import PromptCollator, encode_prompt
-    from ..generation import SampleConfig, sample
-    from ..rl.rewards import answers_match, final_answer
+    """Greedy answers of the trainer's actor to `rows`: strict and lenient correctness per row,
+    judged by the math reward functions themselves (what training rewards is what is measured)."""
     from ..data.tokenize import stop_tokens
+    from ..generation import SampleConfig
+    from ..rl.rewards import parse_reward
+    from .prefs import generate_responses
 
     tok, actor, strategy = trainer.tokenizer, trainer.actor, trainer.strategy
     cfg = SampleConfig(max_new_tokens, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)
-    collate = PromptCollator(tok.pad_token_id)
-    strict, lenient, answers = [], [], []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        batch = collate([{"prompt_ids": encode_prompt(tok, r["prompt"], 256)} for r in chunk])
-        with strategy.autocast(), actor.lm.role(actor.adapter) as model:
-            out = sample(model, batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device),
-                         cfg)
-        resp = out.sequences[:, out.prompt_length:]
-        for r, seq, m in zip(chunk, resp, out.action_mask):
-            text = tok.decode(seq[m.bool()], skip_special_tokens=True)
-            answers.append(text)
-            strict.append(float(answers_match(final_answer(text, True), r["answer"])))
-            lenient.append(float(answers_match(final_answer(text, False), r["answer"])))
-    return {"strict": strict, "lenient": lenient, "answers": answers}
+    with actor.lm.role(actor.adapter) as model:
+        answers = generate_responses(model, tok, [r["prompt"] for r in rows], cfg, batch_size, 256, 0,
+                                     strategy.device, strategy.autocast())
+    correct = lambda spec: parse_reward(spec).fn(None, answers, rows, None)  # noqa: E731
+    return {"strict": correct("math:strict"), "lenient": correct("math"), "answers": answers}
 
 
 def _mean_se(xs) -> tuple[float, float]:
@@ -106,8 +95,8 @@ def verdict(result: dict) -> str:
 def run_math_recipe(cfg: MathRecipeConfig) -> dict:
     from ..data.math_problems import generate, write_jsonl
     from ..data.formats import load_dataset_file
-    from ..strategies import make_strategy
     from ..trainers.ppo import PPOTrainer
+    from .stages import make_strategy
 
     t0 = time.time()
     out = Path(cfg.output)
@@ -116,7 +105,7 @@ def run_math_recipe(cfg: MathRecipeConfig) -> dict:
     ppo = from_dict(PPOConfig, {"model": cfg.model, "dtype": cfg.dtype, "seed": cfg.seed, "output": str(out / "grpo"),
                                 "prompts": str(train_file), "eval_data": str(test_file), "reward": ["math"],
                                 **cfg.ppo}, source="recipe math: ppo")
-    strategy = make_strategy(ppo.strategy, seed=ppo.seed, dtype=ppo.dtype)
+    strategy = make_strategy(ppo)  # every strategy field of the config (stages.py)
     strategy.setup_distributed()
     try:
         trainer = PPOTrainer.from_config(strategy, ppo)

@@ -104,11 +104,11 @@ def math_rows(n: int) -> list[dict]:
 
 
 def math_reward(completions, answer, **_) -> list[float]:
-    """TRL's reward-function form of our lenient math reward (1 if the last number is the answer)."""
-    from ..rl.rewards import answers_match, final_answer
+    """Our lenient math reward (1 if the last number is the answer) in TRL's reward-function form."""
+    from ..rl.rewards import parse_reward
 
-    return [float(answers_match(final_answer(c[0]["content"] if isinstance(c, list) else c, False), a))
-            for c, a in zip(completions, answer)]
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return parse_reward("math").fn(None, texts, [{"answer": a} for a in answer], None)
 
 
 def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
