@@ -152,16 +152,20 @@ def group_advantages(score: Tensor, group_size: int, eps: float = 1e-6) -> Tenso
     same prompt, ``(s - mean_group) / (std_group + eps)``, which replaces a learned critic.
     ``score`` is [B] with the ``group_size`` completions of a prompt adjacent; returns [B].
     A group whose completions all score the same gets 0 (no signal, no update)."""
-    if group_size < 2 or score.numel() % group_size:
-        raise ValueError(f"group advantages need groups of 2+ completions; got {score.numel()} scores "
-                         f"in groups of {group_size}")
-    g = score.view(-1, group_size).double()
+    g = _groups(score, group_size, "group advantages need").double()
     dev = g - g.mean(1, keepdim=True)
     # float64 keeps the mean of equal float32 scores exact (their deviations exactly 0); a
     # float64 input can still leave ~eps * |score| of rounding, which the mask also zeroes.
     adv = torch.where(zero_spread(score, group_size)[:, None], torch.zeros_like(dev),
                       dev / (g.std(1, keepdim=True) + eps))
     return adv.to(score.dtype).view(-1)
+
+
+def _groups(score: Tensor, group_size: int, what: str) -> Tensor:
+    """[B] scores as [B // group_size, group_size] rows, one per prompt (its completions adjacent)."""
+    if group_size < 2 or score.numel() % group_size:
+        raise ValueError(f"{what} groups of 2+ completions; got {score.numel()} scores in groups of {group_size}")
+    return score.view(-1, group_size)
 
 
 def zero_spread(score: Tensor, group_size: int) -> Tensor:
@@ -294,10 +298,7 @@ def scaled_group_advantages(score: Tensor, group_size: int, scale: str = "group"
     """
     if scale == "group":
         return group_advantages(score, group_size, eps)
-    if group_size < 2 or score.numel() % group_size:
-        raise ValueError(f"group advantages need groups of 2+ completions; got {score.numel()} scores "
-                         f"in groups of {group_size}")
-    g = score.view(-1, group_size)
+    g = _groups(score, group_size, "group advantages need")
     centered = (g - g.mean(1, keepdim=True)).view(-1)
     if scale == "none":
         return centered
@@ -310,9 +311,7 @@ def rloo_advantages(score: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024): a completion's score minus the mean of the OTHER completions
     of its prompt, s_i - (sum_g - s_i) / (G - 1); unbiased because the baseline excludes s_i.
     ``score`` is [B] with groups adjacent; returns [B]."""
-    if group_size < 2 or score.numel() % group_size:
-        raise ValueError(f"RLOO needs groups of 2+ completions; got {score.numel()} scores in groups of {group_size}")
-    g = score.view(-1, group_size)
+    g = _groups(score, group_size, "RLOO needs")
     return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
 
 
@@ -331,7 +330,7 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
 def informative_groups(score: Tensor, group_size: int) -> Tensor:
     """DAPO's dynamic sampling: a [B] bool mask keeping the groups whose scores are not all
     equal (a group of equal scores has zero advantage: it only dilutes the batch). "Equal"
-    is zero_spread's, so the groups kept are exactly those given a nonzero advantage."""
+    is zero_spread's, the test that zeroes GRPO's group advantages: ties up to rounding count."""
     return (~zero_spread(score, group_size)).repeat_interleave(group_size)
 
 
