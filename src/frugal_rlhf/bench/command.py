@@ -35,7 +35,8 @@ def add_bench_args(p):
                         "instead of 32-token questions; the answers fill the rest of --max-length")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="sft, ppo: recompute activations in backward")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="sft, ppo; compare: both tools recompute activations in backward")
     p.add_argument("--strategy", default="naive", choices=["naive", "ddp", "fsdp", "deepspeed"],
                    help="sft, rm, ppo: the training strategy (a distributed one under torchrun: `torchrun "
                         "--nproc_per_node 2 -m frugal_rlhf.cli bench ppo --strategy fsdp`; `bench strategies` "
@@ -84,7 +85,8 @@ def _compare(args, kw):
     shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens, reward {r['reward']}"
              if r["stage"] == "grpo" else
              f"batch {r['batch_size']} x {r['length']} tokens"
-             + (f", prompts of ~{r['prompt_tokens']}" if r["prompt_tokens"] else ""))
+             + (f", prompts of ~{r['prompt_tokens']}" if r["prompt_tokens"] else "")) + (
+                 ", gradient checkpointing in both" if r["gradient_checkpointing"] else "")
     return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "
                f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
                f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "

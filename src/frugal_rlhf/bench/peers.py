@@ -112,13 +112,15 @@ def math_reward(completions, answer, **_) -> list[float]:
 
 
 def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
-            reward="rm") -> list[float]:
+            reward="rm", gradient_checkpointing=False) -> list[float]:
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "grpo":
-            return _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, Path(tmp), reward)
+            return _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, Path(tmp), reward,
+                                gradient_checkpointing)
         common = dict(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
-                      lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype)
+                      lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
+                      gradient_checkpointing=gradient_checkpointing)
         if stage == "sft":
             from ..config import SFTConfig
             from ..trainers.supervised import SFTTrainer
@@ -146,7 +148,8 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
     return [m["tokens_per_s"] * m["sequences"] / m["tokens"] / per_item for m in metrics]
 
 
-def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path, reward="rm") -> list[float]:
+def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path, reward="rm",
+                 gradient_checkpointing=False) -> list[float]:
     from ..config import PPOConfig
     from ..trainers.ppo import PPOTrainer
 
@@ -160,7 +163,7 @@ def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, t
     cfg = PPOConfig(model=model, **scoring, prompts=str(prompts), output=str(tmp / "grpo"), max_steps=steps, advantage="group",
                     group_size=GROUP, rollout_batch_size=batch_size // GROUP, batch_size=batch_size,
                     max_new_tokens=new_tokens, kl_coef=KL_WEIGHT, lora_rank=lora_rank, lr=1e-4, save_every=0,
-                    eval_every=0, eval_prompts=0, dtype=dtype)
+                    eval_every=0, eval_prompts=0, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
 
     def build(strategy, c):
         trainer = PPOTrainer.from_config(strategy, c)
@@ -175,7 +178,7 @@ def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, t
 
 
 def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
-         reward="rm") -> list[float]:
+         reward="rm", gradient_checkpointing=False) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -197,7 +200,7 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
             times.append(time.perf_counter() - self.t0)
 
     common = dict(max_steps=steps, per_device_train_batch_size=batch_size, max_length=max_length, learning_rate=1e-4,
-                  bf16=dt == torch.bfloat16, gradient_checkpointing=False, logging_steps=10**6, save_strategy="no",
+                  bf16=dt == torch.bfloat16, gradient_checkpointing=gradient_checkpointing, logging_steps=10**6, save_strategy="no",
                   report_to=[], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=42)
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "sft":
@@ -270,19 +273,20 @@ def _trl_pairs(dataset_cls, rows):
 RUNNERS = {"frugal": _frugal, "trl": _trl}
 
 
-def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens, reward="rm"):
+def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens, reward="rm",
+            gradient_checkpointing=False):
     """Child-process entry: print the per-step rates as JSON."""
     torch.manual_seed(0)
     from ..device import peak_memory_bytes
 
     rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
-                          reward)
+                          reward, gradient_checkpointing)
     print(f"PEAK {peak_memory_bytes()}")  # this process's peak: each (tool, repeat) runs in its own
     print("RATES " + json.dumps(rates))
 
 
 def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
-            dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, reward="rm", **_):
+            dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, reward="rm", gradient_checkpointing=False, **_):
     from ..models.loading import load_model
 
     if stage not in ("sft", "rm", "grpo", "dpo"):
@@ -302,7 +306,7 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
             for tool in medians:  # alternate the tools so drift in the machine hits both
                 code = (f"from frugal_rlhf.bench.peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
                         f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r}, {new_tokens}, "
-                        f"{reward!r})")
+                        f"{reward!r}, {gradient_checkpointing})")
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"bench compare: {tool} {stage} failed:\n{proc.stderr[-3000:]}")
@@ -313,7 +317,7 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
     unit = {"sft": "samples_per_s", "rm": "pairs_per_s", "grpo": "completions_per_s", "dpo": "pairs_per_s"}[stage]
     result = {"workload": "compare", "peer": peer, "stage": stage, "model": model, "batch_size": batch_size,
               "length": max_length - 8, "prompt_tokens": prompt_tokens or None, "lora_rank": lora_rank,
-              "dtype": dtype, "threads": torch.get_num_threads(),
+              "dtype": dtype, "threads": torch.get_num_threads(), "gradient_checkpointing": gradient_checkpointing,
               "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP, "reward": reward} if stage == "grpo" else {})}
     for tool, values in medians.items():
         result[tool] = {**stats(values), "peak_mem_gb": max(peaks[tool])}
