@@ -36,11 +36,13 @@ def setup_logging(level=logging.INFO):
 
 class RunDir:
     def __init__(self, path, config=None, resume_step: int = 0, enabled: bool = True,
-                 history_entry: dict | None = None):
+                 history_entry: dict | None = None, trackers=None):
         """`history_entry` (a resume, and the settings it changed) is appended to the history
-        that config.yaml keeps below the settings in effect."""
+        that config.yaml keeps below the settings in effect. `trackers` (trackers.Trackers) get
+        every row logged and every plot."""
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = trackers
         self.metrics_path = self.path / "metrics.jsonl"
         if not enabled:
             return
@@ -65,6 +67,8 @@ class RunDir:
         if self.enabled:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.trackers:
+                self.trackers.log(row)
 
     def read_metrics(self, repair: bool = False) -> list[dict]:
         """The logged rows. A last line cut by a crash mid-write is dropped (with `repair`, with a
@@ -113,6 +117,8 @@ class RunDir:
         out = self.path / name
         fig.savefig(out, dpi=100)
         plt.close(fig)
+        if self.trackers:
+            self.trackers.image(out)
         return out
 
 

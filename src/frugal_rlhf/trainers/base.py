@@ -22,6 +22,7 @@ from ..errors import NonFiniteError, UserError
 from ..rundir import (check_free_space, clear_run, fsync_dir, fsync_tree, holds_a_run, latest_complete,
                       prepare_output, reconcile, run_identity)
 from ..runlog import RunDir, make_progress, rng_state, set_rng_state
+from ..trackers import Trackers
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -123,6 +124,11 @@ class Trainer:
         if cfg.lr is None:
             cfg.lr = cfg.learning_rate()
         self.identity = run_identity(cfg)
+        self.trackers = self.open_trackers(meta["step"] if found else 0)
+
+    def open_trackers(self, start_step: int) -> Trackers:
+        """Before any step: a tracker that cannot start stops the run here (rank 0 reports)."""
+        return Trackers(self.config.report_to if self.strategy.is_rank0 else None, self.out, self.config, start_step)
 
     def checkpoint_activations(self, *roles):
         """With config.gradient_checkpointing, each block's activations are recomputed in
@@ -150,8 +156,18 @@ class Trainer:
         cfg = self.config
         start = self.resume() if self.resume_from else 0
         self.check_disk_space()  # before the run writes anything: a rerun after freeing space is a fresh run
+        if self.trackers is None:  # a second fit() of this trainer (the first closed them)
+            self.trackers = self.open_trackers(start)
+        try:
+            return self._fit(start, stop_at)
+        finally:
+            self.trackers.close()
+            self.trackers = None
+
+    def _fit(self, start: int, stop_at: int | None):
+        cfg = self.config
         self.run = RunDir(self.out, cfg, resume_step=start, enabled=self.strategy.is_rank0,
-                          history_entry=self.history_entry)
+                          history_entry=self.history_entry, trackers=self.trackers)
         last = min(cfg.max_steps, stop_at or cfg.max_steps)
         if start == 0 and self.evaluate_at_start:
             baseline = self.evaluate()
