@@ -251,6 +251,25 @@ def cmd_eval(args):
     print(f"written: {out / 'eval.json'}, {out / 'eval.md'}")
 
 
+def add_export_args(p):
+    p.add_argument("model", help="a model spec: a run's final/ (or adapter/) directory, default, a .gguf file")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="write a GGUF file (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0"],
+                   help="weight format (norms stay f32): f16 ~ the trained model; q8_0 half its size; q4_0 a quarter")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def cmd_export(args):
+    from .models.gguf_writer import write_gguf
+    from .models.loading import load_model
+
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    name = Path(args.model).parent.name if Path(args.model).name in ("final", "adapter") else Path(args.model).stem
+    path = write_gguf(model.config, ((k, lambda v=v: v) for k, v in model.state_dict().items()), tok, args.gguf,
+                      args.quant, name=name)
+    print(f"export: {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.quant})")
+
+
 def add_data_args(p):
     p.add_argument("kind", choices=["math"], help="math: arithmetic word problems with exact answers")
     p.add_argument("--n", type=int, default=2000, help="number of distinct problems")
@@ -345,6 +364,7 @@ COMMANDS = {
     "pipeline": (cmd_pipeline, "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
     "demo": (cmd_demo, "the whole pipeline on the embedded default model and data", add_pipeline_args),
     "eval": (cmd_eval, "compare a model with a baseline on held-out prompts", add_eval_args),
+    "export": (cmd_export, "write a model as a GGUF file for llama.cpp and Ollama", add_export_args),
     "data": (cmd_data, "generate data: arithmetic problems with exact answers (held-out split apart)", add_data_args),
     "recipe": (cmd_recipe, "recipes: math = GRPO on a verifiable reward, accuracy before -> after", add_recipe_args),
     "chat": (_chat, "chat with a model in the terminal", _chat_args),
