@@ -140,7 +140,7 @@ class Trainer:
         backward instead of kept (~30% more compute, activation memory of one block)."""
         if self.config.gradient_checkpointing:
             for role in roles:
-                role.lm.hf_model().gradient_checkpointing_enable({"use_reentrant": False})
+                role.lm.hf_model().activation_checkpointing_enable({"use_reentrant": False})
 
     def policy(self):
         """The role whose language model final/ holds (None: this stage exports none)."""
