@@ -115,3 +115,40 @@ def test_embedded_default_round_trip_at_f16(tmp_path):
     model, tok = load_model("default")
     model, loaded, ids = check_round_trip(model, tok, tmp_path, "f16", "What is the capital of France?")
     assert greedy(loaded, ids, 24) == greedy(model, ids, 24)
+
+
+def test_training_with_export_gguf_writes_it_and_a_model_card(tmp_path, rows):
+    import yaml
+
+    from test_sft import run_sft
+
+    trainer, _ = run_sft(tmp_path, rows, max_steps=2, lora_rank=4, export_gguf="f16")
+    final = trainer.out / "final"
+    loaded = AutoModelForCausalLM.from_pretrained(final, gguf_file="model-f16.gguf", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
+    for name, w in loaded.state_dict().items():
+        assert ((w - merged[name]).abs() <= weight_bound(merged[name], "f16")).all(), name
+    card = (final / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "unknown" and "sft" in meta["tags"] and "base_model" not in meta  # tiny: random
+    assert "frugal sft --config frugal_config.yaml" in card and "| eval_loss |" in card
+    assert yaml.safe_load((final / "frugal_config.yaml").read_text())["lora_rank"] == 4
+
+
+def test_model_card_inherits_the_embedded_default_license():
+    from frugal_rlhf.models.card import base_facts
+
+    if not __import__("conftest").embedded_available():
+        pytest.skip("embedded default not installed")
+    assert base_facts("default") == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+
+
+def test_export_gguf_is_refused_before_training_where_it_cannot_work(tmp_path, rows):
+    from frugal_rlhf.errors import UserError
+    from test_sft import run_sft
+
+    with pytest.raises(UserError, match="--export-gguf: model type 'gpt2' cannot be written"):
+        run_sft(tmp_path / "a", rows, model="tiny-gpt2", export_gguf="q8_0")
+    assert not (tmp_path / "a" / "sft" / "metrics.jsonl").exists()
+    with pytest.raises(UserError, match="--export-gguf 'q5'"):
+        run_sft(tmp_path / "b", rows, export_gguf="q5")
