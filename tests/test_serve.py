@@ -41,7 +41,7 @@ class PrintableOnly(nn.Module):
 
     def forward(self, **kwargs):
         out = self.model(**kwargs)
-        return SimpleNamespace(logits=out.logits + self.bias, past_key_values=out.past_key_values)
+        return SimpleNamespace(logits=out.logits + self.bias, cache=out.cache)
 
 
 def _serve(api_key=None, max_batch=8, max_queue=64, printable=True):

@@ -184,6 +184,7 @@ def add_pipeline_args(p):
     p.add_argument("--method", choices=["ppo", "dpo"], help="ppo: RM -> PPO (default); dpo: DPO on the pairs")
     p.add_argument("--seed", type=int, help="overrides the config's seed (every stage)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="overrides the config's compute dtype")
+    p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
 
 
 def cmd_pipeline(args, default_config=None):
@@ -194,7 +195,7 @@ def cmd_pipeline(args, default_config=None):
     if path is None:
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
     Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
-                                         "dtype": args.dtype})).run()
+                                         "dtype": args.dtype, "report_to": args.report_to})).run()
 
 
 def cmd_demo(args):
@@ -248,6 +249,25 @@ def cmd_eval(args):
     write_comparison(summary, out, "eval")
     print(summary_markdown(summary))
     print(f"written: {out / 'eval.json'}, {out / 'eval.md'}")
+
+
+def add_export_args(p):
+    p.add_argument("model", help="a model spec: a run's final/ (or adapter/) directory, default, a .gguf file")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="write a GGUF file (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0"],
+                   help="weight format (norms stay f32): f16 ~ the trained model; q8_0 half its size; q4_0 a quarter")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def cmd_export(args):
+    from .models.gguf_writer import write_gguf
+    from .models.loading import load_model
+
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    name = Path(args.model).parent.name if Path(args.model).name in ("final", "adapter") else Path(args.model).stem
+    path = write_gguf(model.config, ((k, lambda v=v: v) for k, v in model.state_dict().items()), tok, args.gguf,
+                      args.quant, name=name)
+    print(f"export: {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.quant})")
 
 
 def add_data_args(p):
@@ -344,6 +364,7 @@ COMMANDS = {
     "pipeline": (cmd_pipeline, "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
     "demo": (cmd_demo, "the whole pipeline on the embedded default model and data", add_pipeline_args),
     "eval": (cmd_eval, "compare a model with a baseline on held-out prompts", add_eval_args),
+    "export": (cmd_export, "write a model as a GGUF file for llama.cpp and Ollama", add_export_args),
     "data": (cmd_data, "generate data: arithmetic problems with exact answers (held-out split apart)", add_data_args),
     "recipe": (cmd_recipe, "recipes: math = GRPO on a verifiable reward, accuracy before -> after", add_recipe_args),
     "chat": (_chat, "chat with a model in the terminal", _chat_args),

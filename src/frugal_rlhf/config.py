@@ -44,6 +44,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 3       # stop after this many updates in a row skipped for NaN/inf
     schedule_steps: int | None = None  # LR schedule length; default max_steps (a resumed run keeps its own)
     trust_remote_code: bool = False
+    report_to: str = "none"            # experiment trackers, comma-separated: tensorboard,wandb,mlflow | none
+    export_gguf: str | None = None     # f16 | q8_0 | q4_0: also write final/model-QUANT.gguf (llama.cpp, Ollama)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.lora_rank else 2e-5)

@@ -86,7 +86,7 @@ def _forward(model, state: dict, **kwargs) -> Tensor:
             out = model(**kwargs)
     else:
         out = model(**kwargs)
-    state["cache"] = getattr(out, "past_key_values", None)
+    state["cache"] = getattr(out, "cache", None)
     return out.logits[:, -1]
 
 
@@ -127,7 +127,7 @@ def _run(model, input_ids, attention_mask, config, generator, on_step, use_cache
             # it tells attention which cached keys are padding.
             logits = _forward(model, state, input_ids=token[:, None], attention_mask=mask,
                               position_ids=_positions(mask)[:, -1:],
-                              past_key_values=state["cache"], use_cache=True)
+                              cache=state["cache"], use_cache=True)
         else:
             logits = _forward(model, state, input_ids=seqs, attention_mask=mask,
                               position_ids=_positions(mask), use_cache=False)

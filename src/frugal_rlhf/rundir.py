@@ -22,15 +22,16 @@ from .errors import UserError
 
 log = logging.getLogger("frugal_rlhf")
 
-# What a run writes into its directory (--overwrite removes exactly these, nothing of the user's).
+# What a run writes into its directory (--overwrite removes exactly these, nothing of the user's);
+# tensorboard/ and wandb/ are the trackers' (MLflow keeps its runs in its own store).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "final", "adapter", "eval.json", "reward_model.json",
-             "score_head.safetensors")
+             "score_head.safetensors", "tensorboard", "wandb")
 # Settings that do not change what is computed, or only how long and how often: a resumed run
 # applies the new value and records the change in config.yaml's history.
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "save_every", "eval_every", "keep_checkpoints", "max_nonfinite_steps", "resume", "overwrite",
     "output", "strategy", "zero_stage", "offload", "checkpoint_format", "gradient_checkpointing",
-    "trust_remote_code", "eval_only"})
+    "trust_remote_code", "eval_only", "report_to", "export_gguf"})
 # Settings naming files whose contents define the run: their fingerprints must match too.
 FINGERPRINTED = ("model", "data", "prompts", "eval_data", "ptx_data", "reward_model", "critic_model")
 _EDGE = 1 << 20  # bytes hashed at each end of a file

@@ -21,12 +21,18 @@ log = logging.getLogger("frugal_rlhf")
 
 
 def setup_logging(level=logging.INFO):
-    """Logs go to stderr; results go to files."""
+    """Logs go to stderr; results go to files. Python warnings (deprecations inside torch,
+    transformers, peft: nothing a user can act on) reach the terminal only with -v (DEBUG)."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers = log.handlers
+    warnings_log.propagate = False
+    warnings_log.setLevel(logging.WARNING if level <= logging.DEBUG else logging.CRITICAL + 1)
     # Our own progress bars say what runs; transformers' per-load bars would drown them.
     from transformers.utils import logging as hf_logging
 
@@ -36,11 +42,13 @@ def setup_logging(level=logging.INFO):
 
 class RunDir:
     def __init__(self, path, config=None, resume_step: int = 0, enabled: bool = True,
-                 history_entry: dict | None = None):
+                 history_entry: dict | None = None, trackers=None):
         """`history_entry` (a resume, and the settings it changed) is appended to the history
-        that config.yaml keeps below the settings in effect."""
+        that config.yaml keeps below the settings in effect. `trackers` (trackers.Trackers) get
+        every row logged and every plot."""
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = trackers
         self.metrics_path = self.path / "metrics.jsonl"
         if not enabled:
             return
@@ -65,6 +73,8 @@ class RunDir:
         if self.enabled:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.trackers:
+                self.trackers.log(row)
 
     def read_metrics(self, repair: bool = False) -> list[dict]:
         """The logged rows. A last line cut by a crash mid-write is dropped (with `repair`, with a
@@ -113,6 +123,8 @@ class RunDir:
         out = self.path / name
         fig.savefig(out, dpi=100)
         plt.close(fig)
+        if self.trackers:
+            self.trackers.image(out)
         return out
 
 
@@ -138,9 +150,12 @@ def make_progress(enabled: bool = True):
                 return Text("-- s/it")
             return Text(f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it")
 
+    # Written to a file (a log, CI), rich assumes 80 columns and cuts the row with "…": give it
+    # room for every column instead; in a terminal, the terminal's width.
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not enabled)
+                    TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
 
 
 def rng_state() -> dict:

@@ -43,6 +43,7 @@ class PipelineConfig:
     strategy: str = "naive"
     zero_stage: int = 3         # fsdp | deepspeed (as the stages' own field)
     offload: str = "none"       # none | cpu
+    report_to: str = "none"     # experiment trackers of every stage: tensorboard,wandb,mlflow | none
     split: SplitConfig = field(default_factory=SplitConfig)
     sft: dict = field(default_factory=dict)     # SFTConfig fields
     prefs: dict = field(default_factory=dict)   # prefs.build_pairs arguments: labeler, temperatures, ...
@@ -108,7 +109,7 @@ class Pipeline:
         c = self.cfg
         # resume a stage from its checkpoint; one killed before its first checkpoint starts again
         return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "zero_stage": c.zero_stage,
-                "offload": c.offload, "resume": True, "overwrite": True}
+                "offload": c.offload, "report_to": c.report_to, "resume": True, "overwrite": True}
 
     def run(self):
         from ..runlog import setup_logging

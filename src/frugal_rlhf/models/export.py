@@ -1,4 +1,5 @@
-"""Export a trained role as a plain Hugging Face checkpoint (merged) or a PEFT adapter.
+"""Export a trained role as a plain Hugging Face checkpoint (merged), a PEFT adapter or a GGUF
+file (gguf_writer.py).
 
 Exports never touch the live model: a shared base must stay unmerged for the other roles.
 Merged tensors are made in fp32 so that small LoRA deltas are not rounded away by bf16.
@@ -133,3 +134,13 @@ def export_adapter(role, tokenizer, path, base: str):
     if src != tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+@torch.no_grad()
+def export_gguf(role, tokenizer, path, quant: str = "f16"):
+    """The role's LM, adapter merged in fp32, as a GGUF file: one tensor at a time, as export_merged."""
+    from .gguf_writer import write_gguf
+
+    model, entries = _merged_tensors(role, torch.float32)
+    return write_gguf(model.config, ((key, make) for key, _, make in entries), tokenizer, path, quant,
+                      name=Path(path).parent.parent.name)

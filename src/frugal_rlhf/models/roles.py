@@ -170,9 +170,9 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False, share
             and not (torch.is_grad_enabled() and getattr(body, "fsdp_sharded", False))):
         first = {k: v[::group, :p] for k, v in kwargs.items()}
         cache = body(input_ids=input_ids[::group, :p], attention_mask=attention_mask[::group, :p], use_cache=True,
-                     **first).past_key_values
+                     **first).cache
         cache.batch_repeat_interleave(group)
-        out = body(input_ids=input_ids[:, p:], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+        out = body(input_ids=input_ids[:, p:], attention_mask=attention_mask, cache=cache, use_cache=True,
                    **{k: v[:, p:] for k, v in kwargs.items()})
     else:
         out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)

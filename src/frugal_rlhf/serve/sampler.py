@@ -72,4 +72,4 @@ class RowSampler(nn.Module):
         picked = self.pick(out.logits[:, -1])
         onehot = torch.full_like(out.logits[:, -1:], float("-inf"))
         onehot.scatter_(-1, picked[:, None, None], 0.0)
-        return SimpleNamespace(logits=onehot, past_key_values=getattr(out, "past_key_values", None))
+        return SimpleNamespace(logits=onehot, cache=getattr(out, "cache", None))

@@ -27,9 +27,17 @@ from .ddp import ZeroStrategy
 log = logging.getLogger("frugal_rlhf")
 
 
+def _warnings_and_above(record) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 def import_deepspeed():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read at import: set it before
+    # DeepSpeed logs INFO lines to stdout from its import on ("Setting ds_accelerator to cpu"):
+    # only with -v. A filter, because DeepSpeed sets its logger's level itself when it creates it.
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("DeepSpeed").addFilter(_warnings_and_above)  # once: addFilter skips a filter it has
     try:
         import deepspeed
     except ImportError as e:

@@ -18,10 +18,14 @@ import numpy as np
 import torch
 
 from ..device import peak_memory_bytes
+from ..models.card import write_model_card
+from ..models.export import export_adapter, export_gguf, export_merged
+from ..models.gguf_writer import QUANTS, gguf_problem
 from ..errors import NonFiniteError, UserError
 from ..rundir import (check_free_space, clear_run, fsync_dir, fsync_tree, holds_a_run, latest_complete,
                       prepare_output, reconcile, run_identity)
 from ..runlog import RunDir, make_progress, rng_state, set_rng_state
+from ..trackers import Trackers
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -123,13 +127,46 @@ class Trainer:
         if cfg.lr is None:
             cfg.lr = cfg.learning_rate()
         self.identity = run_identity(cfg)
+        if cfg.export_gguf not in (None, *QUANTS):
+            raise UserError(f"--export-gguf {cfg.export_gguf!r}: choose one of {', '.join(QUANTS)}")
+        self.trackers = self.open_trackers(meta["step"] if found else 0)
+
+    def open_trackers(self, start_step: int) -> Trackers:
+        """Before any step: a tracker that cannot start stops the run here (rank 0 reports)."""
+        return Trackers(self.config.report_to if self.strategy.is_rank0 else None, self.out, self.config, start_step)
 
     def checkpoint_activations(self, *roles):
         """With config.gradient_checkpointing, each block's activations are recomputed in
         backward instead of kept (~30% more compute, activation memory of one block)."""
         if self.config.gradient_checkpointing:
             for role in roles:
-                role.lm.hf_model().gradient_checkpointing_enable({"use_reentrant": False})
+                role.lm.hf_model().activation_checkpointing_enable({"use_reentrant": False})
+
+    def policy(self):
+        """The role whose language model final/ holds (None: this stage exports none)."""
+        return None
+
+    def check_exportable(self):
+        """--export-gguf is refused before the first step, not after the last."""
+        if not self.config.export_gguf:
+            return
+        policy = self.policy()
+        problem = (f"a {self.stage} stage exports no language model" if policy is None
+                   else gguf_problem(policy.lm.hf_model().config, self.tokenizer))
+        if problem:
+            raise UserError(f"--export-gguf: {problem}")
+
+    def export_policy(self, method: str):
+        """final/ (adapter merged), adapter/ (with LoRA), final/model-QUANT.gguf (--export-gguf)
+        and final/README.md, the model card."""
+        role, final = self.policy(), self.out / "final"
+        export_merged(role, self.tokenizer, final)
+        if role.adapter:
+            export_adapter(role, self.tokenizer, self.out / "adapter", base=self.config.model)
+        quant = self.config.export_gguf
+        gguf = export_gguf(role, self.tokenizer, final / f"model-{quant}.gguf", quant) if quant else None
+        write_model_card(final, method, self.stage, self.config, self.run.read_metrics(), gguf)
+        log.info("%s: wrote %s", self.stage, final)
 
     def to_device(self, batch: dict) -> dict:
         return batch_to(batch, self.strategy.device)
@@ -150,8 +187,19 @@ class Trainer:
         cfg = self.config
         start = self.resume() if self.resume_from else 0
         self.check_disk_space()  # before the run writes anything: a rerun after freeing space is a fresh run
+        self.check_exportable()
+        if self.trackers is None:  # a second fit() of this trainer (the first closed them)
+            self.trackers = self.open_trackers(start)
+        try:
+            return self._fit(start, stop_at)
+        finally:
+            self.trackers.close()
+            self.trackers = None
+
+    def _fit(self, start: int, stop_at: int | None):
+        cfg = self.config
         self.run = RunDir(self.out, cfg, resume_step=start, enabled=self.strategy.is_rank0,
-                          history_entry=self.history_entry)
+                          history_entry=self.history_entry, trackers=self.trackers)
         last = min(cfg.max_steps, stop_at or cfg.max_steps)
         if start == 0 and self.evaluate_at_start:
             baseline = self.evaluate()

@@ -18,7 +18,6 @@ from ..data.loader import LazyEncoded, split_rows
 from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt, stop_tokens
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
-from ..models.export import export_adapter, export_merged
 from ..models.modes import inference, train_without_dropout
 from ..models.roles import last_token_index
 from ..rl import losses as L
@@ -28,6 +27,8 @@ from .base import Trainer, make_optimizer, make_scheduler
 from .estimators import check_estimator
 
 log = logging.getLogger("frugal_rlhf")
+# The method a model card names, by advantage estimator.
+METHODS = {"gae": "PPO", "group": "GRPO", "rloo": "RLOO", "reinforce++": "REINFORCE++"}
 
 
 class GeneratorState:
@@ -364,14 +365,14 @@ class PPOTrainer(Trainer):
 
     def finish(self):
         if self.strategy.is_rank0:
-            actor = self.strategy.unwrap(self.actor)
-            export_merged(actor, self.tokenizer, self.out / "final")
-            if actor.adapter:
-                export_adapter(actor, self.tokenizer, self.out / "adapter", base=self.config.model)
             self.run.plot(["reward", "eval_reward", "kl", "response_length"], "ppo.png", "PPO")
             self.run.plot(["value_loss", "explained_variance", "clipfrac", "entropy"], "ppo_diagnostics.png")
             if self.reward_parts:
                 self.run.plot(sorted(self.reward_parts), "rewards.png", "reward components")
+            self.export_policy(METHODS[self.config.advantage])
+
+    def policy(self):
+        return self.strategy.unwrap(self.actor)
 
 
 def _as_prompt_row(p):

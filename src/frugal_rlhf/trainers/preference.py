@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from ..data.loader import LazyEncoded, split_rows
 from ..data.tokenize import PairCollator, attention, encode_prompt, encode_response, pad
-from ..models.export import export_adapter, export_merged
 from ..models.roles import last_token_index
 from ..models.sequence import SequenceScorer
 from ..rl import losses as L
@@ -224,12 +223,11 @@ class PreferenceTrainer(SupervisedTrainer):
     def finish(self):
         if self.strategy.is_rank0:
             final = self.run.read_metrics()[-1]  # the loop evaluated at the last step
-            model = self.strategy.unwrap(self.model)
-            export_merged(model, self.tokenizer, self.out / "final")
-            if model.adapter:
-                export_adapter(model, self.tokenizer, self.out / "adapter", base=self.config.model)
             self.run.write_json("eval.json", {"loss": self.config.loss, "accuracy": final.get("eval_accuracy"),
                                               "margin": final.get("eval_margin"), "eval_loss": final.get("eval_loss"),
                                               "n_held_out": len(self.eval_loader.dataset) if self.eval_loader else 0})
             self.run.plot(["loss", "accuracy", "eval_accuracy", "margin"], "dpo.png", self.config.loss.upper())
-            log.info("%s: wrote %s", self.config.loss, self.out / "final")
+            self.export_policy(self.config.loss.upper())
+
+    def policy(self):
+        return self.strategy.unwrap(self.model)

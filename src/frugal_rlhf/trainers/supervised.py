@@ -14,7 +14,6 @@ import torch
 
 from ..data.loader import LazyEncoded, split_rows
 from ..data.tokenize import IGNORE, SFTCollator, TruncationStats, encode_conversation, pack
-from ..models.export import export_adapter, export_merged
 from ..models.roles import Actor
 from .base import Trainer, make_optimizer, make_scheduler
 
@@ -167,10 +166,9 @@ class SFTTrainer(SupervisedTrainer):
             log.info("truncation: %d prompts cut on the left, %d answers cut at the end (max_length=%d)",
                      self.truncation.prompt_truncated, self.truncation.answer_truncated, self.config.max_length)
         if self.strategy.is_rank0:
-            model = self.strategy.unwrap(self.model)
-            export_merged(model, self.tokenizer, self.out / "final")
-            if model.adapter:
-                export_adapter(model, self.tokenizer, self.out / "adapter", base=self.config.model)
             self.run.plot(["loss", "eval_loss", "tokens_per_s"], "loss.png", "SFT")
-            log.info("sft: wrote %s", self.out / "final")
+            self.export_policy("SFT")
+
+    def policy(self):
+        return self.strategy.unwrap(self.model)
 
