@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -383,48 +384,55 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
-def test_chat_page_streams_an_answer(server, tmp_path):
+@contextlib.contextmanager
+def _chat_page(url: str):
+    """The chat page of the server at `url` in headless Chromium, once it listed the models."""
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="playwright is not installed (pip install playwright; no browser download)")
     if not shutil.which("chromium"):
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    cancelled_before = httpx.get(server.url + "/health", timeout=TIMEOUT).json()["cancelled"]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 600})
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
                        else route.abort())  # loopback only: the page must need nothing else
-            page.goto(server.url + "/", timeout=15_000)
+            page.goto(url + "/", timeout=15_000)
             page.wait_for_selector("#model:text('tiny-llama')", timeout=10_000)
             page.set_default_timeout(15_000)
-            page.click("details.settings summary")  # open the settings panel
-            page.fill("#max-tokens", "40")
-            page.fill("#input", "Hi! Who are you?")
-            page.press("#input", "Enter")
-            answer = page.locator(".msg.assistant[data-done='true']")
-            answer.wait_for(timeout=20_000)
-            text = answer.inner_text()
-            assert page.locator(".msg.user").inner_text() == "Hi! Who are you?"
-            assert len(text.strip()) > 0 and page.locator(".msg.error").count() == 0
-            # A second turn sends the history: two user and two assistant bubbles.
-            page.fill("#input", "And then?")
-            page.press("#input", "Enter")
-            page.locator(".msg.assistant[data-done='true']").nth(1).wait_for(timeout=20_000)
-            assert page.locator(".msg.user").count() == 2
-            # A long answer shows up while it streams, and Stop aborts it.
-            page.fill("#max-tokens", "600")  # prompt + max_tokens must fit the 1024 context
-            page.fill("#input", "Tell me a long story.")
-            page.press("#input", "Enter")
-            page.wait_for_function("() => { const m = document.querySelector('.msg.assistant.streaming');"
-                                   " return m && m.textContent.length > 0; }")
-            page.click("#stop")
-            note = page.locator(".msg.assistant").nth(2).locator(".note")
-            note.wait_for()
-            assert note.inner_text() == "(stopped)"
-            page.screenshot(path=str(tmp_path / "chat.png"))
+            yield page
         finally:
             browser.close()
+
+
+def test_chat_page_streams_an_answer(server, tmp_path):
+    cancelled_before = httpx.get(server.url + "/health", timeout=TIMEOUT).json()["cancelled"]
+    with _chat_page(server.url) as page:
+        page.click("details.settings summary")  # open the settings panel
+        page.fill("#max-tokens", "40")
+        page.fill("#input", "Hi! Who are you?")
+        page.press("#input", "Enter")
+        answer = page.locator(".msg.assistant[data-done='true']")
+        answer.wait_for(timeout=20_000)
+        text = answer.inner_text()
+        assert page.locator(".msg.user").inner_text() == "Hi! Who are you?"
+        assert len(text.strip()) > 0 and page.locator(".msg.error").count() == 0
+        # A second turn sends the history: two user and two assistant bubbles.
+        page.fill("#input", "And then?")
+        page.press("#input", "Enter")
+        page.locator(".msg.assistant[data-done='true']").nth(1).wait_for(timeout=20_000)
+        assert page.locator(".msg.user").count() == 2
+        # A long answer shows up while it streams, and Stop aborts it.
+        page.fill("#max-tokens", "600")  # prompt + max_tokens must fit the 1024 context
+        page.fill("#input", "Tell me a long story.")
+        page.press("#input", "Enter")
+        page.wait_for_function("() => { const m = document.querySelector('.msg.assistant.streaming');"
+                               " return m && m.textContent.length > 0; }")
+        page.click("#stop")
+        note = page.locator(".msg.assistant").nth(2).locator(".note")
+        note.wait_for()
+        assert note.inner_text() == "(stopped)"
+        page.screenshot(path=str(tmp_path / "chat.png"))
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
         after = _wait_idle(http)
     assert after["active"] == 0 and after["cancelled"] == cancelled_before + 1  # Stop freed the slot
@@ -662,3 +670,78 @@ def test_default_thread_count_leaves_a_core_free(monkeypatch):
         assert httpx.get(live.url + "/health", timeout=TIMEOUT).json()["threads"] == 1
     finally:
         live.stop()
+
+
+# --- issue 22: every trained policy from one base --------------------------------------
+
+
+def _random_adapter(path, seed: int) -> None:
+    """A LoRA adapter for tiny-llama whose B is not zero, so it changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model("tiny-llama")
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tmp_path_factory):
+    """tiny-llama served with two random LoRA adapters, "ppo" and "dpo"; .sizes = (base, lora)."""
+    pytest.importorskip("peft")
+    from frugal_rlhf.serve.command import attach_adapters, parse_adapters
+
+    root = tmp_path_factory.mktemp("adapters")
+    for i, name in enumerate(("ppo", "dpo")):
+        _random_adapter(root / name, seed=i)
+    adapters = parse_adapters([f"{name}={root / name}" for name in ("ppo", "dpo")])
+    base, tokenizer = load_model("tiny-llama")
+    base_size = sum(p.numel() for p in base.parameters())
+    model = attach_adapters(base, adapters)
+    lora_size = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    live, _ = _serve(model=model, tokenizer=tokenizer, adapters=tuple(adapters))
+    live.sizes = (base_size, lora_size, sum(p.numel() for p in model.parameters()))
+    yield live
+    live.stop()
+
+
+def _greedy(client, model: str, text: str, max_tokens: int) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0}
+    return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+
+def test_adapters_share_one_base_and_one_batch(adapter_server):
+    from frugal_rlhf.serve.command import parse_adapters
+
+    base_size, lora_size, total = adapter_server.sizes
+    assert total == base_size + lora_size  # the base once plus the adapters: no merged copies
+    live, names = adapter_server, ["tiny-llama", "ppo", "dpo"]
+    with httpx.Client(base_url=live.url, timeout=TIMEOUT) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == names
+        assert c.get("/v1/models/dpo").json()["id"] == "dpo"
+        alone = [_greedy(c, name, "Hello there", 16) for name in names]
+        assert len(set(alone)) == 3  # each policy answers its own way
+        bodies = [{"model": name, "messages": USER, "max_tokens": 16, "temperature": 0} for name in names]
+        together = _concurrently(live, bodies * 2)
+        assert [r.json()["model"] for r in together] == names * 2
+        assert [r.json()["choices"][0]["message"]["content"] for r in together] == alone * 2
+        assert c.get("/health").json()["largest_batch"] > 1  # mixed-adapter rows shared a batch
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_adapters(["no-equals-sign"])
+
+
+def test_chat_page_puts_two_adapters_side_by_side(adapter_server):
+    with _chat_page(adapter_server.url) as page:
+        page.select_option("#pick", "ppo")
+        page.select_option("#versus", "dpo")
+        page.click("details.settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "12")
+        page.fill("#input", "Compare!")
+        page.press("#input", "Enter")
+        page.locator(".turn.pair .msg.assistant[data-done='true']").nth(1).wait_for(timeout=20_000)
+        shown = {b.get_attribute("data-model"): b.inner_text().removesuffix("(cut at max tokens)").rstrip("\n")
+                 for b in page.locator(".turn.pair .msg.assistant").all()}
+    with httpx.Client(base_url=adapter_server.url, timeout=TIMEOUT) as c:
+        assert shown == {name: _greedy(c, name, "Compare!", 12) for name in ("ppo", "dpo")}
