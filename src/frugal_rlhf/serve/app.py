@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,9 +24,10 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from frugal_rlhf.serve.engine import Delta, Engine, Failed, Finished, Job, QueueFull
-from frugal_rlhf.serve.sampler import RowSettings, TokenLogprob
+from frugal_rlhf.serve.sampler import RowSettings
 from frugal_rlhf.serve.schemas import APIError, ChatRequest, CompletionRequest, SamplingFields, parse_body
 from frugal_rlhf.serve.tokens import context_length, max_token_bytes
+from frugal_rlhf.serve.wire import Choice, Shape, sse, usage
 
 MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_TOKENS = 256  # when a request names none (OpenAI's "until the context is full" is costly on CPU)
@@ -162,20 +161,8 @@ async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
     events.put_nowait((None, _GONE))
 
 
-def _usage(prompt_tokens: int, done: list[Finished]) -> dict:
-    completion = sum(d.completion_tokens for d in done)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-@dataclass
-class _Choice:
-    text: str = ""
-    done: Finished | None = None
-    logprobs: list[TokenLogprob] | None = None
-
-
-async def _collect(events: asyncio.Queue, jobs: list[Job], request: Request) -> list[_Choice]:
-    choices = [_Choice(logprobs=[] if job.settings.top_logprobs is not None else None) for job in jobs]
+async def _collect(events: asyncio.Queue, jobs: list[Job], request: Request) -> list[Choice]:
+    choices = [Choice(logprobs=[] if job.settings.top_logprobs is not None else None) for job in jobs]
     watcher = asyncio.ensure_future(_watch_disconnect(request, events))
     try:
         while any(c.done is None for c in choices):
@@ -198,71 +185,7 @@ async def _collect(events: asyncio.Queue, jobs: list[Job], request: Request) -> 
             job.cancel()  # no-op after Finished; frees the rows if we leave early
 
 
-def _sse(payload) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _token_text(tokenizer, token: int) -> str:
-    return tokenizer.decode([token], clean_up_tokenization_spaces=False)
-
-
-def _chat_logprobs(tokenizer, entries: list[TokenLogprob] | None) -> dict | None:
-    if entries is None:
-        return None
-
-    def one(token: int, logprob: float) -> dict:
-        text = _token_text(tokenizer, token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
-                        for e in entries]}
-
-
-def _completion_logprobs(tokenizer, entries: list[TokenLogprob] | None, offset: int) -> dict | None:
-    """The legacy completions format; text_offset counts from `offset` over the tokens' texts."""
-    if entries is None:
-        return None
-    tokens = [_token_text(tokenizer, e.token) for e in entries]
-    offsets = []
-    for text in tokens:
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
-            "text_offset": offsets}
-
-
-class _Shape:
-    """What differs between the chat and the completions wire formats."""
-
-    def __init__(self, chat: bool, tokenizer, echo: str = ""):
-        self.chat, self.tokenizer, self.echo = chat, tokenizer, echo
-
-    def head(self, model: str) -> dict:
-        return {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": int(time.time()), "model": model}
-
-    def logprobs(self, entries, offset: int = 0) -> dict | None:
-        if self.chat:
-            return _chat_logprobs(self.tokenizer, entries)
-        return _completion_logprobs(self.tokenizer, entries, offset)
-
-    def chunk(self, index: int, text: str, finish: str | None, logprobs=None, first: bool = False) -> dict:
-        if not self.chat:
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-
-    def whole(self, index: int, c: _Choice) -> dict:
-        logprobs = self.logprobs(c.logprobs, len(self.echo))
-        if not self.chat:
-            return {"index": index, "text": self.echo + c.text, "logprobs": logprobs, "finish_reason": c.done.reason}
-        return {"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-                "finish_reason": c.done.reason}
-
-
-async def _stream(events, jobs: list[Job], head: dict, shape: _Shape, include_usage: bool, prompt_tokens: int):
+async def _stream(events, jobs: list[Job], head: dict, shape: Shape, include_usage: bool, prompt_tokens: int):
     """SSE body: per choice a first chunk (chat: the role; completions: the echo), content
     chunks, a finish chunk; then [a usage chunk] and [DONE]."""
     extra = {"usage": None} if include_usage else {}
@@ -271,21 +194,21 @@ async def _stream(events, jobs: list[Job], head: dict, shape: _Shape, include_us
     try:
         for index in range(len(jobs)):
             if shape.chat or shape.echo:
-                yield _sse({**head, "choices": [shape.chunk(index, shape.echo, None, first=True)], **extra})
+                yield sse({**head, "choices": [shape.chunk(index, shape.echo, None, first=True)], **extra})
         while len(finished) < len(jobs):
             index, event = await events.get()
             if isinstance(event, Delta):
                 logprobs = shape.logprobs(event.logprobs, offsets[index])
                 offsets[index] += sum(len(t) for t in (logprobs or {}).get("tokens", []))
-                yield _sse({**head, "choices": [shape.chunk(index, event.text, None, logprobs)], **extra})
+                yield sse({**head, "choices": [shape.chunk(index, event.text, None, logprobs)], **extra})
             elif isinstance(event, Finished):
                 finished.append(event)
-                yield _sse({**head, "choices": [shape.chunk(index, "", event.reason)], **extra})
+                yield sse({**head, "choices": [shape.chunk(index, "", event.reason)], **extra})
             elif isinstance(event, Failed):
-                yield _sse(APIError(500, event.message, type="server_error").body())
+                yield sse(APIError(500, event.message, type="server_error").body())
                 break
         if include_usage and len(finished) == len(jobs):
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, finished)})
+            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, finished)})
         yield "data: [DONE]\n\n"
     finally:
         for job in jobs:
@@ -297,7 +220,7 @@ def _streaming_response(body) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _answer(request: Request, req: SamplingFields, shape: _Shape, prompt_ids: list[int],
+async def _answer(request: Request, req: SamplingFields, shape: Shape, prompt_ids: list[int],
                   max_tokens: int | None, param: str, max_param: str):
     state: ServeState = request.app.state.serve
     jobs = _make_jobs(state, prompt_ids, req, max_tokens, param, max_param)
@@ -307,7 +230,7 @@ async def _answer(request: Request, req: SamplingFields, shape: _Shape, prompt_i
         return _streaming_response(_stream(events, jobs, head, shape, req.include_usage(), len(prompt_ids)))
     choices = await _collect(events, jobs, request)
     return {**head, "object": "chat.completion" if shape.chat else "text_completion",
-            "usage": _usage(len(prompt_ids), [c.done for c in choices]),
+            "usage": usage(len(prompt_ids), [c.done for c in choices]),
             "choices": [shape.whole(i, c) for i, c in enumerate(choices)]}
 
 
@@ -319,7 +242,7 @@ async def chat_completions(request: Request):
     prompt_ids = await asyncio.to_thread(_chat_prompt, state.engine.tokenizer, req)
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return await _answer(request, req, _Shape(True, state.engine.tokenizer), prompt_ids, max_tokens,
+    return await _answer(request, req, Shape(True, state.engine.tokenizer), prompt_ids, max_tokens,
                          "messages", max_param)
 
 
@@ -328,7 +251,7 @@ async def completions(request: Request):
     req = parse_body(await _read_body(request), CompletionRequest)
     _check_prompt_bytes(state, [req.prompt], "prompt")
     prompt_ids = await asyncio.to_thread(_completion_prompt, state.engine.tokenizer, req)
-    shape = _Shape(False, state.engine.tokenizer, req.prompt if req.echo else "")
+    shape = Shape(False, state.engine.tokenizer, req.prompt if req.echo else "")
     return await _answer(request, req, shape, prompt_ids, req.max_tokens, "prompt", "max_tokens")
 
 
