@@ -1,7 +1,11 @@
 """The OpenAI-compatible server, end to end on a live loopback uvicorn with tiny-llama."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import math
+import os
 import shutil
 import threading
 import time
@@ -23,12 +27,16 @@ TIMEOUT = 30.0
 USER = [{"role": "user", "content": "Hello there"}]
 
 
+POISON = "\x01"  # in a prompt, makes the test model's scores for that row NaN
+
+
 class PrintableOnly(nn.Module):
     """tiny-llama restricted to printable ASCII bytes (and never EOS).
 
     A random byte-level model emits invalid UTF-8 and special tokens, whose text cannot be
     re-tokenized to count tokens; restricted, every token is one character, and every
-    answer runs to max_tokens, so lengths in the tests are exact.
+    answer runs to max_tokens, so lengths in the tests are exact. A prompt containing
+    POISON gets NaN scores in its row only: a numeric failure no validation can catch.
     """
 
     def __init__(self, model, tokenizer):
@@ -38,18 +46,24 @@ class PrintableOnly(nn.Module):
         bias = torch.full((len(tokenizer),), float("-inf"))
         bias[allowed] = 0.0
         self.register_buffer("bias", bias)
+        self.poison = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(POISON))[0]
 
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        return SimpleNamespace(logits=out.logits + self.bias, cache=out.cache)
+    def forward(self, input_ids, **kwargs):
+        out = self.model(input_ids=input_ids, **kwargs)
+        logits = out.logits + self.bias
+        poisoned = (input_ids == self.poison).any(dim=-1)
+        logits = logits.masked_fill(poisoned[:, None, None], float("nan"))
+        return SimpleNamespace(logits=logits, cache=out.cache)
 
 
-def _serve(api_key=None, max_batch=8, max_queue=64, printable=True):
-    model, tokenizer = load_model("tiny-llama")
+def _serve(api_key=None, max_batch=8, max_queue=64, printable=True, model=None, tokenizer=None, **options):
+    if model is None:
+        model, tokenizer = load_model("tiny-llama")
     model = PrintableOnly(model, tokenizer).eval() if printable else model.eval()
     # One torch thread: a 1M-parameter model gains nothing from two, and on a busy 2-core
     # machine two OpenMP threads waiting on each other make each step many times slower.
-    app = make_app(model, tokenizer, "tiny-llama", api_key, max_batch, max_queue, threads=1)
+    options.setdefault("threads", 1)
+    app = make_app(model, tokenizer, "tiny-llama", api_key, max_batch, max_queue, **options)
     return run_in_thread(app), tokenizer
 
 
@@ -264,6 +278,7 @@ def test_full_queue_answers_503():
                         full = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
                         assert full.status_code == 503
                         assert full.json()["error"]["type"] == "server_error"
+                        assert full.headers["retry-after"] == "1"
             assert _wait_idle(c)["active"] == 0
             assert c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).status_code == 200
     finally:
@@ -291,7 +306,28 @@ BAD = [
     ("/v1/chat/completions", {"messages": USER, "stop": 3}, "stop"),
     ("/v1/chat/completions", {"messages": USER, "stop": ["a", ""]}, "stop"),
     ("/v1/chat/completions", {"messages": USER, "seed": 1.5}, "seed"),
-    ("/v1/chat/completions", {"messages": USER, "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": USER, "n": 17}, "n"),
+    # Each of these made the sampler fail (500 for the whole batch) or was silently ignored.
+    ("/v1/chat/completions", {"messages": USER, "seed": 2 ** 64}, "seed"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/chat/completions", b"[" * 5000, None),
+    ("/v1/chat/completions", {"messages": USER, "stop": "x" * 257}, "stop"),
+    ("/v1/chat/completions", {"messages": USER, "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 1010}, "max_tokens"),  # prompt + 1010 > 1024
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 1010}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"65": 100}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "end"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1, "echo": True}, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
     ("/v1/completions", {"prompt": LONG}, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
@@ -334,6 +370,7 @@ def test_api_key():
             right = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
             assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
             assert wrong.json()["error"]["code"] == "invalid_api_key" and "error" in missing.json()
+            assert missing.headers["www-authenticate"] == wrong.headers["www-authenticate"] == "Bearer"
             assert c.get("/v1/models").status_code == 401
             assert c.get("/health").status_code == 200  # probes need no key
     finally:
@@ -347,49 +384,364 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
-def test_chat_page_streams_an_answer(server, tmp_path):
+@contextlib.contextmanager
+def _chat_page(url: str):
+    """The chat page of the server at `url` in headless Chromium, once it listed the models."""
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="playwright is not installed (pip install playwright; no browser download)")
     if not shutil.which("chromium"):
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    cancelled_before = httpx.get(server.url + "/health", timeout=TIMEOUT).json()["cancelled"]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 600})
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
                        else route.abort())  # loopback only: the page must need nothing else
-            page.goto(server.url + "/", timeout=15_000)
+            page.goto(url + "/", timeout=15_000)
             page.wait_for_selector("#model:text('tiny-llama')", timeout=10_000)
             page.set_default_timeout(15_000)
-            page.click("details.settings summary")  # open the settings panel
-            page.fill("#max-tokens", "40")
-            page.fill("#input", "Hi! Who are you?")
-            page.press("#input", "Enter")
-            answer = page.locator(".msg.assistant[data-done='true']")
-            answer.wait_for(timeout=20_000)
-            text = answer.inner_text()
-            assert page.locator(".msg.user").inner_text() == "Hi! Who are you?"
-            assert len(text.strip()) > 0 and page.locator(".msg.error").count() == 0
-            # A second turn sends the history: two user and two assistant bubbles.
-            page.fill("#input", "And then?")
-            page.press("#input", "Enter")
-            page.locator(".msg.assistant[data-done='true']").nth(1).wait_for(timeout=20_000)
-            assert page.locator(".msg.user").count() == 2
-            # A long answer shows up while it streams, and Stop aborts it.
-            page.fill("#max-tokens", "900")
-            page.fill("#input", "Tell me a long story.")
-            page.press("#input", "Enter")
-            page.wait_for_function("() => { const m = document.querySelector('.msg.assistant.streaming');"
-                                   " return m && m.textContent.length > 0; }")
-            page.click("#stop")
-            note = page.locator(".msg.assistant").nth(2).locator(".note")
-            note.wait_for()
-            assert note.inner_text() == "(stopped)"
-            page.screenshot(path=str(tmp_path / "chat.png"))
+            yield page
         finally:
             browser.close()
+
+
+def test_chat_page_streams_an_answer(server, tmp_path):
+    cancelled_before = httpx.get(server.url + "/health", timeout=TIMEOUT).json()["cancelled"]
+    with _chat_page(server.url) as page:
+        page.click("details.settings summary")  # open the settings panel
+        page.fill("#max-tokens", "40")
+        page.fill("#input", "Hi! Who are you?")
+        page.press("#input", "Enter")
+        answer = page.locator(".msg.assistant[data-done='true']")
+        answer.wait_for(timeout=20_000)
+        text = answer.inner_text()
+        assert page.locator(".msg.user").inner_text() == "Hi! Who are you?"
+        assert len(text.strip()) > 0 and page.locator(".msg.error").count() == 0
+        # A second turn sends the history: two user and two assistant bubbles.
+        page.fill("#input", "And then?")
+        page.press("#input", "Enter")
+        page.locator(".msg.assistant[data-done='true']").nth(1).wait_for(timeout=20_000)
+        assert page.locator(".msg.user").count() == 2
+        # A long answer shows up while it streams, and Stop aborts it.
+        page.fill("#max-tokens", "600")  # prompt + max_tokens must fit the 1024 context
+        page.fill("#input", "Tell me a long story.")
+        page.press("#input", "Enter")
+        page.wait_for_function("() => { const m = document.querySelector('.msg.assistant.streaming');"
+                               " return m && m.textContent.length > 0; }")
+        page.click("#stop")
+        note = page.locator(".msg.assistant").nth(2).locator(".note")
+        note.wait_for()
+        assert note.inner_text() == "(stopped)"
+        page.screenshot(path=str(tmp_path / "chat.png"))
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
         after = _wait_idle(http)
     assert after["active"] == 0 and after["cancelled"] == cancelled_before + 1  # Stop freed the slot
     assert (tmp_path / "chat.png").stat().st_size > 0
+
+
+# --- issue 22: one request cannot hurt another -----------------------------------------
+
+
+def _concurrently(server, bodies, path="/v1/chat/completions"):
+    """POST every body at once (a barrier lines them up, so they share batches) -> responses."""
+    results = [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies))
+
+    def client(i):
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+            barrier.wait()
+            results[i] = c.post(path, json=bodies[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * TIMEOUT)
+    return results
+
+
+def test_poison_requests_do_not_fail_the_requests_batched_with_them(server, http):
+    good = [{"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 30, "seed": i}
+            for i in range(6)]
+    poison = [{"messages": USER, "max_tokens": 30, "seed": 2 ** 64},  # torch cannot take it
+              {"messages": USER, "max_tokens": 30, "temperature": 1e-38},  # logits / T overflow: now greedy
+              {"messages": [{"role": "user", "content": POISON}], "max_tokens": 30}]  # NaN scores in its row
+    responses = _concurrently(server, good + poison)
+    for r in responses[:6]:
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 30
+    assert responses[6].status_code == 400 and responses[6].json()["error"]["param"] == "seed"
+    assert responses[7].status_code == 200
+    tiny = responses[7].json()["choices"][0]["message"]["content"]
+    greedy = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 30, "temperature": 0})
+    assert tiny == greedy.json()["choices"][0]["message"]["content"]
+    assert responses[8].status_code == 500 and "not finite" in responses[8].json()["error"]["message"]
+    assert _wait_idle(http)["active"] == 0
+
+
+def test_a_streaming_row_with_nan_scores_fails_alone(server, http):
+    bodies = [{"messages": [{"role": "user", "content": text}], "max_tokens": 20, "stream": True}
+              for text in ("fine", POISON, "also fine")]
+    results = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def client(i):
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+            barrier.wait()
+            with c.stream("POST", "/v1/chat/completions", json=bodies[i]) as r:
+                results[i] = _events(r)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * TIMEOUT)
+    _check_stream(results[0], 20, server.tokenizer)
+    _check_stream(results[2], 20, server.tokenizer)
+    assert "not finite" in results[1][-2]["error"]["message"] and results[1][-1] == "[DONE]"
+
+
+def test_non_streaming_disconnect_is_noticed_while_tokens_flow(server, http):
+    before = http.get("/health").json()["cancelled"]
+    body = {"messages": USER, "max_tokens": 900}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(TIMEOUT, read=0.5))
+    after = _wait_idle(http)
+    # Dropped by the worker (counted as cancelled), not run to its 900 tokens for nobody.
+    assert (after["active"], after["cancelled"]) == (0, before + 1)
+
+
+def _spy_on_tokenizer(tokenizer) -> list:
+    """Record (thread name, text length) of every call that tokenizes text."""
+    calls = []
+    original = type(tokenizer).__call__
+
+    def spying(self, text, *args, **kwargs):
+        calls.append((threading.current_thread().name, len(text)))
+        return original(self, text, *args, **kwargs)
+
+    tokenizer.__class__ = type("Spy" + type(tokenizer).__name__, (type(tokenizer),), {"__call__": spying})
+    return calls
+
+
+def test_tokenizing_runs_off_the_event_loop_and_huge_prompts_are_refused_unread():
+    model, tokenizer = load_model("tiny-llama")
+    calls = _spy_on_tokenizer(tokenizer)
+    live, _ = _serve(model=model, tokenizer=tokenizer)
+    try:
+        with httpx.Client(base_url=live.url, timeout=TIMEOUT) as c:
+            ok = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+            assert ok.status_code == 200 and calls
+            huge = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "y" * (3 << 20)}]})
+            assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
+            huge = c.post("/v1/completions", json={"prompt": "y" * (3 << 20)})
+            assert huge.status_code == 400 and huge.json()["error"]["param"] == "prompt"
+    finally:
+        live.stop()
+    assert max(n for _, n in calls) < 1 << 20  # the 3 MiB prompts were never tokenized
+    # The event loop runs in run_in_thread's "frugal-serve-http" thread: tokenizing elsewhere.
+    assert all(name != "frugal-serve-http" for name, _ in calls), calls
+
+
+def test_max_tokens_must_fit_the_context_after_the_prompt(http):
+    r = http.post("/v1/completions", json={"prompt": "x" * 1000, "max_tokens": 30})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    fits = http.post("/v1/completions", json={"prompt": "x" * 1000})  # no max_tokens: what fits
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == 24
+
+
+# --- issue 22: the OpenAI options people use --------------------------------------------
+
+
+def test_n_choices(oai, server):
+    out = oai.chat.completions.create(model="tiny-llama", messages=USER, max_tokens=8, n=3, seed=4)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    texts = [c.message.content for c in out.choices]
+    assert all(_n_tokens(server.tokenizer, t) == 8 for t in texts) and len(set(texts)) == 3
+    assert out.usage.completion_tokens == 24
+    stream = list(oai.chat.completions.create(model="tiny-llama", messages=USER, max_tokens=8, n=3, seed=4,
+                                              stream=True))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in stream if c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert sorted(c.choices[0].index for c in stream if c.choices[0].finish_reason) == [0, 1, 2]
+
+
+def test_chat_logprobs(oai, server):
+    out = oai.chat.completions.create(model="tiny-llama", messages=USER, max_tokens=6, temperature=0,
+                                      logprobs=True, top_logprobs=3)
+    entries = out.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == out.choices[0].message.content and len(entries) == 6
+    for e in entries:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and sum(map(math.exp, tops)) <= 1 + 1e-6
+        assert e.top_logprobs[0].token == e.token and e.logprob == pytest.approx(tops[0])  # greedy: the top one
+        assert bytes(e.bytes).decode() == e.token
+    stream = list(oai.chat.completions.create(model="tiny-llama", messages=USER, max_tokens=6, temperature=0,
+                                              logprobs=True, stream=True))
+    streamed = [e for c in stream if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+
+
+def test_completion_logprobs_and_echo(oai):
+    out = oai.completions.create(model="tiny-llama", prompt="Once", max_tokens=5, logprobs=2, seed=1)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text and len(lp.token_logprobs) == 5
+    assert all(len(top) <= 2 for top in lp.top_logprobs) and lp.text_offset == list(range(5))
+    echoed = oai.completions.create(model="tiny-llama", prompt="Once", max_tokens=5, echo=True, seed=1)
+    assert echoed.choices[0].text == "Once" + out.choices[0].text
+
+
+def test_presence_penalty_changes_what_is_picked(http):
+    def greedy(**penalty):
+        body = {"messages": USER, "max_tokens": 40, "temperature": 0, **penalty}
+        return http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+    plain = greedy()
+    assert len(set(plain)) < 40  # a random model's greedy text repeats itself
+    # A penalty of 2 outweighs the random model's logit differences: no character twice.
+    assert len(set(greedy(presence_penalty=2))) == 40
+    assert len(set(greedy(frequency_penalty=2))) == 40
+    assert greedy(presence_penalty=-2) != greedy(presence_penalty=2)
+
+
+def test_models_retrieve(oai, http):
+    assert oai.models.retrieve("tiny-llama").id == "tiny-llama"
+    r = http.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = http.post("/v1/chat/completions", json={"messages": USER, "model": "gpt-4"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+# --- issue 22: browser-safe defaults ---------------------------------------------------
+
+
+def test_posts_must_be_json(http):
+    body = json.dumps({"messages": USER, "max_tokens": 2})
+    r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_host_header_must_name_this_server(server, http):
+    body = {"messages": USER, "max_tokens": 2}
+    evil = http.post("/v1/chat/completions", json=body, headers={"Host": f"rebind.example:{server.port}"})
+    assert evil.status_code == 400 and evil.json()["error"]["code"] == "invalid_host"
+    assert http.get("/", headers={"Host": "rebind.example"}).status_code == 400
+    local = http.post("/v1/chat/completions", json=body, headers={"Host": f"localhost:{server.port}"})
+    assert local.status_code == 200
+
+
+def test_cors_is_off_unless_origins_are_named(server, http):
+    preflight = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    r = http.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    live, _ = _serve(cors_origins=("http://page.example",), allow_hosts=("api.example",))
+    try:
+        with httpx.Client(base_url=live.url, timeout=TIMEOUT) as c:
+            r = c.options("/v1/chat/completions", headers=preflight)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://page.example"
+            other = c.options("/v1/chat/completions", headers={**preflight, "Origin": "http://other.example"})
+            assert "access-control-allow-origin" not in other.headers
+            assert c.get("/health", headers={"Host": "api.example"}).status_code == 200  # --allow-host
+    finally:
+        live.stop()
+
+
+def test_api_key_from_environment_or_file(tmp_path, monkeypatch):
+    from frugal_rlhf.serve.command import add_serve_args, resolve_api_key
+
+    parser = add_serve_args(argparse.ArgumentParser())
+    monkeypatch.delenv("FRUGAL_API_KEY", raising=False)
+    assert resolve_api_key(parser.parse_args(["tiny-llama"])) is None
+    monkeypatch.setenv("FRUGAL_API_KEY", "from-env")
+    assert resolve_api_key(parser.parse_args(["tiny-llama"])) == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    assert resolve_api_key(parser.parse_args(["tiny-llama", "--api-key-file", str(tmp_path / "key")])) == "from-file"
+
+
+def test_default_thread_count_leaves_a_core_free(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    live, _ = _serve(threads=None)
+    try:
+        assert httpx.get(live.url + "/health", timeout=TIMEOUT).json()["threads"] == 1
+    finally:
+        live.stop()
+
+
+# --- issue 22: every trained policy from one base --------------------------------------
+
+
+def _random_adapter(path, seed: int) -> None:
+    """A LoRA adapter for tiny-llama whose B is not zero, so it changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model("tiny-llama")
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tmp_path_factory):
+    """tiny-llama served with two random LoRA adapters, "ppo" and "dpo"; .sizes = (base, lora)."""
+    pytest.importorskip("peft")
+    from frugal_rlhf.serve.command import attach_adapters, parse_adapters
+
+    root = tmp_path_factory.mktemp("adapters")
+    for i, name in enumerate(("ppo", "dpo")):
+        _random_adapter(root / name, seed=i)
+    adapters = parse_adapters([f"{name}={root / name}" for name in ("ppo", "dpo")])
+    base, tokenizer = load_model("tiny-llama")
+    base_size = sum(p.numel() for p in base.parameters())
+    model = attach_adapters(base, adapters)
+    lora_size = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    live, _ = _serve(model=model, tokenizer=tokenizer, adapters=tuple(adapters))
+    live.sizes = (base_size, lora_size, sum(p.numel() for p in model.parameters()))
+    yield live
+    live.stop()
+
+
+def _greedy(client, model: str, text: str, max_tokens: int) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0}
+    return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+
+def test_adapters_share_one_base_and_one_batch(adapter_server):
+    from frugal_rlhf.serve.command import parse_adapters
+
+    base_size, lora_size, total = adapter_server.sizes
+    assert total == base_size + lora_size  # the base once plus the adapters: no merged copies
+    live, names = adapter_server, ["tiny-llama", "ppo", "dpo"]
+    with httpx.Client(base_url=live.url, timeout=TIMEOUT) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == names
+        assert c.get("/v1/models/dpo").json()["id"] == "dpo"
+        alone = [_greedy(c, name, "Hello there", 16) for name in names]
+        assert len(set(alone)) == 3  # each policy answers its own way
+        bodies = [{"model": name, "messages": USER, "max_tokens": 16, "temperature": 0} for name in names]
+        together = _concurrently(live, bodies * 2)
+        assert [r.json()["model"] for r in together] == names * 2
+        assert [r.json()["choices"][0]["message"]["content"] for r in together] == alone * 2
+        assert c.get("/health").json()["largest_batch"] > 1  # mixed-adapter rows shared a batch
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_adapters(["no-equals-sign"])
+
+
+def test_chat_page_puts_two_adapters_side_by_side(adapter_server):
+    with _chat_page(adapter_server.url) as page:
+        page.select_option("#pick", "ppo")
+        page.select_option("#versus", "dpo")
+        page.click("details.settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "12")
+        page.fill("#input", "Compare!")
+        page.press("#input", "Enter")
+        page.locator(".turn.pair .msg.assistant[data-done='true']").nth(1).wait_for(timeout=20_000)
+        shown = {b.get_attribute("data-model"): b.inner_text().removesuffix("(cut at max tokens)").rstrip("\n")
+                 for b in page.locator(".turn.pair .msg.assistant").all()}
+    with httpx.Client(base_url=adapter_server.url, timeout=TIMEOUT) as c:
+        assert shown == {name: _greedy(c, name, "Compare!", 12) for name in ("ppo", "dpo")}

@@ -113,7 +113,9 @@ def bench_serve(spec: str = "tiny-llama", concurrencies=(1, 4, 16), requests_per
                 max_tokens: int = 64, max_batch: int = 8, dtype: str = "auto", threads: int | None = None) -> dict:
     """Run the benchmark; returns {"model", "settings", "rows": [...]} (see format_table)."""
     from frugal_rlhf.serve.command import load_for_inference, make_app, model_name_for, run_in_thread
+    from frugal_rlhf.serve.engine import default_threads
 
+    threads = threads or default_threads()  # the server's default; the baseline gets the same
     model, tokenizer = load_for_inference(spec, dtype)
     live = run_in_thread(make_app(model, tokenizer, model_name_for(spec), max_batch=max_batch,
                                   max_queue=max(64, max(concurrencies)), threads=threads))
@@ -123,12 +125,11 @@ def bench_serve(spec: str = "tiny-llama", concurrencies=(1, 4, 16), requests_per
     finally:
         live.stop()
     n_baseline = max(c * requests_per_client for c in concurrencies)
-    if threads:
-        torch.set_num_threads(threads)  # the baseline runs on this thread: same thread count
+    torch.set_num_threads(threads)  # the baseline runs on this thread: same thread count
     rows.append(_baseline_row(model, tokenizer, n_baseline, max_tokens))
     return {"model": spec, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "settings": {"requests_per_client": requests_per_client, "max_tokens": max_tokens,
-                         "max_batch": max_batch, "threads": threads or torch.get_num_threads()},
+                         "max_batch": max_batch, "threads": threads},
             "rows": rows}
 
 

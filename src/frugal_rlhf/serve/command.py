@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import threading
@@ -22,12 +23,22 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="model spec: default, tiny-llama, a HF directory, a .gguf file or a PEFT adapter")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--api-key-file", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/*, KEY read from this file "
+                             "(or set FRUGAL_API_KEY)")
+    parser.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # visible in `ps`: kept for old scripts
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="also serve this PEFT LoRA adapter on the same base as model NAME (repeatable)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host header names NAME (default: loopback names and "
+                             "--host; a wildcard --host without this accepts any)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (default: none)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for generation (default: torch's choice, usually one per core)")
+                        help="torch threads for generation (default: the CPUs this process may use, minus one)")
     parser.add_argument("--served-model-name", default=None, help="model id reported by the API")
     parser.add_argument("--trust-remote-code", action="store_true")
     return parser
@@ -48,13 +59,57 @@ def load_for_inference(spec: str, dtype: str = "auto", trust_remote_code: bool =
     return model.to(device).eval(), tokenizer
 
 
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """["ppo=runs/ppo/adapter", ...] -> {"ppo": "runs/ppo/adapter", ...}."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
+        if name in adapters:
+            raise ValueError(f"--adapter {name}: given twice")
+        adapters[name] = path
+    return adapters
+
+
+def attach_adapters(model, adapters: dict[str, str]):
+    """The base with each PEFT LoRA adapter loaded beside the others, unmerged: memory is
+    the base plus the adapters, and each request picks one (or none) by name."""
+    from peft import PeftModel
+
+    peft_model = None
+    for name, path in adapters.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            peft_model.load_adapter(path, adapter_name=name)
+    return (peft_model or model).eval()
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, else FRUGAL_API_KEY, else the hidden --api-key."""
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    if os.environ.get("FRUGAL_API_KEY", "").strip():
+        return os.environ["FRUGAL_API_KEY"].strip()
+    if args.api_key:
+        log.warning("--api-key shows the key to every user of this machine (ps); prefer FRUGAL_API_KEY or "
+                    "--api-key-file")
+    return args.api_key
+
+
 def make_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-             max_queue: int = 64, threads: int | None = None):
-    from frugal_rlhf.serve.app import build_app
+             max_queue: int = 64, threads: int | None = None, adapters: tuple[str, ...] = (),
+             host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()):
+    """The app for a server bound to `host`; `adapters` names the LoRA adapters loaded on `model`."""
+    from frugal_rlhf.serve.app import allowed_hosts, build_app
     from frugal_rlhf.serve.engine import Engine
 
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, threads=threads)
-    return build_app(engine, model_name, api_key)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, threads=threads, adapters=adapters)
+    return build_app(engine, model_name, api_key, allowed_hosts(host, allow_hosts), cors_origins)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -66,11 +121,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_batch < 1 or args.max_queue < 1:
         print("--max-batch and --max-queue must be at least 1", file=sys.stderr)
         return 2
+    try:
+        adapters = parse_adapters(args.adapter)
+        api_key = resolve_api_key(args)
+    except (ValueError, OSError) as err:
+        print(f"frugal serve: {err}", file=sys.stderr)
+        return 2
     model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
-    app = make_app(model, tokenizer, args.served_model_name or model_name_for(args.model), args.api_key,
-                   args.max_batch, args.max_queue, args.threads)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    model = attach_adapters(model, adapters)
+    app = make_app(model, tokenizer, args.served_model_name or model_name_for(args.model), api_key,
+                   args.max_batch, args.max_queue, args.threads, tuple(adapters), args.host,
+                   tuple(args.allow_host), tuple(args.cors_origin))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the model", args.host)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -5,7 +5,9 @@ bounded queue; when the batch ends, up to `max_batch` waiting requests start tog
 as one left-padded batch through `generation.sample` (KV cache). Each row keeps its own
 temperature / top_p / seed / max_tokens / stop strings (see sampler.RowSampler) and
 streams its text as soon as each step produces it. A row ends on EOS, a stop string, its
-max_tokens or a cancel (client gone); when every row has ended the batch stops at once.
+max_tokens, a cancel (client gone) or non-finite scores (that row alone fails); when every
+row has ended the batch stops at once. Rows of different LoRA adapters share a batch
+(see sampler.RowSampler).
 
 The engine knows nothing about HTTP or asyncio: each Job carries an `emit` callback that
 receives Delta / Finished / Failed events on the worker thread.
@@ -13,6 +15,7 @@ receives Delta / Finished / Failed events on the worker thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -23,7 +26,7 @@ import torch
 
 from frugal_rlhf.data.tokenize import stop_tokens
 from frugal_rlhf.generation import SampleConfig, sample
-from frugal_rlhf.serve.sampler import RowSampler, RowSettings
+from frugal_rlhf.serve.sampler import RowSampler, RowSettings, TokenLogprob
 from frugal_rlhf.serve.tokens import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger("frugal_rlhf")
@@ -32,6 +35,7 @@ log = logging.getLogger("frugal_rlhf")
 @dataclass
 class Delta:
     text: str
+    logprobs: list[TokenLogprob] | None = None  # of the tokens since the last Delta, when asked for
 
 
 @dataclass
@@ -72,15 +76,21 @@ class _Row:
         self.stopper = StopMatcher(job.stop)
         self.count = 0  # generated tokens that belong to the text (the final EOS is not counted)
         self.done = False
+        # Logprobs of tokens whose text is still held back (half a character, a possible stop
+        # string): they travel with the next Delta that carries text.
+        self.pending: list[TokenLogprob] | None = [] if job.settings.top_logprobs is not None else None
 
     def _send(self, text: str) -> None:
-        if text:
-            self.job.emit(Delta(text))
+        if text or self.pending:
+            self.job.emit(Delta(text, self.pending))
+            self.pending = [] if self.pending is not None else None
 
-    def feed(self, token: int) -> None:
+    def feed(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if token in self.eos:
             return self.finish("stop")
         self.count += 1
+        if self.pending is not None and logprob is not None:
+            self.pending.append(logprob)
         self._send(self.stopper.push(self.decoder.push(token)))
         if self.stopper.stopped:
             self.finish("stop")
@@ -96,14 +106,30 @@ class _Row:
         self.done = True
         self.job.emit(Finished(reason, len(self.job.prompt_ids), self.count))
 
+    def fail(self, message: str) -> None:
+        self.done = True
+        self.job.emit(Failed(message))
+
+
+def default_threads() -> int:
+    """Torch threads for the worker: one core fewer than this process may use (at least one).
+
+    The server has other busy threads (the event loop writing SSE, tokenizing), and OpenMP
+    threads that wait for each other at every op turn pathological once any of them loses
+    its core: on a shared 2-core machine a 20-token answer took 7-23 s with torch's default
+    of 2 threads and 1.5 s with 1.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 1
+
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, gather_seconds: float = 0.01,
-                 threads: int | None = None):
+                 threads: int | None = None, adapters: tuple[str, ...] = ()):
         self.model, self.tokenizer = model, tokenizer
-        # torch intra-op threads for the worker (None: torch's default). OpenMP settings are
-        # per thread, so this must be applied on the worker thread itself.
-        self.threads = threads
+        # torch intra-op threads for the worker. OpenMP settings are per thread, so this
+        # must be applied on the worker thread itself.
+        self.threads = threads or default_threads()
+        self.adapters = tuple(adapters)  # LoRA adapter names loaded on the model (peft), besides the base
         self.max_batch, self.max_queue = max_batch, max_queue
         # Before starting a batch that is not full, wait this long for companions: clients
         # that fire together then share a batch instead of the first one running alone.
@@ -136,15 +162,15 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, job: Job) -> Job:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of `jobs` (the n choices of one request) or none of them."""
         with self._cond:
             if self._closed:
                 raise QueueFull("server shutting down")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(jobs) > self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self._cond.notify()
-        return job
 
     def stats(self) -> dict:
         with self._cond:
@@ -152,7 +178,7 @@ class Engine:
             active = sum(not r.done for r in self._rows)  # a cancelled row counts until the worker drops it
             counters = dict(self._counters)
         return {"active": active, "queued": queued, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                **counters}
+                "threads": self.threads, **counters}
 
     def _take_batch(self) -> list[Job] | None:
         with self._cond:
@@ -178,8 +204,7 @@ class Engine:
 
     def _loop(self) -> None:
         previous = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         try:
             self._serve_batches()
         finally:
@@ -195,8 +220,7 @@ class Engine:
                 log.exception("generation failed")
                 for row in self._rows:
                     if not row.done:
-                        row.done = True
-                        row.job.emit(Failed(f"generation failed: {err}"))
+                        row.fail(f"generation failed: {err}")
             finally:
                 with self._cond:
                     self._rows = []
@@ -206,20 +230,22 @@ class Engine:
         width = max(len(j.prompt_ids) for j in batch)
         ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in batch])
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in batch])
-        wrapped = RowSampler(self.model, [j.settings for j in batch])
+        wrapped = RowSampler(self.model, [j.settings for j in batch], multi_adapter=bool(self.adapters))
         config = SampleConfig(max_new_tokens=max(j.max_tokens for j in batch), temperature=0.0,
                               eos_token_ids=self.eos, pad_token_id=self.pad_id)
 
         def on_step(tokens, finished) -> bool:
-            for row, token in zip(rows, tokens.tolist()):
+            for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if row.done:
                     continue
                 if row.job.cancelled:
                     row.done = True  # nobody listens any more: drop the result
                     with self._cond:
                         self._counters["cancelled"] += 1
+                elif i in wrapped.failed:
+                    row.fail("generation failed for this request: the model's scores were not finite (NaN or inf)")
                 else:
-                    row.feed(token)
+                    row.feed(token, wrapped.logprobs[i])
             return not all(row.done for row in rows)  # False stops the whole batch
 
         started = time.perf_counter()
