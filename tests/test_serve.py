@@ -47,8 +47,11 @@ class PrintableOnly(nn.Module):
         bias[allowed] = 0.0
         self.register_buffer("bias", bias)
         self.poison = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(POISON))[0]
+        self.step_delay = 0.0  # seconds per forward: a test that must act while a stream runs sets it
 
     def forward(self, input_ids, **kwargs):
+        if self.step_delay:
+            time.sleep(self.step_delay)
         out = self.model(input_ids=input_ids, **kwargs)
         logits = out.logits + self.bias
         poisoned = (input_ids == self.poison).any(dim=-1)
@@ -64,7 +67,9 @@ def _serve(api_key=None, max_batch=8, max_queue=64, printable=True, model=None, 
     # machine two OpenMP threads waiting on each other make each step many times slower.
     options.setdefault("threads", 1)
     app = make_app(model, tokenizer, "tiny-llama", api_key, max_batch, max_queue, **options)
-    return run_in_thread(app), tokenizer
+    live = run_in_thread(app)
+    live.model = model
+    return live, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -422,13 +427,19 @@ def test_chat_page_streams_an_answer(server, tmp_path):
         page.press("#input", "Enter")
         page.locator(".msg.assistant[data-done='true']").nth(1).wait_for(timeout=20_000)
         assert page.locator(".msg.user").count() == 2
-        # A long answer shows up while it streams, and Stop aborts it.
+        # A long answer shows up while it streams, and Stop aborts it. Each decode step is
+        # slowed so the 600 tokens outlast the click however fast or busy the machine is
+        # (unslowed, the 1M-parameter model could finish before Stop is pressed).
         page.fill("#max-tokens", "600")  # prompt + max_tokens must fit the 1024 context
         page.fill("#input", "Tell me a long story.")
-        page.press("#input", "Enter")
-        page.wait_for_function("() => { const m = document.querySelector('.msg.assistant.streaming');"
-                               " return m && m.textContent.length > 0; }")
-        page.click("#stop")
+        server.model.step_delay = 0.05
+        try:
+            page.press("#input", "Enter")
+            page.wait_for_function("() => { const m = document.querySelector('.msg.assistant.streaming');"
+                                   " return m && m.textContent.length > 0; }")
+            page.click("#stop")
+        finally:
+            server.model.step_delay = 0.0
         note = page.locator(".msg.assistant").nth(2).locator(".note")
         note.wait_for()
         assert note.inner_text() == "(stopped)"
