@@ -8,8 +8,8 @@ from pathlib import Path
 import frugal_rlhf
 
 # Lower rank = lower layer (docs/design.md): a module may import its own layer or lower ones.
-RANK = {"errors": 0, "rundir": 0, "runlog": 0, "config": 0, "device": 0, "ops": 0, "models": 1, "data": 1,
-        "strategies": 2, "generation": 3, "rl": 4, "serve": 4, "trainers": 5, "bench": 6, "app": 6, "cli": 7,
+RANK = {"errors": 0, "rundir": 0, "runlog": 0, "trackers": 0, "config": 0, "device": 0, "ops": 0, "models": 1,
+        "data": 1, "strategies": 2, "generation": 3, "rl": 4, "serve": 4, "trainers": 5, "bench": 6, "app": 6, "cli": 7,
         "__main__": 7}
 
 
