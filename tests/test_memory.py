@@ -16,6 +16,7 @@ SHAPE = M.Shape(params=1000, layers=2, hidden=4, vocab=10, kv_width=2, weight_by
                 load_bytes=4000)
 COSTS = M.Costs(per_token=100, per_token_sq=1, per_layer=10, checkpointed=8)
 R = M.RUNTIME_BYTES
+F = M.ACTIVATION_RSS
 
 
 def test_parse_size():
@@ -29,17 +30,17 @@ def test_estimate_sft_by_hand():
     work = M.Work("sft", batch=4, accum=1, seq_len=8)
     # one layer, 2 sequences of 8 tokens: 10 + 16 * (100 + 8 * 1) = 1738 bytes; 2 layers + 1 in flight
     parts = M.estimate(SHAPE, COSTS, work, micro=2, checkpointing=False)
-    assert parts["activations"] == 3 * 1738
+    assert parts["activations"] == int(F * 3 * 1738)
     assert parts["weights"] == 2000 and parts["trained"] == 50 * 16   # adapter: weight + gradient + 2 moments
     assert parts["logits"] == 16 * 10 * 4 * 4                          # 16 tokens (< one chunk) x vocab x fp32 x 4
-    assert parts["peak"] == R + 2000 + 800 + 5214 + 2560               # above the load's R + 2000 + 4000
+    assert parts["peak"] == R + 2000 + 800 + int(F * 5214) + 2560       # above the load's R + 2000 + 4000
     # checkpointing: each layer keeps its input (8 bytes a token), one layer recomputed beside its gradients
-    assert M.estimate(SHAPE, COSTS, work, 2, True)["activations"] == 2 * 16 * 8 + 2 * 1738
+    assert M.estimate(SHAPE, COSTS, work, 2, True)["activations"] == int(F * (2 * 16 * 8 + 2 * 1738))
 
 
 def test_estimate_rm_ppo_and_full_by_hand():
     rm = M.estimate(SHAPE, COSTS, M.Work("rm", batch=4, accum=1, seq_len=8), micro=1, checkpointing=False)
-    assert rm["activations"] == 3 * 1738 and rm["logits"] == 0       # a pair is two sequences; a score head
+    assert rm["activations"] == int(F * 3 * 1738) and rm["logits"] == 0       # a pair is two sequences; a score head
     full = M.estimate(M.Shape(**{**SHAPE.__dict__, "trained": 0, "weight_bytes": 4}), COSTS,
                       M.Work("sft", 4, 1, 8), 2, False)
     assert full["weights"] == 4000 and full["trained"] == 1000 * 12  # fp32 weights + gradient and 2 moments
@@ -48,7 +49,7 @@ def test_estimate_rm_ppo_and_full_by_hand():
     assert parts["kv_cache"] == 4 * 8 * 2 * 2 * 2 * 2                  # seqs x tokens x layers x (k, v) x width x bf16
     assert parts["trained"] == 2 * 800                                 # actor and critic adapters
     rollout = R + 2000 + 1600 + 512 + (10 + 32 * 108)                  # scoring: one layer of the whole rollout
-    update = R + 2000 + 1600 + 3 * 1738 + 2560
+    update = R + 2000 + 1600 + int(F * 3 * 1738) + 2560
     assert parts["peak"] == max(rollout, update)
 
 

@@ -34,6 +34,11 @@ UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
 RUNTIME_BYTES = int(0.34 * GiB)  # RSS after importing torch, transformers and peft (measured: 0.34 GiB)
 AUTO_MARGIN = 0.9                # --memory-budget auto: 90% of what the device has free
 LOGIT_COPIES = 4                 # fp32 chunk logits, their exp, their gradient and the bf16 matmul output
+# Peak RSS per byte autograd saves: gradients in flight and the allocator's retained blocks on
+# top of the saved tensors. Measured (embedded default, LoRA 8, bf16; docs/benchmarks.md): RSS
+# above the other parts was 1.62x the probe's saved bytes at 8 x 256 tokens (sft and rm) and
+# 1.77x (sft, 4 x 512), 1.85x (rm, 4 x 512): the largest, so that a plan errs on the safe side.
+ACTIVATION_RSS = 1.85
 ADAM_BYTES = 12                  # per trained element: fp32 gradient and Adam's two moments
 
 
@@ -94,9 +99,9 @@ def estimate(shape: Shape, costs: Costs, work: Work, micro: int, checkpointing: 
     seqs = micro * (2 if work.stage in ("rm", "dpo") else 1)
     one_layer = layer_activations(costs, seqs, work.seq_len)
     if checkpointing:  # every layer's input kept, one layer recomputed with its gradients in flight
-        act = shape.layers * seqs * work.seq_len * costs.checkpointed + 2 * one_layer
+        act = ACTIVATION_RSS * (shape.layers * seqs * work.seq_len * costs.checkpointed + 2 * one_layer)
     else:
-        act = (shape.layers + 1) * one_layer
+        act = ACTIVATION_RSS * (shape.layers + 1) * one_layer
     logit_tokens = 0 if work.stage == "rm" else min(LOGIT_CHUNK, seqs * work.seq_len)
     parts = {"runtime": RUNTIME_BYTES,
              "weights": shape.params * shape.weight_bytes + shape.extra_weights,
