@@ -1,6 +1,7 @@
 import json
 
 from frugal_rlhf.bench import workloads
+from frugal_rlhf.models.memory import parse_size
 from frugal_rlhf.cli import main
 
 
@@ -41,7 +42,7 @@ def test_capacity_search_finds_the_largest_size_each_recipe_fits(monkeypatch):
     assert r["frugal"]["model"] == "3b"
     assert r["ratio"] == sizes["3b"] / sizes[r["plain"]["model"]]
     assert len(tried) <= 2 * 3  # binary search: log2(7) probes per recipe
-    assert workloads.parse_memory("24GiB") == 24 * 2**30 and workloads.parse_memory("1.5GB") == 1_500_000_000
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("1.5GB") == 1_500_000_000
 
 
 def test_bench_serve_answers_every_request_and_compares_with_generate(tmp_path):

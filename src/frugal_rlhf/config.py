@@ -34,6 +34,8 @@ class TrainConfig:
     keep_checkpoints: int = 2          # the newest N checkpoints are kept; 0 = keep all
     checkpoint_format: str = "full"    # full: one file any strategy loads | sharded (fsdp): each rank its shard
     gradient_checkpointing: bool = False
+    memory_budget: str | None = None   # e.g. 4GiB, 8GB, auto (90% of the free memory): the planner picks micro-batch,
+    #                                    accumulation, checkpointing (models/memory.py); None = off
     seed: int = 42
     dtype: str = "auto"                # auto | bf16 | fp32 (compute dtype; trained weights stay fp32)
     strategy: str = "naive"            # naive | ddp | fsdp | deepspeed

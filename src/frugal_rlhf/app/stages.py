@@ -14,7 +14,12 @@ def make_strategy(cfg):
 def run_stage(cfg, build, report=None):
     """Train `build(strategy, cfg)` under the config's strategy and return its metrics, or
     `report(strategy, trainer, metrics)` when given (called while the process group is still
-    up, e.g. to reduce numbers over the ranks). The strategy is torn down in every case."""
+    up, e.g. to reduce numbers over the ranks). The strategy is torn down in every case.
+    With cfg.memory_budget the planner decides micro-batch, accumulation and checkpointing
+    first (or refuses), before any weight loads or anything is written."""
+    from ..models.memory import apply_plan
+
+    cfg = apply_plan(cfg)
     strategy = make_strategy(cfg)
     strategy.setup_distributed()
     try:

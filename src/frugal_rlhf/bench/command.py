@@ -41,6 +41,8 @@ def add_bench_args(p):
                    help="sft, rm, ppo: the training strategy (a distributed one under torchrun: `torchrun "
                         "--nproc_per_node 2 -m frugal_rlhf.cli bench ppo --strategy fsdp`; `bench strategies` "
                         "runs them all)")
+    p.add_argument("--memory-budget", default=None,
+                   help="sft, rm, ppo: plan micro-batch, accumulation and checkpointing for this budget (4GiB, auto)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
     p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
@@ -65,8 +67,9 @@ def _row(r) -> str:
         extra = f" | pairs/s {r['pairs_per_s']['median']:.2f}"
     compute = f"{r['tflops']['median']:.3f} ({100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f})" if "mfu" in r else "-"
     where = f", {r['strategy']} x{r['processes']}" if r.get("strategy", "naive") != "naive" else ""
+    predicted = f" (predicted {r['predicted_peak_gb']:.2f})" if "predicted_peak_gb" in r else ""
     return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')}{where} | {rate}{extra} | {compute} | "
-            f"{r['peak_mem_gb']:.2f} GB |")
+            f"{r['peak_mem_gb']:.2f} GiB{predicted} |")
 
 
 def _capacity_table(r) -> str:
@@ -129,7 +132,7 @@ def _table(results) -> str:
 
 def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
-                                        "repeats", "dtype", "gradient_checkpointing", "strategy")}
+                                        "repeats", "dtype", "gradient_checkpointing", "strategy", "memory_budget")}
     if args.workload in OWN_TABLE:
         result, table = OWN_TABLE[args.workload](args, kw)
         print(table)
@@ -142,7 +145,8 @@ def cmd_bench(args):
             cmd = [sys.executable, "-m", "frugal_rlhf.cli", "bench", name, "--json", "/dev/stdout"]
             for k, v in {**kw, **over}.items():
                 flag = f"--{k.replace('_', '-')}"
-                cmd += ([flag] if v is True else []) if isinstance(v, bool) else [flag, str(v)]
+                if v is not None:
+                    cmd += ([flag] if v is True else []) if isinstance(v, bool) else [flag, str(v)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results.append(json.loads(out[out.index("{"):out.rindex("}") + 1]))
     else:

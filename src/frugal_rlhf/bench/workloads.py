@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..device import compute_dtype, default_device, peak_memory_bytes
+from ..models.memory import parse_size
 from . import flops
 from .common import fresh_reward_model, stats
 
@@ -101,12 +102,18 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
         peak_mem = strategy.max_over_ranks(peak_memory_bytes(strategy.device))
         if not strategy.is_rank0:  # the metrics are rank 0's (already reduced over the ranks)
             return {}, []
+        from ..models.memory import predicted_peak
+
+        planned = trainer.config  # with --memory-budget: the planner's choices
         rates = [m[rate_key] for m in metrics if rate_key in m]
         out = {"workload": name, "model": cfg.model, "strategy": cfg.strategy, "processes": strategy.world_size,
-               "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
-               "gradient_checkpointing": cfg.gradient_checkpointing,
+               "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size, "micro_batch": planned.batch_size,
+               "grad_accum": planned.grad_accum, "memory_budget": cfg.memory_budget,
+               "gradient_checkpointing": planned.gradient_checkpointing,
                rate_key: stats(rates), "step_time_s": stats([m["step_time"] for m in metrics]),
-               "peak_mem_gb": peak_mem / 2**30}
+               "peak_mem_gb": peak_mem / 2**30,
+               # measured after the peak: the planner's one-layer probe must not move it
+               "predicted_peak_gb": predicted_peak(planned) / 2**30}
         if step_flops:
             tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
             peak = flops.measure_peak_tflops(strategy.device, strategy.dtype) * strategy.world_size
@@ -117,20 +124,21 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
 
 
 def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto",
-              gradient_checkpointing=False, strategy="naive", **_):
+              gradient_checkpointing=False, strategy="naive", memory_budget=None, **_):
     from ..config import SFTConfig
     from ..trainers.supervised import SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SFTConfig(model=model, data="sharegpt", max_rows=400, output=tmp, max_steps=steps, batch_size=batch_size,
                         max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0,
-                        dtype=dtype, gradient_checkpointing=gradient_checkpointing, strategy=strategy)
+                        dtype=dtype, gradient_checkpointing=gradient_checkpointing, strategy=strategy,
+                        memory_budget=memory_budget)
         out, _ = train_bench("sft", cfg, SFTTrainer, "tokens_per_s", lambda t, m: _supervised_flops(t, m, True))
     return out
 
 
 def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
-             **_):
+             gradient_checkpointing=False, memory_budget=None, **_):
     from ..config import RewardConfig
     from ..trainers.reward import RewardTrainer
 
@@ -138,7 +146,8 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RewardConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                            lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
-                           strategy=strategy)
+                           strategy=strategy, gradient_checkpointing=gradient_checkpointing,
+                           memory_budget=memory_budget)
         out, metrics = train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
                                    lambda t, m: _supervised_flops(t, m, False))
     if out:  # rank 0 (all ranks' pairs: a pair is two sequences)
@@ -171,7 +180,7 @@ def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
 
 
 def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8, dtype="auto",
-              gradient_checkpointing=False, strategy="naive", **_):
+              gradient_checkpointing=False, strategy="naive", memory_budget=None, **_):
     """PPO steps with a fresh reward model; lora_rank 0 = the plain recipe (four full models)."""
     from ..config import PPOConfig
     from ..trainers.ppo import PPOTrainer
@@ -184,7 +193,7 @@ def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8
                         max_steps=steps, rollout_batch_size=batch_size, batch_size=batch_size,
                         max_new_tokens=new_tokens, lora_rank=lora_rank, save_every=0, eval_every=0, eval_prompts=0,
                         dtype=dtype, max_prompt_length=128, gradient_checkpointing=gradient_checkpointing,
-                        strategy=strategy)
+                        strategy=strategy, memory_budget=memory_budget)
         out, metrics = train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s", _ppo_flops)
     if not out:  # not rank 0
         return out
@@ -213,14 +222,6 @@ def dummy_sizes() -> dict[str, int]:
         model.tie_weights()
         counts[name] = sum(p.numel() for p in model.parameters())
     return dict(sorted(counts.items(), key=lambda kv: kv[1]))
-
-
-def parse_memory(text: str) -> int:
-    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
-    for unit, scale in units.items():
-        if text.lower().endswith(unit):
-            return int(float(text[:-len(unit)]) * scale)
-    return int(text)
 
 
 # The recipes compared by `frugal bench capacity`: the textbook one (four full fp32 models, fp32
@@ -253,7 +254,7 @@ def _fits(stage: str, model: str, budget: int, over: dict) -> tuple[bool, float]
 def bench_capacity(stage="ppo", memory="24GiB", **_):
     """The largest dummy model each recipe trains within a memory budget (binary search over
     the sizes, which assumes that if a size fails every larger one fails too)."""
-    budget, sizes = parse_memory(memory), dummy_sizes()
+    budget, sizes = parse_size(memory), dummy_sizes()
     names = [n for n in sizes if not n.startswith("gpt2")]
     results = {}
     for recipe, over in RECIPES.items():

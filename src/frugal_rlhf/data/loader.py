@@ -32,17 +32,20 @@ class ResumableLoader:
     """Endless shuffled batches whose position (epoch, batch) is saved and restored exactly.
 
     Each epoch's order comes from (seed, epoch), so a resumed run sees the same batches as an
-    uninterrupted one. With several ranks, every global batch is split between them.
+    uninterrupted one. With several ranks, every global batch is split between them. With
+    `accum` micro-batches per optimizer step, an epoch ends on a whole step: batch b x accum a
+    then sees exactly the rows of batch b*a x accum 1, across epochs too (the memory planner
+    relies on it).
     """
 
     def __init__(self, dataset, batch_size: int, collate_fn, shuffle=True, seed=0, rank=0, world_size=1,
-                 drop_last=True):
-        if len(dataset) < batch_size * world_size and drop_last:
+                 drop_last=True, accum: int = 1):
+        if len(dataset) < batch_size * world_size * accum and drop_last:
             raise ValueError(f"the data has {len(dataset)} rows, fewer than one global batch "
-                             f"({batch_size * world_size}); lower the batch size or add data")
+                             f"({batch_size * world_size * accum}); lower the batch size or add data")
         self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.drop_last = drop_last
+        self.drop_last, self.accum = drop_last, accum
         self.epoch, self.index = 0, 0
 
     @property
@@ -51,7 +54,7 @@ class ResumableLoader:
 
     def batches_per_epoch(self):
         n = len(self.dataset)
-        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
+        return n // (self.global_batch * self.accum) * self.accum if self.drop_last else -(-n // self.global_batch)
 
     def _order(self):
         if not self.shuffle:

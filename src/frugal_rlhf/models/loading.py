@@ -122,12 +122,16 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
+def tiny_config(name: str, tokenizer):
+    kwargs = dict(TINY_FAMILIES[name])
+    return AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=len(tokenizer),
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **kwargs)
+
+
 def build_tiny(name: str, seed: int = 0):
     tokenizer = byte_tokenizer()
-    kwargs = dict(TINY_FAMILIES[name])
-    config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=len(tokenizer),
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, **kwargs)
+    config = tiny_config(name, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -224,6 +228,20 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, prepare_tokenizer(tokenizer)
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The model config of a spec, without its weights (what the memory planner reads)."""
+    resolved = resolve_spec(spec)
+    if resolved in TINY_FAMILIES:
+        return tiny_config(resolved, byte_tokenizer())
+    if resolved in DUMMY_SIZES:
+        return dummy_config(resolved)
+    path = Path(resolved)
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        return load_config(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"],
+                           trust_remote_code)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _load_adapter_merged(path: Path, dtype, trust_remote_code):

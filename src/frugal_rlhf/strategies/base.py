@@ -108,9 +108,9 @@ class NaiveStrategy:
     def barrier(self):
         pass
 
-    def setup_dataloader(self, dataset, batch_size, collate_fn, shuffle=True, drop_last=True):
+    def setup_dataloader(self, dataset, batch_size, collate_fn, shuffle=True, drop_last=True, accum=1):
         return ResumableLoader(dataset, batch_size, collate_fn, shuffle, self.seed, self.rank, self.world_size,
-                               drop_last)
+                               drop_last, accum)
 
     def save_model(self, model, path, only_rank0=True):
         if self.is_rank0 or not only_rank0:

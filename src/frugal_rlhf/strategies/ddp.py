@@ -66,14 +66,14 @@ class DistributedStrategy(NaiveStrategy):
             dist.barrier()
         dist.destroy_process_group()
 
-    def setup_dataloader(self, dataset, batch_size, collate_fn, shuffle=True, drop_last=True):
+    def setup_dataloader(self, dataset, batch_size, collate_fn, shuffle=True, drop_last=True, accum=1):
         left = len(dataset) % (batch_size * self.world_size)
         if not drop_last and 0 < left < self.world_size:
             # ResumableLoader deals every global batch out row by row: ranks past the last row
             # of a short final batch would get an empty batch (and the others wait for them).
             raise ValueError(f"{len(dataset)} rows leave {left} row(s) in the last batch for {self.world_size} "
                              f"processes: use at least {self.world_size} held-out rows more or less (or none)")
-        return super().setup_dataloader(dataset, batch_size, collate_fn, shuffle, drop_last)
+        return super().setup_dataloader(dataset, batch_size, collate_fn, shuffle, drop_last, accum)
 
     def barrier(self):
         if dist.is_initialized():

@@ -34,7 +34,7 @@ class SupervisedTrainer(Trainer):
         optim = make_optimizer(model.trainable_parameters(), config.learning_rate(), config.weight_decay)
         self.scheduler = make_scheduler(optim, config)
         self.model, self.optim = strategy.prepare((model, optim))
-        self.loader = strategy.setup_dataloader(train_set, config.batch_size, collate)
+        self.loader = strategy.setup_dataloader(train_set, config.batch_size, collate, accum=config.grad_accum)
         self.eval_loader = (strategy.setup_dataloader(eval_set, config.batch_size, collate, shuffle=False,
                                                       drop_last=False) if len(eval_set) else None)
         self.models = {"model": self.model}

@@ -1,0 +1,299 @@
+"""The memory planner: which micro-batch, gradient accumulation and activation checkpointing
+fit a stage into a memory budget, decided from the model's config before any weight loads.
+
+The estimate is a sum of parts, each a pure function of a few numbers:
+  runtime      the process before the model (interpreter, torch, libraries)
+  load         while loading, the checkpoint's tensors beside the model being built
+  weights      the frozen base in its dtype (fully trained weights: fp32)
+  trained      trainable parameters: gradient and Adam's two moments (and an adapter's weight), fp32
+  activations  what backward keeps per layer and token (measured on a one-layer copy of the
+               model: the same dtype, kernels and adapters), plus one layer's worth in flight
+  logits       one chunk of the chunked LM head (models/roles.LOGIT_CHUNK) and its gradient
+  kv cache     PPO rollouts: keys and values of every generated sequence
+PPO's peak is the larger of its two phases: the rollout (generation, scoring) and the update.
+
+Exactness: the planner only splits a batch into micro-batches whose losses are summed and
+divided by the weight of the whole batch (trainers/supervised.py), so the loss curve equals
+the unconstrained run's up to float rounding. PPO's mini-batch is one optimizer step and
+stays whole: there the planner chooses checkpointing only.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .roles import LOGIT_CHUNK
+
+log = logging.getLogger("frugal_rlhf")
+
+GiB = 2**30
+UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
+RUNTIME_BYTES = int(0.34 * GiB)  # RSS after importing torch, transformers and peft (measured: 0.34 GiB)
+AUTO_MARGIN = 0.9                # --memory-budget auto: 90% of what the device has free
+LOGIT_COPIES = 4                 # fp32 chunk logits, their exp, their gradient and the bf16 matmul output
+# Peak RSS per byte autograd saves: gradients in flight and the allocator's retained blocks on
+# top of the saved tensors. Measured (embedded default, LoRA 8, bf16; docs/benchmarks.md): RSS
+# above the other parts was 1.62x the probe's saved bytes at 8 x 256 tokens (sft and rm) and
+# 1.77x (sft, 4 x 512), 1.85x (rm, 4 x 512): the largest, so that a plan errs on the safe side.
+ACTIVATION_RSS = 1.85
+ADAM_BYTES = 12                  # per trained element: fp32 gradient and Adam's two moments
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '8GB', '512MiB' or a number of bytes."""
+    low = text.strip().lower()
+    for unit, scale in UNITS.items():
+        if low.endswith(unit):
+            return int(float(low[:-len(unit)]) * scale)
+    try:
+        return int(low)
+    except ValueError:
+        raise UserError(f"memory size {text!r}: write e.g. 4GiB, 8GB, 512MiB or a number of bytes") from None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on, read from the model's config and the stage's settings."""
+    params: int            # the base's parameters (tied ones once)
+    layers: int
+    hidden: int
+    vocab: int
+    kv_width: int          # keys (= values) per token per layer
+    weight_bytes: int      # bytes per base element: the compute dtype, 4 when fully trained
+    trained: int           # trainable elements of one role beside the base (adapter + head; 0: the base)
+    extra_weights: int     # bytes of another frozen model (DPO's reference in full fine-tuning)
+    load_bytes: int        # bytes of the checkpoint read at load time (mapped beside the model)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Bytes backward keeps per layer, measured on a one-layer copy (measure_costs)."""
+    per_token: float       # grows with tokens
+    per_token_sq: float    # grows with tokens x sequence length (attention scores, math kernel)
+    per_layer: float       # fixed per forward (e.g. autocast's low-precision copies of fp32 weights)
+    checkpointed: float    # per token with activation checkpointing: the layer's input only
+
+
+@dataclass(frozen=True)
+class Work:
+    """One optimizer step of a stage. `batch` counts rows (sft), pairs (rm, dpo: two
+    sequences each) or the PPO update's mini-batch; `rollout` PPO's sequences per step."""
+    stage: str
+    batch: int
+    accum: int
+    seq_len: int
+    rollout: int = 0
+    roles_trained: int = 1  # PPO with a critic: 2
+
+
+def layer_activations(costs: Costs, sequences: int, seq_len: int) -> float:
+    return costs.per_layer + sequences * seq_len * (costs.per_token + seq_len * costs.per_token_sq)
+
+
+def estimate(shape: Shape, costs: Costs, work: Work, micro: int, checkpointing: bool) -> dict[str, int]:
+    """Predicted bytes of each part and the peak, for micro-batches of `micro` (rows, pairs or
+    PPO sequences) with or without activation checkpointing."""
+    seqs = micro * (2 if work.stage in ("rm", "dpo") else 1)
+    one_layer = layer_activations(costs, seqs, work.seq_len)
+    if checkpointing:  # every layer's input kept, one layer recomputed with its gradients in flight
+        act = ACTIVATION_RSS * (shape.layers * seqs * work.seq_len * costs.checkpointed + 2 * one_layer)
+    else:
+        act = ACTIVATION_RSS * (shape.layers + 1) * one_layer
+    logit_tokens = 0 if work.stage == "rm" else min(LOGIT_CHUNK, seqs * work.seq_len)
+    parts = {"runtime": RUNTIME_BYTES,
+             "weights": shape.params * shape.weight_bytes + shape.extra_weights,
+             # an adapter's own fp32 weight beside its gradient and moments; a fully trained base
+             # is its weights
+             "trained": work.roles_trained * ((shape.trained * (4 + ADAM_BYTES)) if shape.trained
+                                              else shape.params * ADAM_BYTES),
+             "activations": int(act),
+             "logits": logit_tokens * shape.vocab * 4 * LOGIT_COPIES}
+    steady = parts["runtime"] + parts["weights"] + parts["trained"]
+    load = parts["runtime"] + parts["weights"] + shape.load_bytes
+    update = steady + parts["activations"] + parts["logits"]
+    if work.stage == "ppo":
+        parts["kv_cache"] = work.rollout * work.seq_len * shape.layers * 2 * shape.kv_width * shape.weight_bytes
+        # scoring forwards without gradients: one layer's activations of the whole rollout
+        rollout = steady + parts["kv_cache"] + int(layer_activations(costs, work.rollout, work.seq_len))
+        update = max(update, rollout)
+    parts["peak"] = max(load, update)
+    return parts
+
+
+def choices(work: Work):
+    """(micro, checkpointing) from the fastest to the leanest: on a CPU a smaller micro-batch
+    costs little while recomputing activations costs ~30-40% more time, so every micro-batch
+    without checkpointing comes first. PPO's mini-batch stays whole."""
+    micros = [work.batch] if work.stage == "ppo" else [m for m in range(work.batch, 0, -1) if work.batch % m == 0]
+    return [(m, ckpt) for ckpt in (False, True) for m in micros]
+
+
+@dataclass(frozen=True)
+class Plan:
+    micro: int
+    accum: int
+    checkpointing: bool
+    parts: dict
+    budget: int
+
+
+def plan(shape: Shape, costs: Costs, work: Work, budget: int) -> Plan:
+    """The first choice whose predicted peak fits, or a one-line refusal."""
+    for micro, ckpt in choices(work):
+        parts = estimate(shape, costs, work, micro, ckpt)
+        if parts["peak"] <= budget:
+            return Plan(micro, work.accum * work.batch // micro, ckpt, parts, budget)
+    least = estimate(shape, costs, work, *choices(work)[-1])
+    raise UserError(f"--memory-budget {budget / GiB:.2f} GiB: nothing fits; the leanest choice ("
+                    f"micro-batch {choices(work)[-1][0]}, activation checkpointing) needs {least['peak'] / GiB:.2f} "
+                    f"GiB; lower --max-length or the batch size, use LoRA (--lora-rank) or a smaller model")
+
+
+def table(p: Plan, work: Work) -> str:
+    """The start-up table: what the planner chose and what it predicts."""
+    rows = [("micro-batch", f"{p.micro} x {p.accum} = {p.micro * p.accum} per step"
+             if work.stage != "ppo" else f"{p.micro} (the PPO mini-batch)"),
+            ("activation checkpointing", "on" if p.checkpointing else "off"),
+            *((k.replace("_", " "), f"{v / GiB:.2f} GiB") for k, v in p.parts.items() if k != "peak"),
+            ("predicted peak", f"{p.parts['peak'] / GiB:.2f} GiB of {p.budget / GiB:.2f} GiB")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+# ---- from a stage config (the parts above are pure; these read configs and measure) ------------
+
+def budget_bytes(text: str) -> int:
+    """--memory-budget: a size, or `auto` = 90% of what the device has free now."""
+    if text != "auto":
+        return parse_size(text)
+    import torch
+
+    from ..device import default_device
+
+    device = default_device()
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * AUTO_MARGIN)
+    with open("/proc/meminfo") as f:
+        free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    return int(free * AUTO_MARGIN)
+
+
+def work_of(cfg) -> Work:
+    from ..config import PPOConfig, PreferenceConfig, RewardConfig
+
+    if isinstance(cfg, PPOConfig):
+        if not cfg.lora_rank:  # four separate models: not what the estimate describes
+            raise UserError("--memory-budget for ppo needs --lora-rank (the planner models the roles on one "
+                            "shared base)")
+        return Work("ppo", cfg.batch_size, 1, cfg.max_prompt_length + cfg.max_new_tokens,
+                    cfg.rollout_batch_size * cfg.group_size, 2 if cfg.advantage == "gae" else 1)
+    stage = "dpo" if isinstance(cfg, PreferenceConfig) else "rm" if isinstance(cfg, RewardConfig) else "sft"
+    return Work(stage, cfg.batch_size, cfg.grad_accum, cfg.max_length)
+
+
+def shape_of(cfg) -> tuple[Shape, Costs]:
+    """The model's shape from its config and its per-layer costs measured on a one-layer
+    copy: no weights are loaded."""
+    from ..device import compute_dtype
+    from .loading import load_config
+
+    hf_config = load_config(cfg.model, cfg.trust_remote_code)
+    text = hf_config.get_text_config()
+    dtype = compute_dtype(override=cfg.dtype)
+    costs, counts = measure_costs(hf_config, dtype, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+    params = counts["embedding"] + layers * counts["layer"]
+    full = not cfg.lora_rank
+    reference = full and getattr(cfg, "loss", None) not in (None, "simpo", "orpo") and not getattr(
+        cfg, "precompute_ref", True)  # DPO: a frozen copy for the reference
+    shape = Shape(params=params, layers=layers, hidden=text.hidden_size, vocab=text.vocab_size,
+                  kv_width=(getattr(text, "num_key_value_heads", None) or heads) * (text.hidden_size // heads),
+                  weight_bytes=4 if full else dtype.itemsize,
+                  trained=0 if full else layers * counts["adapter"] + text.hidden_size + 1,
+                  extra_weights=params * dtype.itemsize if reference else 0,
+                  load_bytes=params * 4)  # the checkpoints we convert and cache are fp32 safetensors
+    return shape, costs
+
+
+def measure_costs(hf_config, dtype, lora_rank: int, lora_alpha, lora_targets):
+    """Bytes autograd saves for one decoder layer at three sequence lengths (a quadratic in
+    the length, solved exactly), on a copy of the model with one layer and a small vocabulary:
+    random weights, the run's dtype, autocast, LoRA adapters and device, a padded batch (so
+    the attention takes the masked path training batches take). Also the parameter counts of
+    the embeddings, of a layer and of a layer's adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..device import autocast, default_device
+    from .roles import SharedLM, _hidden_states
+
+    small = copy.deepcopy(hf_config)
+    text = small.get_text_config()
+    vocab, small_vocab = text.vocab_size, 256
+    text.num_hidden_layers, text.vocab_size = 1, small_vocab
+    for special in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the real vocabulary
+        setattr(text, special, None)
+    full = not lora_rank
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(small, dtype=torch.float32 if full else dtype)
+    layer = sum(p.numel() for n, p in model.named_parameters() if ".0." in n)  # layers.0. or h.0.
+    head = model.get_output_embeddings()
+    vocab_rows = model.get_input_embeddings().weight.numel() + (
+        0 if head is None or head.weight is model.get_input_embeddings().weight else head.weight.numel())
+    embed = sum(p.numel() for p in model.parameters()) - layer + vocab_rows // small_vocab * (vocab - small_vocab)
+    counts = {"embedding": embed, "layer": layer, "adapter": 0}
+    device = default_device()
+    model.requires_grad_(full)
+    lm = SharedLM(model.to(device))
+    if lora_rank:
+        lm.add_adapter("measure", lora_rank, lora_alpha, lora_targets)
+        counts["adapter"] = sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
+    params = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    lengths, saved = (64, 128, 256), []
+    for t in lengths:
+        seen: dict[int, int] = {}
+
+        def pack(x):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return x
+
+        ids = torch.randint(0, small_vocab, (1, t), device=device)
+        mask = torch.ones_like(ids)
+        mask[:, -1] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), autocast(device, dtype):
+            hidden, _ = _hidden_states(lm.model, ids, mask)
+        saved.append(sum(seen.values()))
+    # c0 + c1 t + c2 t^2 through the three points (divided differences)
+    (t0, t1, t2), (s0, s1, s2) = lengths, saved
+    c2 = ((s2 - s1) / (t2 - t1) - (s1 - s0) / (t1 - t0)) / (t2 - t0)
+    c1 = (s1 - s0) / (t1 - t0) - c2 * (t1 + t0)
+    c0 = s0 - c1 * t0 - c2 * t0 * t0
+    costs = Costs(per_token=max(c1, 0.0), per_token_sq=max(c2, 0.0), per_layer=max(c0, 0.0),
+                  checkpointed=text.hidden_size * hidden.element_size())
+    return costs, counts
+
+
+def apply_plan(cfg):
+    """A copy of a stage config with the plan for cfg.memory_budget applied (the config as it
+    is without a budget); logs the table. Raises UserError when nothing fits."""
+    if not cfg.memory_budget:
+        return cfg
+    shape, costs = shape_of(cfg)
+    work = work_of(cfg)
+    chosen = plan(shape, costs, work, budget_bytes(cfg.memory_budget))
+    log.info("memory plan (%s, --memory-budget %s):\n%s", work.stage, cfg.memory_budget, table(chosen, work))
+    if work.stage == "ppo":
+        return dataclasses.replace(cfg, gradient_checkpointing=chosen.checkpointing or cfg.gradient_checkpointing)
+    return dataclasses.replace(cfg, batch_size=chosen.micro, grad_accum=chosen.accum,
+                               gradient_checkpointing=chosen.checkpointing or cfg.gradient_checkpointing)
+
+
+def predicted_peak(cfg) -> int:
+    """The estimate for a config as it stands (the bench prints it beside the measured peak)."""
+    shape, costs = shape_of(cfg)
+    return estimate(shape, costs, work_of(cfg), cfg.batch_size, cfg.gradient_checkpointing)["peak"]
