@@ -18,6 +18,13 @@ def test_bench_generate_and_ppo_write_valid_json(tmp_path):
     r = json.loads(out.read_text())
     assert r["workload"] == "ppo" and r["samples_per_s"]["n"] == 1 and r["peak_mem_gb"] > 0
     assert set(r) >= {"time_gen", "time_score", "time_update"} and (r["strategy"], r["processes"]) == ("naive", 1)
+    assert r["predicted_peak_gb"] > 0  # the memory planner's estimate beside the measured peak
+    # The plain recipe (four full models, `bench all` and `bench capacity` run it) is one the
+    # planner does not model: it runs and reports no prediction.
+    assert main(["bench", "ppo", "--model", "tiny-llama", "--steps", "2", "--batch-size", "2", "--new-tokens", "4",
+                 "--lora-rank", "0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["lora_rank"] == 0 and r["peak_mem_gb"] > 0 and "predicted_peak_gb" not in r
     # The reward-model bench's pairs share long prompts: its FLOPs count the tokens the forward ran.
     out = tmp_path / "rm.json"
     assert main(["bench", "rm", "--model", "tiny-llama", "--steps", "2", "--batch-size", "4", "--json", str(out)]) == 0

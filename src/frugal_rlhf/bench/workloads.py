@@ -111,9 +111,10 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
                "grad_accum": planned.grad_accum, "memory_budget": cfg.memory_budget,
                "gradient_checkpointing": planned.gradient_checkpointing,
                rate_key: stats(rates), "step_time_s": stats([m["step_time"] for m in metrics]),
-               "peak_mem_gb": peak_mem / 2**30,
-               # measured after the peak: the planner's one-layer probe must not move it
-               "predicted_peak_gb": predicted_peak(planned) / 2**30}
+               "peak_mem_gb": peak_mem / 2**30}
+        predicted = predicted_peak(planned)  # after the peak: the planner's one-layer probe must not move it
+        if predicted is not None:
+            out["predicted_peak_gb"] = predicted / 2**30
         if step_flops:
             tflops = [step_flops(trainer, m) / m["step_time"] / 1e12 for m in metrics]
             peak = flops.measure_peak_tflops(strategy.device, strategy.dtype) * strategy.world_size

@@ -181,13 +181,22 @@ def budget_bytes(text: str) -> int:
     return int(free * AUTO_MARGIN)
 
 
+def unmodelled(cfg) -> str | None:
+    """Why the estimate does not describe this stage config (None: it does)."""
+    from ..config import PPOConfig
+
+    if isinstance(cfg, PPOConfig) and not cfg.lora_rank:  # four separate models
+        return "--memory-budget for ppo needs --lora-rank (the planner models the roles on one shared base)"
+    return None
+
+
 def work_of(cfg) -> Work:
     from ..config import PPOConfig, PreferenceConfig, RewardConfig
 
+    reason = unmodelled(cfg)
+    if reason:
+        raise UserError(reason)
     if isinstance(cfg, PPOConfig):
-        if not cfg.lora_rank:  # four separate models: not what the estimate describes
-            raise UserError("--memory-budget for ppo needs --lora-rank (the planner models the roles on one "
-                            "shared base)")
         return Work("ppo", cfg.batch_size, 1, cfg.max_prompt_length + cfg.max_new_tokens,
                     cfg.rollout_batch_size * cfg.group_size, 2 if cfg.advantage == "gae" else 1)
     stage = "dpo" if isinstance(cfg, PreferenceConfig) else "rm" if isinstance(cfg, RewardConfig) else "sft"
@@ -293,7 +302,10 @@ def apply_plan(cfg):
                                gradient_checkpointing=chosen.checkpointing or cfg.gradient_checkpointing)
 
 
-def predicted_peak(cfg) -> int:
-    """The estimate for a config as it stands (the bench prints it beside the measured peak)."""
+def predicted_peak(cfg) -> int | None:
+    """The estimate for a config as it stands (the bench prints it beside the measured peak);
+    None where the planner does not model the stage (PPO's four full models)."""
+    if unmodelled(cfg):
+        return None
     shape, costs = shape_of(cfg)
     return estimate(shape, costs, work_of(cfg), cfg.batch_size, cfg.gradient_checkpointing)["peak"]
