@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from frugal_rlhf.rl.gold import EMPTY_SCORE, flesch_reading_ease, gold_score, noisy_labels, syllables
+from frugal_rlhf.rl.gold import EMPTY_SCORE, flesch_reading_ease, gold_score, label_groups, syllables, thurstone_sigma
 from frugal_rlhf.app.prefs import build_pairs
 
 PROMPT = "How do I bake bread at home?"
@@ -47,17 +47,35 @@ def test_flesch_reading_ease_by_hand():
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("agreement", [0.6, 0.72, 0.9])
-def test_noisy_labels_agree_at_the_configured_rate(seed, agreement):
+@pytest.mark.parametrize("noise", ["thurstone", "flip"])
+def test_pair_labels_agree_at_the_configured_rate(seed, agreement, noise):
     g = torch.Generator().manual_seed(seed)
     n = 4000
-    a, b = torch.randn(n, generator=g).tolist(), torch.randn(n, generator=g).tolist()
-    labels = noisy_labels(a, b, agreement, g)
-    rate = sum(lab == (x > y) for lab, x, y in zip(labels, a, b)) / n
+    groups = torch.randn(n, 2, generator=g).tolist()
+    labels = label_groups(groups, agreement, g, noise)
+    rate = sum(lab == (0, 1) if a > b else lab == (1, 0) for lab, (a, b) in zip(labels, groups)) / n
+    # Each label agrees with probability p_i, mean(p_i) = agreement exactly (flip: every p_i;
+    # thurstone: sigma is solved for it), and the variance is at most the binomial one.
     assert abs(rate - agreement) < 3 * (agreement * (1 - agreement) / n) ** 0.5
-    assert noisy_labels([1.0, 2.0], [1.0, 1.0], agreement, g)[0] is None  # a tie labels nothing
-    assert noisy_labels([2.0, 0.0], [1.0, 1.0], 1.0, g) == [True, False]
+    assert label_groups([[1.0, 1.0], [2.0]], agreement, g, noise) == [None, None]  # a tie, one answer: no label
     with pytest.raises(ValueError, match="agreement"):
-        noisy_labels(a, b, 0.3, g)
+        label_groups(groups, 0.3, g, noise)
+
+
+def test_thurstone_sigma_by_hand():
+    # Every pair 1.0 apart: P(agree) = Phi(1 / (sigma sqrt 2)) = 0.72, sigma = 1 / (sqrt 2 Phi^-1(0.72)).
+    sigma = thurstone_sigma([[0.0, 1.0], [3.0, 2.0], [5.0, 6.0, 5.0]], 0.72)  # the tie 5.0/5.0 does not count
+    assert sigma == pytest.approx(1 / (2 ** 0.5 * torch.distributions.Normal(0, 1).icdf(torch.tensor(0.72)).item()),
+                                  rel=1e-6)
+    assert thurstone_sigma([[0.0, 1.0]], 1.0) == 0.0
+
+
+def test_a_perfect_labeler_picks_the_best_and_the_worst_of_k():
+    g = torch.Generator().manual_seed(0)
+    groups = [[0.3, 0.9, -0.2, 0.5], [1.0, 2.0, 3.0]]
+    assert label_groups(groups, 1.0, g, "thurstone") == label_groups(groups, 1.0, g, "flip") == [(1, 2), (2, 0)]
+    with pytest.raises(ValueError, match="noise"):
+        label_groups(groups, 0.72, g, "coin")
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +95,14 @@ def tiny_words_model():
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_gold_labeler_follows_the_gold_scorer_at_the_configured_rate(tiny_words_model, tmp_path, seed):
+@pytest.mark.parametrize("noise,seed", [("thurstone", s) for s in range(3)] + [("flip", s) for s in range(3)])
+def test_gold_labeler_follows_the_gold_scorer_at_the_configured_rate(tiny_words_model, tmp_path, noise, seed):
     model, tok = tiny_words_model
     rows = [{"prompt": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(80)]
     out = tmp_path / "prefs.jsonl"
     summary = build_pairs(model, tok, rows, out, "gold", max_new_tokens=12, temperature=1.0, batch_size=40,
                           max_prompt_length=64, seed=seed, device="cpu", autocast=nullcontext(),
-                          label_agreement=0.72)
+                          label_agreement=0.72, label_noise=noise)
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     n = len(pairs)
     assert summary["labeler"] == "gold" and summary["pairs"] == n >= 30  # gold ties (one-word gibberish) label nothing

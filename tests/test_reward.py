@@ -8,7 +8,8 @@ from conftest import TEST_SEED
 from frugal_rlhf.config import RewardConfig
 from frugal_rlhf.models.loading import byte_tokenizer, prepare_tokenizer
 from frugal_rlhf.models.reward_io import load_reward_model
-from frugal_rlhf.models.roles import RewardModel, last_token_index
+from frugal_rlhf.data.tokenize import last_token_index
+from frugal_rlhf.models.roles import RewardModel
 from frugal_rlhf.strategies import NaiveStrategy
 from frugal_rlhf.trainers.reward import RewardTrainer, evaluate_reward_model
 
@@ -39,12 +40,13 @@ def train_rm(tmp_path, rows, stop_at=None, **kw):
     return trainer, trainer.fit(stop_at=stop_at)
 
 
-def test_reward_model_learns_marker_task_and_reloads(tmp_path):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_reward_model_learns_marker_task_and_reloads(tmp_path, pooling):
     """In the compute dtype FRUGAL_DTYPE (or the machine) picks. The frozen base is kept in it, so
     a reload in that dtype gives identical scores; the merged standalone model rounds W + BA to it
     once per weight: in fp32 (eps 1.2e-7) that is below 1e-4, in bf16 (eps 2^-7, half of it per
     rounding) each of the 4 blocks' 2 matmul layers can add ~2^-8 relative, ~3% of the scores."""
-    trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8)
+    trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8, pooling=pooling)
     dtype = trainer.strategy.dtype
     result = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert result["n_pairs"] == 48
@@ -61,6 +63,7 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path):
     responses = [r["chosen"] for r in fresh] + [r["rejected"] for r in fresh]
     expected = live.score(prompts, responses)
     reloaded = load_reward_model(tmp_path / "rm", dtype=dtype)
+    assert reloaded.pooling == pooling
     torch.testing.assert_close(reloaded.score(prompts, responses), expected)
     standalone = load_reward_model(tmp_path / "rm" / "final", dtype=dtype)
     tol = 1e-4 if dtype == torch.float32 else 0.03 * float(expected.abs().max())
@@ -182,3 +185,42 @@ def test_pairs_encode_their_shared_prompt_once_exactly():
     uneven = [encode_pair(tok, {"prompt": [{"role": "user", "content": c}], "chosen": a, "rejected": "no"}, 400)
               for c, a in (("hi", "x " * 60), (" ".join(WORDS), "ok"))]
     assert PairCollator(tok.pad_token_id)(uneven)["shared"] == 0
+
+
+def test_mean_pooled_score_is_the_mean_over_the_answer_in_every_layout():
+    """pooling="mean": the head applied to the mean final hidden state of the answer's tokens
+    (its end of turn included), computed by hand from the model's own hidden states; the
+    shared-prefix pair batch, the plain one, score_texts (left-padded) and PPO's path (prompt
+    columns masked) all give it, in fp32 (sums of ~100 terms: 1e-5 is ~100 eps)."""
+    from frugal_rlhf.data.tokenize import PairCollator
+    from frugal_rlhf.trainers.reward import encode_pair, pair_scores
+
+    torch.manual_seed(0)
+    rm = RewardModel("tiny-llama", lora_rank=4, dtype="fp32", pooling="mean").eval()
+    for name, p in rm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    tok = rm.tokenizer
+    rows = [{"prompt": [{"role": "user", "content": "tell me about " + " ".join(WORDS[:n])}],
+             "chosen": f"{WORDS[n]} please {WORDS[n + 1]}", "rejected": f"{WORDS[n]} no"} for n in (1, 6, 3)]
+    pairs = [encode_pair(tok, r, 400) for r in rows]
+    shared, plain = PairCollator(tok.pad_token_id)(pairs), PairCollator(tok.pad_token_id, share=False)(pairs)
+    assert shared["shared"] > 0
+    with torch.no_grad():
+        by_hand = []
+        for pair in pairs:
+            for seq, n in zip((pair["chosen"], pair["rejected"]), pair["answer"]):
+                with rm.lm.role(rm.adapter) as model:
+                    hidden = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1]
+                by_hand.append(rm.head(hidden[0, -n:].mean(0)).squeeze(-1))
+        by_hand = torch.stack(by_hand)
+        for batch in (shared, plain):
+            torch.testing.assert_close(pair_scores(rm, batch), by_hand, atol=1e-5, rtol=1e-5)
+        texts = rm.score([r["prompt"] for r in rows for _ in (0, 1)], [r[k] for r in rows for k in ("chosen", "rejected")])
+        torch.testing.assert_close(texts, by_hand, atol=1e-5, rtol=1e-5)
+    # The answer's first token is inside the pair's common prefix, yet every row reads it.
+    assert all(p["chosen"][p["max_shared"]] == p["rejected"][p["max_shared"]] for p in pairs)
+    with pytest.raises(ValueError, match="answer_mask"):
+        rm(shared["input_ids"], shared["attention_mask"])
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel("tiny-llama", pooling="max")

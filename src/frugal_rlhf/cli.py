@@ -145,9 +145,15 @@ def add_prefs_args(p):
     p.add_argument("--prompts", default="sharegpt", help="prompts (conversations with answers for --labeler reference)")
     p.add_argument("--labeler", default="contrast", choices=["contrast", "reference", "gold"],
                    help="simulated labeler (docs/preferences.md): contrast = normal vs high-temperature sample; "
-                        "reference = dataset answer vs sample; gold = two samples ranked by the hidden gold scorer")
+                        "reference = dataset answer vs sample; gold = samples ranked by the hidden gold scorer")
     p.add_argument("--label-agreement", type=float, default=0.72,
-                   help="gold labeler: probability that a label follows the gold order (human raters: ~0.73)")
+                   help="gold labeler: probability that a random pair's label follows the gold order (human raters: "
+                        "~0.73)")
+    p.add_argument("--label-noise", default="thurstone", choices=["thurstone", "flip"],
+                   help="gold labeler: thurstone = noisy perception of each answer (errs on close calls); flip = "
+                        "any label flipped with the same probability")
+    p.add_argument("--samples-per-prompt", type=int, default=2,
+                   help="gold labeler: answers sampled a prompt; the pair is the labeler's first against its last")
     p.add_argument("--output", default="prefs.jsonl")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -172,7 +178,8 @@ def cmd_prefs(args):
     rows = [r for r in rows if r.get("reference") or args.labeler != "reference"][: args.num_prompts]
     summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
                           args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
-                          device=device, autocast=autocast(device, dtype), label_agreement=args.label_agreement)
+                          device=device, autocast=autocast(device, dtype), label_agreement=args.label_agreement,
+                          label_noise=args.label_noise, samples_per_prompt=args.samples_per_prompt)
     print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
           f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
 

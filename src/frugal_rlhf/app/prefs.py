@@ -13,9 +13,10 @@ looks at one); docs/preferences.md documents each one's known biases.
       rejected = a sample of the SFT model.
   Its pairs differ mostly in style; a 135M reward model stayed at chance on them
   (docs/benchmarks.md).
-- "gold" (the demo's): a simulated human with a hidden preference (frugal_rlhf.rl.gold): two
-  samples of the SFT model at the normal temperature, ranked by the gold scorer with
-  human-like noise (the gold order kept with probability `label_agreement`, else flipped).
+- "gold" (the demo's): a simulated human with a hidden preference (frugal_rlhf.rl.gold):
+  `samples_per_prompt` samples of the SFT model at the normal temperature, ranked by the gold
+  scorer with human-like noise (`label_noise`, agreeing with the gold order on a random pair
+  `label_agreement` of the time); the pair is the labeler's first against its last.
   Rows also carry the two gold scores (gold_chosen, gold_rejected), which no trainer reads.
 """
 from __future__ import annotations
@@ -64,12 +65,16 @@ def generate_responses(model, tokenizer, prompts, sample_cfg: SampleConfig, batc
 
 def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_new_tokens=64, temperature=0.8,
                 top_p=0.95, contrast_temperature=1.2, batch_size=8, max_prompt_length=256, seed=0, device=None,
-                autocast=None, label_agreement=LABEL_AGREEMENT) -> dict:
+                autocast=None, label_agreement=LABEL_AGREEMENT, label_noise="thurstone",
+                samples_per_prompt=2) -> dict:
     """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary."""
     from ..runlog import make_progress
 
     if labeler not in LABELERS:
         raise ValueError(f"unknown labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
+    if samples_per_prompt < 2 or (samples_per_prompt > 2 and labeler != "gold"):
+        raise ValueError(f"samples_per_prompt {samples_per_prompt}: the gold labeler ranks 2 or more answers a "
+                         f"prompt, the {labeler} labeler exactly 2")
     rows = [r for r in prompt_rows if r.get("reference")] if labeler == "reference" else list(prompt_rows)
     if not rows:
         raise ValueError("no prompt has a reference answer: the reference labeler needs conversations with answers")
@@ -78,8 +83,8 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
     configs = [SampleConfig(max_new_tokens, temperature, 0, top_p, stops, tokenizer.pad_token_id)]
     if labeler == "contrast":
         configs.append(SampleConfig(max_new_tokens, contrast_temperature, 0, 1.0, stops, tokenizer.pad_token_id))
-    elif labeler == "gold":  # a second sample from the same distribution (another seed)
-        configs.append(configs[0])
+    elif labeler == "gold":  # more samples from the same distribution (other seeds)
+        configs += configs[:1] * (samples_per_prompt - 1)
     t0 = time.perf_counter()
     samples = []
     with make_progress() as progress:
@@ -89,7 +94,7 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
                                               device, autocast,
                                               lambda n, k=k: progress.update(task, completed=k * len(rows) + n)))
     if labeler == "gold":
-        pairs = gold_pairs(prompts, *samples, label_agreement, seed)
+        pairs = gold_pairs(prompts, samples, label_agreement, label_noise, seed)
     else:
         if labeler == "reference":
             sides = [(cut_to_tokens(tokenizer, r["reference"], max_new_tokens), s) for r, s in zip(rows, samples[0])]
@@ -103,25 +108,30 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
     summary = {"pairs": len(pairs), "prompts": len(rows), "seconds": round(elapsed, 1),
                "pairs_per_s": round(len(pairs) / elapsed, 3), "labeler": labeler}
     if labeler == "gold":
-        summary["label_agreement"] = label_agreement
+        summary.update(label_agreement=label_agreement, label_noise=label_noise, samples_per_prompt=samples_per_prompt)
         summary["observed_agreement"] = sum(p["gold_chosen"] > p["gold_rejected"] for p in pairs) / max(1, len(pairs))
     log.info("prefs: %d pairs (%s labeler) from %d prompts in %.0f s -> %s", len(pairs), labeler, len(rows), elapsed,
              output)
     return summary
 
 
-def gold_pairs(prompts, first, second, agreement: float, seed: int) -> list[dict]:
-    """The simulated human's pairs: each prompt's two answers ordered by the gold scorer,
-    flipped with probability 1 - agreement; a gold tie (or an empty answer) labels nothing."""
-    from ..rl.gold import gold_scores, noisy_labels
+def gold_pairs(prompts, samples: list[list[str]], agreement: float, noise: str, seed: int) -> list[dict]:
+    """The simulated human's pairs: each prompt's non-empty answers (samples[k][i] is answer k
+    to prompt i) ranked by the gold scorer with noise, its first against its last; a gold tie
+    (or fewer than two answers) labels nothing."""
+    from ..rl.gold import gold_scores, label_groups
 
-    g1, g2 = gold_scores(prompts, first), gold_scores(prompts, second)
-    labels = noisy_labels(g1, g2, agreement, torch.Generator().manual_seed(seed + 1000))
+    scores = [gold_scores(prompts, s) for s in samples]
+    groups = [[(s[i], g[i]) for s, g in zip(samples, scores) if s[i]] for i in range(len(prompts))]
+    labels = label_groups([[g for _, g in group] for group in groups], agreement,
+                          torch.Generator().manual_seed(seed + 1000), noise)
     pairs = []
-    for p, a, b, ga, gb, a_wins in zip(prompts, first, second, g1, g2, labels):
-        if a_wins is None or not a or not b:
+    for p, group, label in zip(prompts, groups, labels):
+        if label is None:
             continue
-        (c, gc), (r, gr) = ((a, ga), (b, gb)) if a_wins else ((b, gb), (a, ga))
+        (c, gc), (r, gr) = group[label[0]], group[label[1]]
+        if c == r:
+            continue
         pairs.append({"prompt": p, "chosen": c, "rejected": r, "labeler": "gold", "gold_chosen": gc,
                       "gold_rejected": gr})
     return pairs

@@ -83,6 +83,24 @@ def encode_response(tokenizer, prompt_ids: list[int], response: str, max_length:
     return prompt_ids[-(max_length - len(resp)):] + resp
 
 
+def answer_length(tokenizer, text: str, max_length: int) -> int:
+    """Tokens of an answer as encode_response writes it (+ end of turn, at most max_length - 1)."""
+    return min(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1, max_length - 1)
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token per row, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def answer_mask(attention_mask, lengths) -> torch.Tensor:
+    """[B, T] bool: the last `lengths[i]` real tokens of row i (its answer and end of turn)."""
+    last = last_token_index(attention_mask)[:, None]
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (cols > last - torch.as_tensor(lengths, device=attention_mask.device)[:, None]) & (cols <= last)
+
+
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
     width = max(len(s) for s in seqs)
     rows = [([value] * (width - len(s)) + s) if side == "left" else (s + [value] * (width - len(s))) for s in seqs]
@@ -147,7 +165,8 @@ class PairCollator:
     (prompt-heavy pairs, e.g. a long conversation with two candidate last answers, cost nearly
     half). When that layout would not save a tenth of the columns of plain right padding (short
     or uneven prompts before long answers), the batch is right-padded and `shared` is 0.
-    `share=False` always pads plainly (activation checkpointing runs whole rows anyway)."""
+    `share=False` always pads plainly (activation checkpointing runs whole rows anyway).
+    Rows that carry their answers' token counts (`answer`: [chosen, rejected]) get `answer_mask`."""
 
     pad_id: int
     share: bool = True
@@ -170,8 +189,11 @@ class PairCollator:
         mask = [[0] * n + [1] * len(s) + [0] * (width - n - len(s)) for n, s in zip(lead, seqs)]
         margin = torch.tensor([r.get("margin") or 0.0 for r in rows], dtype=torch.float32)
         mask = torch.tensor(mask)
-        return {"input_ids": torch.tensor(ids), "attention_mask": mask, "margin": margin, "shared": shared,
-                "encoded": int(mask.sum() - mask[1::2, :shared].sum())}  # tokens the forward runs
+        batch = {"input_ids": torch.tensor(ids), "attention_mask": mask, "margin": margin, "shared": shared,
+                 "encoded": int(mask.sum() - mask[1::2, :shared].sum())}  # tokens the forward runs
+        if "answer" in rows[0]:
+            batch["answer_mask"] = answer_mask(mask, [n for r in rows for n in r["answer"]])
+        return batch
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The reward-model artifact: a small directory that names its base.
 
     OUT/reward_model.json     {"format": "frugal-reward-model", "base": spec, "base_in_artifact": bool,
-                               "adapter": "adapter" | null}
+                               "adapter": "adapter" | null, "pooling": "last" | "mean"}
     OUT/score_head.safetensors
     OUT/adapter/              the reward LoRA adapter (PEFT layout), when trained with LoRA
     OUT/final/                standalone: the merged LM + score head + its own reward_model.json
@@ -24,9 +24,9 @@ META = "reward_model.json"
 HEAD = "score_head.safetensors"
 
 
-def _write_meta(path: Path, base: str, base_in_artifact: bool, adapter: str | None):
+def _write_meta(path: Path, base: str, base_in_artifact: bool, adapter: str | None, pooling: str):
     meta = {"format": "frugal-reward-model", "version": 1, "base": base, "base_in_artifact": base_in_artifact,
-            "adapter": adapter}
+            "adapter": adapter, "pooling": pooling}
     (path / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -44,13 +44,13 @@ def save_reward_model(rm: RewardModel, tokenizer, path, base: str, standalone: b
     if standalone or not rm.adapter:
         final = export_merged(rm, tokenizer, path / "final")
         _save_head(rm, final)
-        _write_meta(final, ".", True, None)
+        _write_meta(final, ".", True, None, rm.pooling)
     if rm.adapter:
         export_adapter(rm, tokenizer, path / "adapter", base=base)
         _save_head(rm, path)
-        _write_meta(path, base, False, "adapter")
+        _write_meta(path, base, False, "adapter", rm.pooling)
     else:
-        _write_meta(path, "final", True, None)
+        _write_meta(path, "final", True, None, rm.pooling)
     return path
 
 
@@ -77,7 +77,8 @@ def load_reward_model(path, shared: SharedLM | None = None, dtype=None, trust_re
             from transformers import AutoTokenizer
 
             tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path / meta["adapter"]))
-    rm = RewardModel(lm, "reward" if meta["adapter"] else None)
+    # Artifacts written before pooling was a setting read the last token.
+    rm = RewardModel(lm, "reward" if meta["adapter"] else None, pooling=meta.get("pooling", "last"))
     # A full fine-tune's output directory names its final/ as the base; the head is there.
     head = path / HEAD if (path / HEAD).exists() or not meta["base_in_artifact"] else Path(base) / HEAD
     rm.head.load_state_dict(load_file(head))

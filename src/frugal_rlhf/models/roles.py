@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.tokenize import answer_length, answer_mask, encode_prompt, encode_response, last_token_index, pad
 from ..ops import entropy_from_logits
 
 LOGIT_CHUNK = 512  # tokens per chunk of the vocabulary projection; bounds logits memory
@@ -273,16 +274,23 @@ class Critic(Role):
         return self.head(hidden[:, -num_actions - 1:-1].float()).squeeze(-1)
 
 
-def last_token_index(attention_mask):
-    """Index of the last real token per row, for left or right padding alike."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
+POOLINGS = ("last", "mean")
 
 
 class RewardModel(Role):
-    """A scalar score read at the last non-pad token of each sequence."""
+    """A scalar score of each (prompt, answer) sequence, from the hidden state at its last
+    non-pad token (`pooling="last"`, the InstructGPT head) or from the mean hidden state over
+    its answer tokens (`"mean"`: every answer token reaches the head directly, which learned
+    the gold judge's answer-wide qualities from a few hundred pairs where the last token's
+    state did not; docs/benchmarks.md, issue 18)."""
 
     kind = "reward"
+
+    def __init__(self, *args, pooling: str = "last", **kwargs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"reward pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        super().__init__(*args, **kwargs)
+        self.pooling = pooling
 
     def make_head(self):
         return scalar_head(self.lm.hf_model().config.get_text_config().hidden_size)
@@ -291,11 +299,19 @@ class RewardModel(Role):
         """Scores [N] of (prompt, response) pairs; prompts are strings or message lists."""
         return score_texts(self, self.tokenizer, prompts, responses, **kw)
 
-    def forward(self, input_ids, attention_mask, shared_prefix: tuple[int, int] = (1, 0)):
-        """`shared_prefix` (group, p) must end before every row's last token."""
+    def forward(self, input_ids, attention_mask, shared_prefix: tuple[int, int] = (1, 0), answer_mask=None):
+        """`shared_prefix` (group, p) must end before every row's last token, and before its
+        answer when pooling the mean; `answer_mask` [B, T] marks the answer tokens (needed
+        then, ignored otherwise)."""
         hidden, _ = self.hidden(input_ids, attention_mask, shared_prefix=shared_prefix)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
         skipped = input_ids.shape[1] - hidden.shape[1]  # the shared prefix's columns, if any
+        if self.pooling == "mean":
+            if answer_mask is None:
+                raise ValueError("a mean-pooled reward model needs answer_mask (which tokens are the answer)")
+            weights = answer_mask[:, skipped:].float()
+            pooled = (hidden.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+            return self.head(pooled).squeeze(-1)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.head(hidden[rows, last_token_index(attention_mask) - skipped].float()).squeeze(-1)
 
 
@@ -315,17 +331,16 @@ def scalar_head(hidden_size: int, random: bool = True) -> nn.Linear:
 def score_texts(reward_model: RewardModel, tokenizer, prompts, responses, max_length: int = 1024,
                 batch_size: int = 8) -> torch.Tensor:
     """Scores of (prompt, response) pairs; prompts are strings or message lists."""
-    from ..data.tokenize import encode_prompt, encode_response, pad
-
     device = next(reward_model.parameters()).device
-    seqs = []
+    seqs, answers = [], []
     for prompt, response in zip(prompts, responses):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         seqs.append(encode_response(tokenizer, encode_prompt(tokenizer, messages, max_length), response, max_length))
+        answers.append(answer_length(tokenizer, response, max_length))
     scores = []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
         ids = pad(chunk, tokenizer.pad_token_id, "left").to(device)
         mask = pad([[1] * len(s) for s in chunk], 0, "left").to(device)
-        scores.append(reward_model(ids, mask).float().cpu())
+        scores.append(reward_model(ids, mask, answer_mask=answer_mask(mask, answers[i:i + batch_size])).float().cpu())
     return torch.cat(scores)

@@ -16,14 +16,24 @@ substantial answer that does not repeat itself (docs/preferences.md):
     an empty answer scores EMPTY_SCORE, below any non-empty answer.
 
 Human labels are noisy: raters agree with each other on ~63-77% of pairs (Stiennon et al.
-2020; Ouyang et al. 2022: ~73%). The labeler follows the gold order with probability
-`agreement` and flips it otherwise (a flip model, the same for every pair: the agreement
-rate is a setting that holds exactly, where a Bradley-Terry model's would depend on how far
-apart each pair's scores are).
+2020; Ouyang et al. 2022: ~73%). Two noise models, each with the agreement as its setting:
+
+- "thurstone" (the demo's): the labeler perceives each answer's gold score plus Gaussian
+  noise of one scale sigma and ranks by what it perceives (Thurstone's model of comparative
+  judgement). Like human raters, it errs on close calls and rarely on clear ones. Sigma is
+  fitted to each set of answers so that, on a random pair of answers to the same prompt, the
+  expected agreement with the gold order is the setting.
+- "flip": the gold order of the chosen pair, flipped with probability 1 - agreement, close
+  call or not (every label equally unreliable).
+
+With K answers to a prompt the labeler ranks them all and the pair is its first against its
+last (InstructGPT's labelers ranked 4 to 9 answers); those pairs are further apart than a
+random pair, so under "thurstone" they agree with the gold order more often than the setting.
 """
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import torch
@@ -102,10 +112,54 @@ def gold_scores(prompts, answers) -> list[float]:
     return [gold_score(p, a) for p, a in zip(prompts, answers)]
 
 
-def noisy_labels(score_a, score_b, agreement: float, generator: torch.Generator) -> list[bool | None]:
-    """Does the simulated human prefer a over b? The gold order, flipped with probability
-    1 - agreement; None where the gold scores tie (no preference to label)."""
+NOISE_MODELS = ("thurstone", "flip")
+
+
+def _check_agreement(agreement: float):
     if not 0.5 <= agreement <= 1.0:
         raise ValueError(f"label agreement must be in [0.5, 1], got {agreement}")
-    keep = (torch.rand(len(score_a), generator=generator) < agreement).tolist()
-    return [None if a == b else (a > b) == k for a, b, k in zip(score_a, score_b, keep)]
+
+
+def thurstone_sigma(groups: list[list[float]], agreement: float) -> float:
+    """The perception noise sigma at which a random pair of answers to the same prompt is
+    ordered as the gold scores order it with probability `agreement` (on average over the
+    groups' untied pairs): mean Phi(|d| / (sigma sqrt 2)) = agreement, solved by bisection
+    (the mean falls monotonically in sigma)."""
+    _check_agreement(agreement)
+    gaps = [abs(a - b) for g in groups for i, a in enumerate(g) for b in g[i + 1:] if a != b]
+    if not gaps or agreement == 1.0:
+        return 0.0
+
+    def agree(sigma):
+        return sum(0.5 * (1 + math.erf(d / (2 * sigma))) for d in gaps) / len(gaps)  # Phi(d / (sigma sqrt 2))
+
+    lo, hi = 1e-9, 1.0
+    while agree(hi) > agreement:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if agree(mid) > agreement else (lo, mid)
+    return (lo + hi) / 2
+
+
+def label_groups(groups: list[list[float]], agreement: float, generator: torch.Generator,
+                 noise: str = "thurstone") -> list[tuple[int, int] | None]:
+    """The simulated human's (chosen, rejected) indices into each group of gold scores (the K
+    answers to one prompt): the first and last of its noisy ranking. None where the two have
+    the same gold score (no preference to learn) or the group has fewer than two answers."""
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"label noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
+    _check_agreement(agreement)
+    sigma = thurstone_sigma(groups, agreement) if noise == "thurstone" else 0.0
+    labels = []
+    for g in groups:
+        if len(g) < 2:
+            labels.append(None)
+            continue
+        seen = (torch.tensor(g, dtype=torch.float64)
+                + sigma * torch.randn(len(g), generator=generator, dtype=torch.float64)).tolist()
+        best, worst = max(range(len(g)), key=seen.__getitem__), min(range(len(g)), key=seen.__getitem__)
+        if noise == "flip" and torch.rand(1, generator=generator).item() >= agreement:
+            best, worst = worst, best
+        labels.append(None if g[best] == g[worst] else (best, worst))
+    return labels

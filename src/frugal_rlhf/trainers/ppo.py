@@ -15,11 +15,11 @@ import time
 import torch
 
 from ..data.loader import LazyEncoded, split_rows
-from ..data.tokenize import IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt, stop_tokens
+from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt, last_token_index,
+                             stop_tokens)
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
 from ..models.modes import inference, train_without_dropout
-from ..models.roles import last_token_index
 from ..rl import losses as L
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
 from ..rl.kl import AdaptiveKLController, FixedKLController
@@ -157,7 +157,9 @@ class PPOTrainer(Trainer):
         # way, instead of at an arbitrary mid-answer token the head never saw.
         seq, attn = close_turns(seq, attn, self.settings.sample.eos_token_ids, self.tokenizer.eos_token_id,
                                 self.tokenizer.pad_token_id)
-        return self.reward_model(seq, attn, (self.settings.group_size, prompt_length - 1))
+        answer = attn.bool()
+        answer[:, :prompt_length] = False  # prompts are left-padded to prompt_length columns
+        return self.reward_model(seq, attn, (self.settings.group_size, prompt_length - 1), answer_mask=answer)
 
     @classmethod
     def from_config(cls, strategy, cfg):

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.loader import LazyEncoded, split_rows
-from ..data.tokenize import PairCollator, attention, encode_prompt, encode_response, pad
-from ..models.roles import last_token_index
+from ..data.tokenize import PairCollator, answer_length, answer_mask, attention, encode_prompt, encode_response, pad
 from ..models.sequence import SequenceScorer
 from ..rl import losses as L
 from ..rundir import atomic_write
@@ -32,22 +31,16 @@ NO_REFERENCE = ("simpo", "orpo")
 REF_FILE = "ref_logprobs.safetensors"
 
 
-def _answer_length(tokenizer, text: str, max_length: int) -> int:
-    return min(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1, max_length - 1)  # + end of turn
-
-
 def encode_scored_pair(tokenizer, row, max_length: int) -> dict:
     """A pair as the reward model encodes it, plus each answer's token count and the cap on
     the shared prefix that leaves the prompt's last position (which predicts the first answer
     token) to each row."""
     enc = encode_pair(tokenizer, row, max_length)
-    answer = [_answer_length(tokenizer, row[k], max_length) for k in ("chosen", "rejected")]
-    prompt = min(len(enc["chosen"]) - answer[0], len(enc["rejected"]) - answer[1])
-    return {**enc, "answer": answer, "max_shared": prompt - 1, "index": row["index"]}
+    return {**enc, "max_shared": enc["max_shared"] - 1, "index": row["index"]}
 
 
 def encode_unpaired(tokenizer, row, max_length: int) -> dict:
-    n = _answer_length(tokenizer, row["completion"], max_length)
+    n = answer_length(tokenizer, row["completion"], max_length)
     prompt_ids = encode_prompt(tokenizer, row["prompt"], max(max_length - n, max_length // 2))
     return {"ids": encode_response(tokenizer, prompt_ids, row["completion"], max_length), "answer": n,
             "label": row["label"], "index": row["index"]}
@@ -65,16 +58,13 @@ class ScoredCollator:
     def __call__(self, rows):
         if self.paired:
             batch = PairCollator(self.pad_id, self.share)(rows)
-            answer = [n for r in rows for n in r["answer"]]
             seq = [2 * r["index"] + k for r in rows for k in (0, 1)]
         else:
             ids = [r["ids"] for r in rows]
             batch = {"input_ids": pad(ids, self.pad_id), "attention_mask": attention(ids), "shared": 0,
                      "label": torch.tensor([r["label"] for r in rows])}
-            answer, seq = [r["answer"] for r in rows], [r["index"] for r in rows]
-        last = last_token_index(batch["attention_mask"])[:, None]
-        cols = torch.arange(batch["input_ids"].shape[1])
-        batch["answer_mask"] = (cols > last - torch.tensor(answer)[:, None]) & (cols <= last)
+            batch["answer_mask"] = answer_mask(batch["attention_mask"], [r["answer"] for r in rows])
+            seq = [r["index"] for r in rows]
         batch["seq"] = torch.tensor(seq)
         return batch
 

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ..data.loader import LazyEncoded
-from ..data.tokenize import PairCollator, encode_prompt, encode_response
+from ..data.tokenize import PairCollator, answer_length, encode_prompt, encode_response
 from ..models.reward_io import save_reward_model
 from ..models.roles import RewardModel
 from ..rl.losses import pairwise_loss
@@ -25,19 +25,21 @@ log = logging.getLogger("frugal_rlhf")
 def encode_pair(tokenizer, row, max_length: int):
     """Both answers after the same prompt, cut on the left to the room the longer answer leaves
     (a long conversation before short answers keeps its context); with answers longer than
-    half of max_length the prompt keeps half and encode_response cuts it further per answer."""
-    longest = max(len(tokenizer(row[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected"))
-    prompt_ids = encode_prompt(tokenizer, row["prompt"], max(max_length - longest, max_length // 2))
-    return {"chosen": encode_response(tokenizer, prompt_ids, row["chosen"], max_length),
-            "rejected": encode_response(tokenizer, prompt_ids, row["rejected"], max_length),
-            "margin": row.get("margin")}
+    half of max_length the prompt keeps half and encode_response cuts it further per answer.
+    `answer` counts each side's answer tokens; `max_shared` keeps them out of the prefix the
+    two rows share (a mean-pooled reward model reads every answer token of each row)."""
+    answer = [answer_length(tokenizer, row[k], max_length) for k in ("chosen", "rejected")]
+    prompt_ids = encode_prompt(tokenizer, row["prompt"], max(max_length - max(answer), max_length // 2))
+    enc = {k: encode_response(tokenizer, prompt_ids, row[k], max_length) for k in ("chosen", "rejected")}
+    prompt = min(len(enc["chosen"]) - answer[0], len(enc["rejected"]) - answer[1])
+    return {**enc, "margin": row.get("margin"), "answer": answer, "max_shared": prompt}
 
 
 class RewardTrainer(SupervisedTrainer):
     stage = "rm"
 
     def __init__(self, strategy, config, reward_model: RewardModel | None = None, rows=None):
-        rm = reward_model or self.role_from_config(RewardModel, config)
+        rm = reward_model or self.role_from_config(RewardModel, config, pooling=config.pooling)
         self.tokenizer = rm.tokenizer
         train_rows, eval_rows = self.load_split(config, rows, "preference")
         log.info("rm: %d training pairs, %d held out", len(train_rows), len(eval_rows))
@@ -66,7 +68,8 @@ class RewardTrainer(SupervisedTrainer):
 
 def pair_scores(rm, batch):
     """Scores of a PairCollator batch: chosen at even rows, rejected at odd rows."""
-    return rm(batch["input_ids"], batch["attention_mask"], shared_prefix=(2, batch["shared"])).float()
+    return rm(batch["input_ids"], batch["attention_mask"], shared_prefix=(2, batch["shared"]),
+              answer_mask=batch["answer_mask"]).float()
 
 
 def write_eval(run, metrics: dict, n_pairs: int) -> dict:
