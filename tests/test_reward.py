@@ -40,13 +40,20 @@ def train_rm(tmp_path, rows, stop_at=None, **kw):
     return trainer, trainer.fit(stop_at=stop_at)
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_reward_model_learns_marker_task_and_reloads(tmp_path, pooling):
+@pytest.mark.parametrize("pooling,head_lr", [("last", None), ("mean", None), ("mean", 3e-2)])
+def test_reward_model_learns_marker_task_and_reloads(tmp_path, pooling, head_lr):
     """In the compute dtype FRUGAL_DTYPE (or the machine) picks. The frozen base is kept in it, so
     a reload in that dtype gives identical scores; the merged standalone model rounds W + BA to it
     once per weight: in fp32 (eps 1.2e-7) that is below 1e-4, in bf16 (eps 2^-7, half of it per
     rounding) each of the 4 blocks' 2 matmul layers can add ~2^-8 relative, ~3% of the scores."""
-    trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8, pooling=pooling)
+    trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8, pooling=pooling,
+                                head_lr=head_lr)
+    groups = trainer.optim.param_groups
+    if head_lr:  # the head in a group of its own, at 10x the adapter's rate through the whole schedule
+        assert [p.shape for p in groups[1]["params"]] == [p.shape for p in trainer.model.head.parameters()]
+        assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * head_lr / 3e-3)
+    else:
+        assert len(groups) == 1
     dtype = trainer.strategy.dtype
     result = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert result["n_pairs"] == 48

@@ -66,6 +66,7 @@ class RewardConfig(TrainConfig):
     loss: str = "logsigmoid"           # logsigmoid | logexp
     center_coef: float = 0.0           # reward centering: coef * mean((r_c + r_r)^2)
     pooling: str = "last"              # last (hidden state at the end of turn) | mean (over the answer's tokens)
+    head_lr: float | None = None       # the score head's learning rate (default: lr, as the adapter's)
     eval_split: float = 0.1
     eval_only: bool = False            # score an existing reward model (--model) on --data
 

@@ -44,10 +44,13 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.1)
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0):
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    """AdamW over tensors, or over param groups (dicts, which may carry their own "lr")."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    if not any(g["params"] for g in groups):
         raise ValueError("nothing to train: the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
 def make_scheduler(optim, config):

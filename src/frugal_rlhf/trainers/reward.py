@@ -47,6 +47,17 @@ class RewardTrainer(SupervisedTrainer):
         super().__init__(strategy, config, rm, LazyEncoded(train_rows, encode), LazyEncoded(eval_rows, encode),
                          PairCollator(self.tokenizer.pad_token_id, share=not config.gradient_checkpointing))
 
+    def param_groups(self, model):
+        """With head_lr, the score head in a group of its own: a fresh linear layer on ~100 pairs
+        barely leaves its random start at the adapter's lr (Adam moves each weight ~lr a step),
+        so the adapter bends the features toward a random direction instead."""
+        params = model.trainable_parameters()
+        if self.config.head_lr is None:
+            return params
+        head = {id(p) for p in model.head.parameters()}
+        return [{"params": [p for p in params if id(p) not in head]},
+                {"params": [p for p in params if id(p) in head], "lr": self.config.head_lr}]
+
     def weight(self, batch):
         return batch["margin"].shape[0]
 

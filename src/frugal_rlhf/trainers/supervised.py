@@ -31,7 +31,7 @@ class SupervisedTrainer(Trainer):
         super().__init__(strategy, config)
         self.model = model
         self.checkpoint_activations(model)
-        optim = make_optimizer(model.trainable_parameters(), config.learning_rate(), config.weight_decay)
+        optim = make_optimizer(self.param_groups(model), config.learning_rate(), config.weight_decay)
         self.scheduler = make_scheduler(optim, config)
         self.model, self.optim = strategy.prepare((model, optim))
         self.loader = strategy.setup_dataloader(train_set, config.batch_size, collate, accum=config.grad_accum)
@@ -40,6 +40,9 @@ class SupervisedTrainer(Trainer):
         self.models = {"model": self.model}
         self.optimizers = {"model": self.optim}
         self.stateful = {"scheduler": self.scheduler, "loader": self.loader}
+
+    def param_groups(self, model):
+        return model.trainable_parameters()
 
     @staticmethod
     def role_from_config(role_cls, config, **role_settings):
