@@ -104,12 +104,13 @@ class DecodeBatch:
             out = self.model(**kwargs)
         return out.logits[:, -1], getattr(out, "cache", None)
 
-    def _reserve(self, columns: int, like: tuple[list[Tensor], list[Tensor]]) -> None:
-        """Make room for `columns` columns per slot (allocated on the first join, shaped `like`
-        the prefill's keys and values)."""
+    def _reserve(self, columns: int, like: tuple[list[Tensor], list[Tensor]] | None = None) -> None:
+        """Make room for `columns` columns per slot: allocated on the first join (shaped like
+        the prefill's keys and values), then grown by doubling, so growth copies stay rare."""
         if columns <= self.capacity:
             return
-        new = max(columns, 2 * self.capacity)  # doubling: growth copies stay rare
+        new = max(columns, 2 * self.capacity)
+        like = like or (self.cache.keys, self.cache.values)
         for store, fresh in zip((self.cache.keys, self.cache.values), like):
             for layer, src in enumerate(fresh):
                 grown = torch.zeros(self.slots, src.shape[1], new, src.shape[3], dtype=src.dtype, device=self.device)
@@ -127,7 +128,8 @@ class DecodeBatch:
         """Prefill left-padded prompts [k, W] into k*copies free slots; next-token logits [k*copies, V].
 
         `rows`: the caller's handles, k*copies of them (each prompt's copies adjacent: a prompt
-        shared by a group is prefilled once). `room`: how many more tokens each row may add.
+        shared by a group is prefilled once). `room`: the columns reserved for each row's new
+        tokens now (a row that needs more later makes the cache grow).
         `adapter_names`: with adapters, one per prompt.
         """
         k, width = input_ids.shape
@@ -166,8 +168,7 @@ class DecodeBatch:
         n = self.active
         rows = torch.arange(n, device=self.device)
         cols = self.length[:n]
-        if int(cols.max()) >= self.capacity:
-            raise RuntimeError("a row outgrew the room it was given when it joined")
+        self._reserve(int(cols.max()) + 1)
         self.valid[rows, cols] = True
         width = int(cols.max()) + 1
         self.cache.rows, self.cache.cols, self.cache.width = rows, cols.clone(), width
