@@ -298,3 +298,20 @@ def test_rows_join_a_running_batch_and_reuse_freed_slots(model):
     # "short" finished after 2 decode steps of its own while "long" kept running; "late"
     # could only join because a slot had been freed (2 slots, 4 rows).
     assert batch.steps < sum(n for evs in events.values() for _, _, n in evs)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(monkeypatch):
+    """FRUGAL_COMPILE=1 compiles the decode step (inductor on CPU); rows leaving change the
+    batch shape mid-rollout. Greedy tokens stay those of the eager engine."""
+    model = _llama()
+    ids, mask = _left_pad(PROMPTS)
+    free = _gen(sample(model, ids, mask, SampleConfig(max_new_tokens=10, temperature=0.0, pad_token_id=PAD)))
+    cfg = SampleConfig(max_new_tokens=10, temperature=0.0, eos_token_ids=(int(free[1, 2]),), pad_token_id=PAD)
+    eager = sample(model, ids, mask, cfg)
+    monkeypatch.setenv("FRUGAL_COMPILE", "1")
+    compiled = sample(model, ids, mask, cfg)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    monkeypatch.setenv("FRUGAL_COMPILE", "yes")
+    with pytest.raises(ValueError, match="FRUGAL_COMPILE"):
+        sample(model, ids, mask, cfg)

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
+from ..device import compile_decode
+
 
 class SlotCache(Cache):
     """The model-facing side: `update` writes each row's new key at that row's column.
@@ -72,6 +74,10 @@ class DecodeBatch:
         eager = getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager"
         self._additive_mask = eager  # eager attention adds its mask; sdpa takes booleans
         self._keep = True
+        # The decode step (one token per row, the same shapes step after step) is what a
+        # compiler can speed up; prefills vary in length and stay eager.
+        options = compile_decode(self.device)
+        self._decoder = torch.compile(model, **options) if options is not None else model
 
     @property
     def active(self) -> int:
@@ -85,23 +91,24 @@ class DecodeBatch:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
-    def _forward(self, **kwargs) -> tuple[Tensor, object]:
+    def _forward(self, model=None, **kwargs) -> tuple[Tensor, object]:
         """One forward pass returning last-position logits [B, V] and the model's cache.
 
         `logits_to_keep=1` stops the LM head from projecting every prompt position to the
         vocabulary (B*P*V floats at prefill). Models (or wrappers) that do not accept it get
         a TypeError once, after which we stop passing it.
         """
+        model = self.model if model is None else model
         if self._keep:
             try:
-                out = self.model(**kwargs, logits_to_keep=1)
+                out = model(**kwargs, logits_to_keep=1)
             except TypeError as err:
                 if "logits_to_keep" not in str(err):
                     raise
                 self._keep = False
-                out = self.model(**kwargs)
+                out = model(**kwargs)
         else:
-            out = self.model(**kwargs)
+            out = model(**kwargs)
         return out.logits[:, -1], getattr(out, "cache", None)
 
     def _reserve(self, columns: int, like: tuple[list[Tensor], list[Tensor]] | None = None) -> None:
@@ -177,7 +184,7 @@ class DecodeBatch:
             allowed.shape, dtype=self.cache.keys[0].dtype, device=self.device).masked_fill(
             ~allowed, torch.finfo(self.cache.keys[0].dtype).min)
         extra = {"adapter_names": self.adapter_names} if self.adapter_names is not None else {}
-        logits, _ = self._forward(input_ids=tokens[:, None], attention_mask=mask,
+        logits, _ = self._forward(self._decoder, input_ids=tokens[:, None], attention_mask=mask,
                                   position_ids=self.position[:n, None].clone(), cache=self.cache, use_cache=True,
                                   **extra)
         self.length[:n] += 1
