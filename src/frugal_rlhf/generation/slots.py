@@ -74,8 +74,8 @@ class DecodeBatch:
         eager = getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager"
         self._additive_mask = eager  # eager attention adds its mask; sdpa takes booleans
         self._keep = True
-        # The decode step (one token per row, the same shapes step after step) is what a
-        # compiler can speed up; prefills vary in length and stay eager.
+        # The decode step (one token per row; only the row count and the attended width vary,
+        # compiled as dynamic dimensions) is what a compiler can speed up; prefills stay eager.
         options = compile_decode(self.device)
         self._decoder = torch.compile(model, **options) if options is not None else model
 
