@@ -64,6 +64,17 @@ def test_bench_serve_answers_every_request_and_compares_with_generate(tmp_path):
     assert r["rows"][-1]["mode"] == "generate, one at a time" and r["rows"][-1]["requests"] == 16 * per_client
 
 
+def test_bench_serve_mixed_runs_every_mode_on_the_same_arrivals():
+    from frugal_rlhf.serve.bench_mixed import COLUMNS, bench_serve_mixed, format_table
+
+    r = bench_serve_mixed("tiny-llama", short=3, long=20, requests=6, rate=50.0, long_fraction=0.5, dtype="fp32",
+                          threads=1)
+    assert [row["mode"] for row in r["rows"]] == ["continuous batching", "static batches", "generate, one at a time"]
+    for row in r["rows"]:
+        assert all(row[c] is not None for c in COLUMNS) and row["tokens_per_s"] > 0, row
+    assert len(format_table(r).splitlines()) == 2 + 3
+
+
 def test_bench_compare_generate_is_our_sampler_against_hf_generate(tmp_path):
     out = tmp_path / "cmp.json"
     assert main(["bench", "compare", "--stage", "generate", "--model", "tiny-llama", "--new-tokens", "4",

@@ -202,3 +202,116 @@ def test_peft_wrapped_model_matches_reference():
     fast = sample(lora, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
     slow = reference_sample(lora, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fast.sequences, slow.sequences)
+
+
+# ---- the engine: decode batch with a preallocated cache, rows joining and leaving ----------------
+
+from frugal_rlhf.generation import DecodeBatch  # noqa: E402
+
+
+def test_greedy_equals_hf_generate_with_rows_leaving_early(model):
+    """Greedy tokens equal an independent implementation (HF generate, fp32) token for token,
+    while rows stop at different steps and leave the decode batch."""
+    ids, mask = _left_pad(PROMPTS)
+    free = _gen(sample(model, ids, mask, SampleConfig(max_new_tokens=12, temperature=0.0, pad_token_id=PAD)))
+    eos = int(free[1, 2])  # row 1 stops by step 2; the others later or never
+    cfg = SampleConfig(max_new_tokens=12, temperature=0.0, eos_token_ids=(eos,), pad_token_id=PAD)
+    ours = sample(model, ids, mask, cfg)
+    lengths = ours.action_mask.sum(1).tolist()
+    assert len(set(lengths)) > 1  # uneven: rows really left at different steps
+    with torch.inference_mode():
+        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                            eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1]:]
+    for row, n in enumerate(lengths):
+        assert torch.equal(_gen(ours)[row, :n], hf[row, :n]), f"row {row}"
+    assert torch.equal(ours.sequences, reference_sample(model, ids, mask, cfg).sequences)
+
+
+def _fp32_logprob_bound(model, logits_scale: float) -> float:
+    """Rounding bound for one log-prob computed by two fp32 forwards that differ only in
+    summation order (cached single-token steps vs one pass over the whole sequence).
+
+    A dot product of n fp32 terms carries a relative error up to n*eps (Higham's gamma_n); the
+    longest sums on the path are over the hidden or MLP width, once per layer and once in the
+    LM head; a log-prob is logit - logsumexp, so twice a logit's error. Scaled by the logits'
+    magnitude: 2 * (layers + 1) * width * eps * max|logit|.
+    """
+    cfg = model.config
+    width = max(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size, cfg.hidden_size)
+    return 2 * (cfg.num_hidden_layers + 1) * width * torch.finfo(torch.float32).eps * logits_scale
+
+
+def test_engine_logprobs_equal_the_trainers_forward(model):
+    from frugal_rlhf.models.roles import token_logprobs
+
+    ids, mask = _left_pad(PROMPTS)
+    cfg = SampleConfig(max_new_tokens=10, temperature=0.7, top_k=30, pad_token_id=PAD, eos_token_ids=(7,))
+    r = sample(model, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    n = r.action_mask.shape[1]
+    with torch.no_grad():  # the trainer's computation: full forward, chunked log-softmax at the temperature
+        out = model(input_ids=r.sequences, attention_mask=r.attention_mask,
+                    position_ids=(r.attention_mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True)
+        trainer, _ = token_logprobs(out.hidden_states[-1][:, -n - 1:-1], model.get_output_embeddings(),
+                                    r.sequences[:, -n:], temperature=0.7)
+    act = r.action_mask.bool()
+    bound = _fp32_logprob_bound(model, float(out.logits.abs().max()) / 0.7)
+    mismatch = float((r.logprobs - trainer)[act].abs().max())
+    assert mismatch <= bound, (mismatch, bound)
+    assert torch.all(r.logprobs[~act] == 0) and torch.all(r.logprobs[act] < 0)
+
+
+def _alone(model, prompt, steps):
+    r = sample(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+               SampleConfig(max_new_tokens=steps, temperature=0.0, pad_token_id=PAD))
+    return _gen(r)[0].tolist()
+
+
+def _greedy_through(batch: DecodeBatch, events: dict[int, list], steps: int) -> dict:
+    """Drive a decode batch greedily: at step s the rows of events[s] join (each prompt alone,
+    asking for `want` tokens); rows leave when they have them. Returns {name: tokens}."""
+    out, want, pending = {}, {}, {}
+    for s in range(steps):
+        batch.leave([len(out[r]) < want[r] for r in batch.rows])
+        for name, prompt, n in events.get(s, []):
+            logits = batch.join(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), [name], n)
+            out[name], want[name] = [int(logits.argmax(-1))], n
+            pending[name] = out[name][-1]
+        if not batch.rows:
+            continue
+        logits = batch.step(torch.tensor([pending[r] for r in batch.rows]))
+        for r, tok in zip(batch.rows, logits.argmax(-1).tolist()):
+            out[r].append(tok)
+            pending[r] = tok
+    return out
+
+
+def test_rows_join_a_running_batch_and_reuse_freed_slots(model):
+    """Continuous batching: rows of different lengths join at later steps, leave when done, and
+    a later row takes a freed slot; each row's greedy tokens equal that prompt run alone."""
+    events = {0: [("long", PROMPTS[0], 14)], 2: [("short", PROMPTS[1], 3)], 4: [("mid", PROMPTS[2], 6)],
+              9: [("late", [11, 22, 33, 44, 55, 66, 77], 5)]}
+    with torch.inference_mode():
+        batch = DecodeBatch(model, slots=2)
+        got = _greedy_through(batch, events, 20)
+    for name, prompt, n in (e for evs in events.values() for e in evs):
+        assert got[name] == _alone(model, prompt, n), name
+    # "short" finished after 2 decode steps of its own while "long" kept running; "late"
+    # could only join because a slot had been freed (2 slots, 4 rows).
+    assert batch.steps < sum(n for evs in events.values() for _, _, n in evs)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(monkeypatch):
+    """FRUGAL_COMPILE=1 compiles the decode step (inductor on CPU); rows leaving change the
+    batch shape mid-rollout. Greedy tokens stay those of the eager engine."""
+    model = _llama()
+    ids, mask = _left_pad(PROMPTS)
+    free = _gen(sample(model, ids, mask, SampleConfig(max_new_tokens=10, temperature=0.0, pad_token_id=PAD)))
+    cfg = SampleConfig(max_new_tokens=10, temperature=0.0, eos_token_ids=(int(free[1, 2]),), pad_token_id=PAD)
+    eager = sample(model, ids, mask, cfg)
+    monkeypatch.setenv("FRUGAL_COMPILE", "1")
+    compiled = sample(model, ids, mask, cfg)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    monkeypatch.setenv("FRUGAL_COMPILE", "yes")
+    with pytest.raises(ValueError, match="FRUGAL_COMPILE"):
+        sample(model, ids, mask, cfg)

@@ -164,6 +164,17 @@ def test_first_epoch_starts_at_ratio_one(tmp_path):
     # recomputed in the update's own mode), so nothing is clipped and the ratio is 1.
     assert metrics[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics[0]["clipfrac"] == 0.0
+    assert_small_mismatch(metrics, trainer)
+
+
+def assert_small_mismatch(metrics, trainer):
+    """The engine's log-probs of the sampled tokens against the trainer's forward, logged every
+    step. In fp32 only rounding separates them: far below bf16's resolution (eps 2^-7, a 0.8%
+    change of a probability) that a real mismatch (masks, positions, adapters) would exceed.
+    Under bf16 autocast the two paths round differently at that resolution: logged only."""
+    bound = torch.finfo(torch.bfloat16).eps if trainer.strategy.dtype == torch.float32 else float("inf")
+    for m in metrics:
+        assert 0.0 <= m["gen_logprob_mismatch_mean"] <= m["gen_logprob_mismatch"] < bound, m
 
 
 def test_first_epoch_starts_at_ratio_one_in_bf16_too(tmp_path):
@@ -348,7 +359,7 @@ def test_grpo_single_update_takes_old_logprobs_from_its_own_forward(tmp_path, mo
     kw = dict(advantage="group", group_size=4, rollout_batch_size=4, batch_size=16, ppo_epochs=1, max_steps=4,
               kl_coef=0.1)
     torch.manual_seed(0)  # the adapters' initialization
-    _, reused = run_ppo(tmp_path / "reused", **kw)
+    trainer, reused = run_ppo(tmp_path / "reused", **kw)
     assert asked.count(False) == 4  # every step (the held-out evaluations compute them)
     asked.clear()
     monkeypatch.setattr(PPOTrainer, "one_update", lambda self, prompts: False)
@@ -356,6 +367,8 @@ def test_grpo_single_update_takes_old_logprobs_from_its_own_forward(tmp_path, mo
     _, recomputed = run_ppo(tmp_path / "recomputed", **kw)
     assert asked and all(asked)
     assert any(m["kl"] > 1e-3 for m in recomputed)  # the policy moved: the KL being compared is not 0
+    assert_small_mismatch(reused, trainer)  # measured by the update's first forward
+    assert_small_mismatch(recomputed, trainer)  # measured by the experience's forward
     for a, b in zip(reused, recomputed):
         for key in ("reward", "kl", "kl_loss", "policy_loss", "ratio_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

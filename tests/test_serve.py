@@ -756,3 +756,56 @@ def test_chat_page_puts_two_adapters_side_by_side(adapter_server):
                  for b in page.locator(".turn.pair .msg.assistant").all()}
     with httpx.Client(base_url=adapter_server.url, timeout=TIMEOUT) as c:
         assert shown == {name: _greedy(c, name, "Compare!", 12) for name in ("ppo", "dpo")}
+
+
+# --- issue 22: continuous batching ---------------------------------------------------------
+
+
+def _short_behind_long(continuous: bool):
+    """A 250-token request runs; a 5-token one arrives after its first token. Returns the
+    engine's decode steps from the short one's submission to its end, whether the long one was
+    still running then, and the short one's text."""
+    from frugal_rlhf.serve.engine import Engine, Finished, Job
+    from frugal_rlhf.serve.sampler import RowSettings
+
+    model, tokenizer = load_model("tiny-llama")
+    model = PrintableOnly(model, tokenizer).eval()
+    engine = Engine(model, tokenizer, max_batch=4, threads=1, continuous=continuous).start()
+    started, done, seen = threading.Event(), threading.Event(), {"text": ""}
+    long_done = threading.Event()
+
+    def long_emit(event):
+        started.set()
+        if isinstance(event, Finished):
+            long_done.set()
+
+    def short_emit(event):
+        if isinstance(event, Finished):
+            seen["end"], seen["long_running"] = engine._counters["decode_steps"], not long_done.is_set()
+            done.set()
+        elif hasattr(event, "text"):
+            seen["text"] += event.text
+
+    ids = tokenizer("Tell me a long story", add_special_tokens=False)["input_ids"]
+    greedy = RowSettings(temperature=0.0)
+    try:
+        engine.submit([Job(ids, 250, greedy, emit=long_emit)])
+        assert started.wait(TIMEOUT)
+        begin = engine.stats()["decode_steps"]
+        engine.submit([Job(tokenizer("Hi", add_special_tokens=False)["input_ids"], 5, greedy, emit=short_emit)])
+        assert done.wait(TIMEOUT) and long_done.wait(TIMEOUT)
+    finally:
+        engine.close()
+    return seen["end"] - begin, seen["long_running"], seen["text"]
+
+
+def test_a_short_request_behind_a_long_one_finishes_in_its_own_steps():
+    """Continuous batching: the short request joins the running batch at the next step and
+    leaves after its 5 tokens (1 from its prefill, 4 decode steps; one more step may pass
+    between its arrival and its join), while the long one keeps running. Static batching
+    makes it wait for the long one's ~250 steps. Its answer is the same either way."""
+    steps, long_running, text = _short_behind_long(continuous=True)
+    assert steps <= 5 and long_running, steps
+    static_steps, static_long_running, static_text = _short_behind_long(continuous=False)
+    assert static_steps >= 240 and not static_long_running, static_steps
+    assert text == static_text and len(text) == 5

@@ -51,6 +51,19 @@ def compute_dtype(device: torch.device | None = None, override: str | None = Non
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
+def compile_decode(device: torch.device) -> dict | None:
+    """torch.compile options for the generation engine's decode step, or None for eager.
+
+    Off unless FRUGAL_COMPILE=1: on CPU (inductor) it has not been shown faster than eager
+    here (compare with `FRUGAL_COMPILE=0|1 frugal bench generate`), and it costs a compile
+    per new batch shape. On CUDA, "reduce-overhead" replays the step as a CUDA graph."""
+    if os.environ.get("FRUGAL_COMPILE", "0") not in ("0", "1"):
+        raise ValueError(f"FRUGAL_COMPILE must be 0 or 1; got {os.environ['FRUGAL_COMPILE']!r}")
+    if os.environ.get("FRUGAL_COMPILE") != "1":
+        return None
+    return {"dynamic": True, **({"mode": "reduce-overhead"} if device.type == "cuda" else {})}
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for a forward pass; a no-op in fp32."""
     if dtype == torch.float32:

@@ -44,6 +44,9 @@ def add_bench_args(p):
     p.add_argument("--memory-budget", default=None,
                    help="sft, rm, ppo: plan micro-batch, accumulation and checkpointing for this budget (4GiB, auto)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--mixed", action="store_true",
+                   help="serve: mixed lengths (a 5-token request behind a 250-token one, Poisson arrivals of "
+                        "short and long requests): continuous vs static batching vs one-at-a-time generate")
     p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
     p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
     p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
@@ -98,9 +101,14 @@ def _compare(args, kw):
 
 
 def _serve(args, kw):
-    from ..serve.bench import bench_serve, format_table
+    if args.mixed:
+        from ..serve.bench_mixed import bench_serve_mixed, format_table
 
-    r = bench_serve(args.model, max_tokens=args.new_tokens, dtype=args.dtype)
+        r = bench_serve_mixed(args.model, dtype=args.dtype)
+    else:
+        from ..serve.bench import bench_serve, format_table
+
+        r = bench_serve(args.model, max_tokens=args.new_tokens, dtype=args.dtype)
     return r, f"model {r['model']} ({r['dtype']}), {r['settings']}\n" + format_table(r)
 
 

@@ -28,6 +28,7 @@ class Experience:
     returns: torch.Tensor          # [B, N] = advantages + values (the value target)
     score: torch.Tensor            # [B] raw reward-model score
     kl: torch.Tensor | None        # [B, N] per-token KL estimate to the reference (None with logprobs)
+    sample_logprobs: torch.Tensor  # [B, N] the generation engine's log-probs of the sampled tokens
 
     @property
     def num_actions(self) -> int:
@@ -143,5 +144,6 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
         advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
         if settings.whiten_advantages:
             advantages = L.masked_whiten(advantages, mask, all_reduce=strategy.all_reduce)
-    exp = Experience(seq, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, raw_score, kl)
+    exp = Experience(seq, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, raw_score, kl,
+                     out.logprobs)
     return exp, {"time_gen": t1 - t0, "time_score": time.perf_counter() - t1}

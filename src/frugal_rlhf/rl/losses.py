@@ -229,6 +229,16 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 
 
 @torch.no_grad()
+def logprob_mismatch(sampled: Tensor, trained: Tensor, mask: Tensor) -> dict[str, float]:
+    """Training-inference mismatch: how far the log-probs the generation engine reported for
+    the tokens it sampled are from the trainer's forward on the same tokens (same weights).
+    Rounding alone keeps it near the dtype's epsilon times the logits' size; more means the
+    two paths compute different things (masks, positions, adapters, dtypes)."""
+    gap = (sampled.float() - trained.float()).abs()
+    return {"gen_logprob_mismatch": float(gap[mask.bool()].max()) if mask.any() else 0.0,
+            "gen_logprob_mismatch_mean": float(masked_mean(gap, mask))}
+
+
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     """1 - Var(returns - values) / Var(returns) over masked elements (python float).
     1 = perfect value function, 0 = no better than a constant; nan if Var(returns) == 0."""

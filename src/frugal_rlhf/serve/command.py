@@ -103,12 +103,15 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
 
 def make_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
              max_queue: int = 64, threads: int | None = None, adapters: tuple[str, ...] = (),
-             host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = ()):
-    """The app for a server bound to `host`; `adapters` names the LoRA adapters loaded on `model`."""
+             host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = (),
+             continuous: bool = True):
+    """The app for a server bound to `host`; `adapters` names the LoRA adapters loaded on `model`;
+    `continuous=False`: static batches (the benchmark's comparison)."""
     from frugal_rlhf.serve.app import allowed_hosts, build_app
     from frugal_rlhf.serve.engine import Engine
 
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, threads=threads, adapters=adapters)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, threads=threads, adapters=adapters,
+                    continuous=continuous)
     return build_app(engine, model_name, api_key, allowed_hosts(host, allow_hosts), cors_origins)
 
 

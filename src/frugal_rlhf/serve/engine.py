@@ -1,13 +1,16 @@
-"""The generation worker: one thread owns the model and runs batches.
+"""The generation worker: one thread owns the model and runs the continuous batch.
 
-Batching is static and per-step: requests that arrive while a batch runs wait in a
-bounded queue; when the batch ends, up to `max_batch` waiting requests start together
-as one left-padded batch through `generation.sample` (KV cache). Each row keeps its own
-temperature / top_p / seed / max_tokens / stop strings (see sampler.RowSampler) and
-streams its text as soon as each step produces it. A row ends on EOS, a stop string, its
-max_tokens, a cancel (client gone) or non-finite scores (that row alone fails); when every
-row has ended the batch stops at once. Rows of different LoRA adapters share a batch
-(see sampler.RowSampler).
+Batching is continuous (iteration-level): requests wait in a bounded queue only until a
+slot of the engine's decode batch (generation.DecodeBatch) is free; then they join the
+running batch at the next step (one prefill of the joiners' prompts), and each leaves the
+moment it is done, its KV-cache slot reused by the next. A short request behind a long
+one therefore finishes in its own few steps. `continuous=False` keeps the old static
+policy (a batch starts only when the previous one has ended), for `frugal bench serve`.
+
+Each row keeps its own temperature / top_p / seed / max_tokens / stop strings (see
+sampler.RowSampler) and streams its text as soon as each step produces it. A row ends on
+EOS, a stop string, its max_tokens, a cancel (client gone) or non-finite scores (that row
+alone fails). Rows of different LoRA adapters share a batch (peft's mixed-batch inference).
 
 The engine knows nothing about HTTP or asyncio: each Job carries an `emit` callback that
 receives Delta / Finished / Failed events on the worker thread.
@@ -25,8 +28,8 @@ from typing import Callable
 import torch
 
 from frugal_rlhf.data.tokenize import stop_tokens
-from frugal_rlhf.generation import SampleConfig, sample
-from frugal_rlhf.serve.sampler import RowSampler, RowSettings, TokenLogprob
+from frugal_rlhf.generation import DecodeBatch
+from frugal_rlhf.serve.sampler import BASE, Pick, RowSampler, RowSettings, TokenLogprob, pick
 from frugal_rlhf.serve.tokens import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger("frugal_rlhf")
@@ -70,8 +73,10 @@ class QueueFull(Exception):
 class _Row:
     """Bookkeeping for one request inside a running batch."""
 
-    def __init__(self, job: Job, tokenizer, eos: set[int]):
+    def __init__(self, job: Job, tokenizer, eos: set[int], device):
         self.job, self.eos = job, eos
+        self.sampler = RowSampler(job.settings, device)
+        self.next_token = 0  # the token the next decode step feeds for this row
         self.decoder = IncrementalDecoder(tokenizer)
         self.stopper = StopMatcher(job.stop)
         self.count = 0  # generated tokens that belong to the text (the final EOS is not counted)
@@ -124,15 +129,15 @@ def default_threads() -> int:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, gather_seconds: float = 0.01,
-                 threads: int | None = None, adapters: tuple[str, ...] = ()):
+                 threads: int | None = None, adapters: tuple[str, ...] = (), continuous: bool = True):
         self.model, self.tokenizer = model, tokenizer
         # torch intra-op threads for the worker. OpenMP settings are per thread, so this
         # must be applied on the worker thread itself.
         self.threads = threads or default_threads()
         self.adapters = tuple(adapters)  # LoRA adapter names loaded on the model (peft), besides the base
-        self.max_batch, self.max_queue = max_batch, max_queue
-        # Before starting a batch that is not full, wait this long for companions: clients
-        # that fire together then share a batch instead of the first one running alone.
+        self.max_batch, self.max_queue, self.continuous = max_batch, max_queue, continuous
+        # Before starting from idle with a batch that is not full, wait this long for
+        # companions: clients that fire together then share one prefill.
         self.gather_seconds = gather_seconds
         self.eos = stop_tokens(tokenizer, model)
         self._eos_set = set(self.eos)
@@ -140,9 +145,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
-        self._rows: list[_Row] = []
+        self._rows: list[_Row] = []  # the running batch's rows, for stats() and close()
         self._closed = False
-        self._counters = {"batches": 0, "largest_batch": 0, "cancelled": 0}
+        # batches: groups of requests that joined together; decode_steps: steps of the running batch
+        self._counters = {"batches": 0, "largest_batch": 0, "cancelled": 0, "decode_steps": 0}
         self._thread = threading.Thread(target=self._loop, name="frugal-serve-worker", daemon=True)
 
     def start(self) -> "Engine":
@@ -178,79 +184,104 @@ class Engine:
             active = sum(not r.done for r in self._rows)  # a cancelled row counts until the worker drops it
             counters = dict(self._counters)
         return {"active": active, "queued": queued, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "threads": self.threads, **counters}
+                "threads": self.threads, "continuous": self.continuous, **counters}
 
-    def _take_batch(self) -> list[Job] | None:
+    def _admit(self, batch: DecodeBatch) -> list[Job] | None:
+        """The queued jobs that join now (up to the free slots); None once closed.
+
+        Idle, this waits for work (and `gather_seconds` for companions); with rows running it
+        never waits: they must not stall. Static batching admits only into an empty batch."""
         with self._cond:
-            while not self._closed and not self._queue:
-                self._cond.wait()
-            deadline = time.monotonic() + self.gather_seconds
-            while not self._closed and len(self._queue) < self.max_batch and time.monotonic() < deadline:
-                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            if not batch.active:
+                while not self._closed and not self._queue:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.gather_seconds
+                while not self._closed and len(self._queue) < batch.free and time.monotonic() < deadline:
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
             if self._closed:
                 return None
-            batch = []
-            while self._queue and len(batch) < self.max_batch:
-                job = self._queue.popleft()
-                if not job.cancelled:  # its client left while it waited
-                    batch.append(job)
-                else:
-                    self._counters["cancelled"] += 1
-            if batch:
+            jobs: list[Job] = []
+            if self.continuous or not batch.active:
+                while self._queue and len(jobs) < batch.free:
+                    job = self._queue.popleft()
+                    if not job.cancelled:  # its client left while it waited
+                        jobs.append(job)
+                    else:
+                        self._counters["cancelled"] += 1
+            if jobs:
                 self._counters["batches"] += 1
-                self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch))
-            self._rows = [_Row(job, self.tokenizer, self._eos_set) for job in batch]
-            return batch
+            return jobs
 
     def _loop(self) -> None:
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            self._serve_batches()
+            with torch.inference_mode():
+                self._serve()
         finally:
             torch.set_num_threads(previous)  # the setting also reaches process-wide pools (MKL)
 
-    def _serve_batches(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            if not batch:
-                continue
+    def _serve(self) -> None:
+        self.model.eval()
+        batch = DecodeBatch(self.model, self.max_batch, adapters=bool(self.adapters))
+        while (jobs := self._admit(batch)) is not None:
             try:
-                self._run_batch(batch)
-            except Exception as err:  # a bad batch must not kill the worker
+                if jobs:
+                    self._join(batch, jobs)
+                self._leave(batch)
+                if batch.active:
+                    self._feed(batch.rows, batch.step(torch.tensor([r.next_token for r in batch.rows],
+                                                                   device=self.device)))
+                    with self._cond:
+                        self._counters["decode_steps"] += 1
+                    self._leave(batch)
+            except Exception as err:  # a failed step must not kill the worker
                 log.exception("generation failed")
-                for row in self._rows:
+                for row in batch.rows:
                     if not row.done:
                         row.fail(f"generation failed: {err}")
-            finally:
+                batch = DecodeBatch(self.model, self.max_batch, adapters=bool(self.adapters))
+                self._publish(batch)
+
+    def _join(self, batch: DecodeBatch, jobs: list[Job]) -> None:
+        """One left-padded prefill of the joining prompts; their first tokens are picked at once."""
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
+        rows = [_Row(job, self.tokenizer, self._eos_set, self.device) for job in jobs]
+        adapters = [j.settings.adapter or BASE for j in jobs] if self.adapters else None
+        # Room for the tokens a typical answer needs now; a longer one grows the cache.
+        room = max(min(j.max_tokens, 256) for j in jobs)
+        logits = batch.join(ids.to(self.device), mask.to(self.device), rows, room, adapter_names=adapters)
+        self._publish(batch)
+        self._feed(rows, logits)
+
+    def _feed(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token and hand it to the row (text, stop checks, events)."""
+        picked: Pick = pick(logits, [row.sampler for row in rows])
+        for row, token, failed, logprob in zip(rows, picked.tokens, picked.failed, picked.logprobs):
+            if row.done:
+                continue
+            if row.job.cancelled:
+                row.done = True  # nobody listens any more: drop the result
                 with self._cond:
-                    self._rows = []
+                    self._counters["cancelled"] += 1
+            elif failed:
+                row.fail("generation failed for this request: the model's scores were not finite (NaN or inf)")
+            else:
+                row.feed(token, logprob)
+                row.next_token = token
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        rows = self._rows
-        width = max(len(j.prompt_ids) for j in batch)
-        ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in batch])
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in batch])
-        wrapped = RowSampler(self.model, [j.settings for j in batch], multi_adapter=bool(self.adapters))
-        config = SampleConfig(max_new_tokens=max(j.max_tokens for j in batch), temperature=0.0,
-                              eos_token_ids=self.eos, pad_token_id=self.pad_id)
+    def _leave(self, batch: DecodeBatch) -> None:
+        for row in batch.rows:
+            if not row.done and row.job.cancelled:  # the client left between steps
+                row.done = True
+                with self._cond:
+                    self._counters["cancelled"] += 1
+        batch.leave([not row.done for row in batch.rows])
+        self._publish(batch)
 
-        def on_step(tokens, finished) -> bool:
-            for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
-                if row.done:
-                    continue
-                if row.job.cancelled:
-                    row.done = True  # nobody listens any more: drop the result
-                    with self._cond:
-                        self._counters["cancelled"] += 1
-                elif i in wrapped.failed:
-                    row.fail("generation failed for this request: the model's scores were not finite (NaN or inf)")
-                else:
-                    row.feed(token, wrapped.logprobs[i])
-            return not all(row.done for row in rows)  # False stops the whole batch
-
-        started = time.perf_counter()
-        sample(wrapped, ids.to(self.device), mask.to(self.device), config, on_step=on_step)
-        for row in rows:  # only reachable if sample() stopped early for its own reasons
-            if not row.done and not row.job.cancelled:
-                row.finish("length")
-        log.debug("batch of %d done in %.2fs", len(batch), time.perf_counter() - started)
+    def _publish(self, batch: DecodeBatch) -> None:
+        with self._cond:
+            self._rows = list(batch.rows)
+            self._counters["largest_batch"] = max(self._counters["largest_batch"], batch.active)

@@ -1,24 +1,20 @@
-"""Per-row sampling settings on top of `generation.sample`.
+"""Per-request sampling on top of the generation engine's decode batch.
 
-`sample()` applies one SampleConfig and one random generator to the whole batch. A
-server batch mixes requests with different temperature / top_p / seed / penalties, so we
-wrap the model: the wrapper runs the real forward pass, picks each row's next token with
-that row's own settings and generator, and returns logits in which the picked token is
-the only finite entry. `sample()` then runs greedy (argmax) over them and keeps doing
-what it is good at: the KV cache, masks and positions of the left-padded batch.
+A server batch mixes requests with different temperature / top_p / seed / penalties, and
+requests join and leave it between steps, so each request carries its own RowSampler (its
+settings, its own random generator, the counts of what it generated) and `pick` chooses
+the next token of every active row from that step's logits, each with its own settings.
 
-Because every row draws from its own generator, a seeded request's random stream does
-not depend on which other requests share its batch. A row whose scores are not finite
-(NaN / inf from the model) is put in `failed` and gets a placeholder token; the engine
-ends that row alone, the others keep going.
+Because every row draws from its own generator, a seeded request's random stream does not
+depend on which other requests share its steps. A row whose scores are not finite (NaN /
+inf from the model) is reported as failed and gets a placeholder token; the engine ends
+that row alone, the others keep going.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -42,6 +38,24 @@ class TokenLogprob:
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
+class RowSampler:
+    """One request's sampling state."""
+
+    def __init__(self, settings: RowSettings, device):
+        self.settings = settings
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(settings.seed) if settings.seed is not None else self.generator.seed()
+        self.penalized = bool(settings.presence_penalty or settings.frequency_penalty)
+        self.counts: torch.Tensor | None = None  # [V] times each token was generated (penalized rows only)
+
+
+@dataclass
+class Pick:
+    tokens: list[int]
+    failed: list[bool]  # the row's scores were not finite: its token is a placeholder
+    logprobs: list[TokenLogprob | None]  # for rows that asked for them
+
+
 def _top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Boolean [B, V] of tokens outside each row's nucleus (top_p [B] in (0, 1])."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -54,75 +68,46 @@ def _top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(drop).scatter(-1, order, drop)
 
 
-class RowSampler(nn.Module):
-    """Wrap a causal LM so each row of a batch is sampled with its own settings.
+def _penalized(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    if not any(r.penalized for r in rows):
+        return logits
+    for r in rows:
+        if r.penalized and r.counts is None:
+            r.counts = torch.zeros(logits.shape[-1], device=logits.device)
+    counts = torch.stack([r.counts if r.penalized else torch.zeros_like(logits[0]) for r in rows])
+    presence = logits.new_tensor([r.settings.presence_penalty for r in rows])[:, None]
+    frequency = logits.new_tensor([r.settings.frequency_penalty for r in rows])[:, None]
+    return logits - presence * (counts > 0) - frequency * counts
 
-    With `multi_adapter`, the wrapped model is a peft model holding several LoRA adapters
-    and each forward pass tells it which adapter every row uses (peft's mixed-batch
-    inference): one batch, one base, rows of different policies.
-    """
 
-    def __init__(self, model: nn.Module, rows: list[RowSettings], multi_adapter: bool = False):
-        super().__init__()
-        self.model, self.rows = model, rows
-        self.config = model.config
-        device = next(model.parameters()).device
-        self.temperature = torch.tensor([r.temperature for r in rows], device=device)
-        self.top_p = torch.tensor([r.top_p for r in rows], device=device)
-        self.presence = torch.tensor([r.presence_penalty for r in rows], device=device)
-        self.frequency = torch.tensor([r.frequency_penalty for r in rows], device=device)
-        self.counts = None  # [B, V] times each token was generated; only when a row has a penalty
-        self.adapter_names = [r.adapter or BASE for r in rows] if multi_adapter else None
-        self.generators = []
-        for r in rows:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(r.seed) if r.seed is not None else gen.seed()
-            self.generators.append(gen)
-        self.failed: set[int] = set()  # rows whose scores stopped being finite
-        self.logprobs: list[TokenLogprob | None] = [None] * len(rows)  # of the last pick, per row
+def pick(logits: torch.Tensor, rows: list[RowSampler]) -> Pick:
+    """Next token of each row from last-position logits [B, V], row i with rows[i]'s settings."""
+    logits = logits.float()
+    temperature = logits.new_tensor([r.settings.temperature for r in rows])
+    greedy = temperature <= 0
+    scaled = _penalized(logits, rows) / torch.where(greedy, 1.0, temperature)[:, None]
+    scaled = scaled.masked_fill(_top_p_mask(scaled, logits.new_tensor([r.settings.top_p for r in rows])),
+                                float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    picked = scaled.argmax(dim=-1)
+    broken = (logits.isnan().any(dim=-1) | ~probs.isfinite().all(dim=-1)).tolist()
+    for i, row in enumerate(rows):
+        if broken[i]:
+            picked[i] = 0
+        elif not greedy[i]:
+            picked[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
+    tokens = picked.tolist()
+    for i, row in enumerate(rows):
+        if row.penalized and not broken[i]:
+            row.counts[tokens[i]] += 1
+    return Pick(tokens, broken, [None if broken[i] else _logprob(logits[i], tokens[i], row.settings.top_logprobs)
+                                 for i, row in enumerate(rows)])
 
-    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
-        if not (self.presence.any() or self.frequency.any()):
-            return logits
-        if self.counts is None:
-            self.counts = torch.zeros_like(logits)
-        return logits - self.presence[:, None] * (self.counts > 0) - self.frequency[:, None] * self.counts
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """Next token per row from last-position logits [B, V] -> [B]."""
-        logits = logits.float()
-        greedy = self.temperature <= 0
-        scaled = self._penalized(logits) / torch.where(greedy, 1.0, self.temperature)[:, None]
-        scaled = scaled.masked_fill(_top_p_mask(scaled, self.top_p), float("-inf"))
-        probs = scaled.softmax(dim=-1)
-        picked = scaled.argmax(dim=-1)
-        broken = logits.isnan().any(dim=-1) | ~probs.isfinite().all(dim=-1)
-        for row, gen in enumerate(self.generators):
-            if broken[row]:
-                self.failed.add(row)
-                picked[row] = 0
-            elif not greedy[row]:
-                picked[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
-        if self.counts is not None:
-            self.counts.scatter_add_(1, picked[:, None], torch.ones_like(self.counts[:, :1]))
-        self._note_logprobs(logits, picked)
-        return picked
-
-    def _note_logprobs(self, logits: torch.Tensor, picked: torch.Tensor) -> None:
-        """The model's own log-probabilities (before penalties, temperature and top_p)."""
-        for row, settings in enumerate(self.rows):
-            if settings.top_logprobs is None or row in self.failed:
-                continue
-            logp = logits[row].log_softmax(dim=-1)
-            top = logp.topk(settings.top_logprobs) if settings.top_logprobs else None
-            self.logprobs[row] = TokenLogprob(int(picked[row]), float(logp[picked[row]]),
-                                              list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
-
-    def forward(self, **kwargs):
-        if self.adapter_names is not None:
-            kwargs["adapter_names"] = self.adapter_names
-        out = self.model(**kwargs)
-        picked = self.pick(out.logits[:, -1])
-        onehot = torch.full_like(out.logits[:, -1:], float("-inf"))
-        onehot.scatter_(-1, picked[:, None, None], 0.0)
-        return SimpleNamespace(logits=onehot, cache=getattr(out, "cache", None))
+def _logprob(logits: torch.Tensor, token: int, top_n: int | None) -> TokenLogprob | None:
+    """The model's own log-probabilities (before penalties, temperature and top_p)."""
+    if top_n is None:
+        return None
+    logp = logits.log_softmax(dim=-1)
+    top = logp.topk(top_n) if top_n else None
+    return TokenLogprob(token, float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])

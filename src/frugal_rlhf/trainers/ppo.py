@@ -214,6 +214,8 @@ class PPOTrainer(Trainer):
         local = {"kl": kl, "response_length": float(mask.sum(1).mean()),
                  "prompt_length": float(batch["attention_mask"].sum(1).float().mean()),
                  **timing, **stats, **parts}
+        if exp.logprobs is not None:  # else the update measured it against its own first forward
+            local.update(L.logprob_mismatch(exp.sample_logprobs, exp.logprobs, mask))
         if self.critic is not None:
             local["explained_variance"] = L.explained_variance(exp.values, exp.returns, mask)
         if self.config.group_size > 1:  # groups whose completions all scored the same: no signal (common with verifiable rewards)
@@ -275,6 +277,8 @@ class PPOTrainer(Trainer):
                     logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=temp,
                                                with_entropy=True, shared_prefix=shared)
                     old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
+                    if mb.logprobs is None:  # one update on the whole rollout: the sampling weights
+                        mismatch = L.logprob_mismatch(mb.sample_logprobs, old, mb.action_mask)
                     pg_loss, pg = L.policy_loss(logp.float(), old, mb.advantages, mb.action_mask, cfg.clip_eps,
                                                 cfg.clip_eps_high, cfg.loss_agg, cfg.max_new_tokens)
                     ent = L.masked_mean(entropy, mb.action_mask)
@@ -292,6 +296,8 @@ class PPOTrainer(Trainer):
                     continue
                 self.strategy.backward(actor_loss, self.actor, self.actor_optim)
                 row = {"policy_loss": float(pg_loss.detach()), "entropy": float(ent.detach()), **pg}
+                if mb.logprobs is None:
+                    row.update(mismatch)
                 if self.critic is not None:
                     with self.strategy.autocast():
                         values = self.critic(mb.sequences, mb.attention_mask, n, shared).float()
