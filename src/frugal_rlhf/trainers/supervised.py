@@ -45,7 +45,7 @@ class SupervisedTrainer(Trainer):
     def role_from_config(role_cls, config):
         return role_cls(config.model, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
                         lora_targets=config.lora_targets, dtype=config.dtype,
-                        trust_remote_code=config.trust_remote_code)
+                        trust_remote_code=config.trust_remote_code, quantize=config.quantize_base)
 
     @staticmethod
     def load_split(config, rows, kind: str):
