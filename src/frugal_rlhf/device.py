@@ -58,6 +58,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def fused_int8_matmul(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether x @ (int8 codes * row scales)^T runs as one kernel without a dense weight
+    (torch's weight-only int8 kernel for CPU): generation, with a few tokens per forward, then
+    skips dequantizing every layer on every token (models/quantize.py)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
+        hasattr(torch, "_weight_int8pack_mm")
+
+
 _run_peak = 0  # the process's peak before the last reset_phase_peak()
 
 

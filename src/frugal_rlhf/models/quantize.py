@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..device import fused_int8_matmul
+
 log = logging.getLogger("frugal_rlhf")
 
 FORMATS = ("none", "int8", "nf4", "int4")
@@ -100,6 +102,10 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
+        if layer.fmt == "int8" and fused_int8_matmul(x.device, x.dtype):
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            y = torch._weight_int8pack_mm(flat, layer.qweight, layer.scales.to(x.dtype))
+            return y.view(*x.shape[:-1], layer.out_features)
         w, scale = layer.dense(x.dtype)
         y = F.linear(x, w)
         return y if scale is None else y * scale
