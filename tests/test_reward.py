@@ -39,12 +39,15 @@ def train_rm(tmp_path, rows, stop_at=None, **kw):
     return trainer, trainer.fit(stop_at=stop_at)
 
 
-def test_reward_model_learns_marker_task_and_reloads(tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_reward_model_learns_marker_task_and_reloads(tmp_path, quantize):
     """In the compute dtype FRUGAL_DTYPE (or the machine) picks. The frozen base is kept in it, so
     a reload in that dtype gives identical scores; the merged standalone model rounds W + BA to it
     once per weight: in fp32 (eps 1.2e-7) that is below 1e-4, in bf16 (eps 2^-7, half of it per
-    rounding) each of the 4 blocks' 2 matmul layers can add ~2^-8 relative, ~3% of the scores."""
-    trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8)
+    rounding) each of the 4 blocks' 2 matmul layers can add ~2^-8 relative, ~3% of the scores.
+    On an nf4 base the artifact records the format and the adapter reloads onto the same codes;
+    the standalone model is the de-quantized base with the adapter merged."""
+    trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8, quantize_base=quantize)
     dtype = trainer.strategy.dtype
     result = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert result["n_pairs"] == 48
@@ -71,11 +74,13 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path):
     assert held["accuracy"] == pytest.approx(result["accuracy"])
 
 
-def test_reward_model_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("lora_rank,quantize", [(0, "none"), (8, "nf4")])
+def test_reward_model_resume_equals_uninterrupted(tmp_path, lora_rank, quantize):
     rows = marker_pairs(40)
-    _, full = train_rm(tmp_path / "a", rows, max_steps=6, save_every=2)
-    train_rm(tmp_path / "b", rows, max_steps=6, save_every=2, stop_at=4)
-    _, resumed = train_rm(tmp_path / "b", rows, max_steps=6, save_every=2, resume=True)
+    kw = dict(max_steps=6, save_every=2, lora_rank=lora_rank, quantize_base=quantize)
+    _, full = train_rm(tmp_path / "a", rows, **kw)
+    train_rm(tmp_path / "b", rows, stop_at=4, **kw)
+    _, resumed = train_rm(tmp_path / "b", rows, resume=True, **kw)
     assert [m["step"] for m in resumed] == [m["step"] for m in full]
     for a, b in zip(full[5:], resumed[5:]):  # the step-0 evaluation, then steps 5 and 6
         for key in ("loss", "accuracy", "grad_norm"):

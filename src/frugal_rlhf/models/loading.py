@@ -5,7 +5,7 @@ Specs:
   converted once to safetensors and cached under ``$FRUGAL_CACHE`` (default ~/.cache/frugal-rlhf).
 - ``tiny-llama``, ``tiny-gpt2``, ``tiny-opt``, ``tiny-bloom``: random ~1M-parameter models with a
   byte-level tokenizer, built in a second, for tests and smoke runs.
-- ``s``, ``m``, ``l``, ``xl``, ``1b``, ``3b``, ``7b`` (Llama shapes) and ``gpt2-s`` ... ``gpt2-xl``:
+- ``s``, ``m``, ``l``, ``xl``, ``1b``, ``3b``, ``7b``, ``13b`` (Llama shapes) and ``gpt2-s`` ... ``gpt2-xl``:
   random dummy models for benchmarks, built without a second initialization pass (see
   ``DUMMY_SIZES``; ``frugal bench sizes`` prints their parameter counts).
 - a ``.gguf`` file: converted and cached like the default.
@@ -63,6 +63,7 @@ DUMMY_SIZES = {  # shapes of well-known models, so parameter counts mean somethi
     "xl": dict(_LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16),
     "3b": dict(_LLAMA, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32),
     "7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "gpt2-s": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),
     "gpt2-m": dict(_GPT2, n_embd=1024, n_layer=24, n_head=16),
     "gpt2-l": dict(_GPT2, n_embd=1280, n_layer=36, n_head=20),

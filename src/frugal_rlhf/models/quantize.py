@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..device import fused_int8_matmul
+from ..device import fused_int8_matmul, release_free_memory
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -83,7 +83,7 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
     absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     levels = torch.tensor(LEVELS[fmt], device=w.device)
     midpoints = (levels[1:] + levels[:-1]) / 2  # nearest level = the number of midpoints below the value
-    codes = torch.bucketize(blocks / absmax[:, None], midpoints).to(torch.uint8).view(-1, 2)
+    codes = torch.bucketize(blocks / absmax[:, None], midpoints, out_int32=True).to(torch.uint8).view(-1, 2)
     return (codes[:, 0] << 4) | codes[:, 1], absmax
 
 
@@ -197,21 +197,30 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
 
 def random_quantized_linear(linear: nn.Linear, fmt: str, std: float, generator, dtype) -> QuantizedLinear:
     """A QuantizedLinear of `linear`'s shape (a meta-device module is fine) holding random
-    normal(0, std) weights: built and quantized row blocks at a time, so a dummy model of any
-    size never exists densely (benchmarks: what the cost depends on is shapes, not values)."""
+    normal(0, std) weights: built and quantized row blocks at a time into preallocated codes,
+    so a dummy model of any size never exists densely (benchmarks: what the cost depends on is
+    shapes, not values)."""
     out_f, in_f = linear.out_features, linear.in_features
-    rows = max(1, min(out_f, (1 << 22) // in_f // 2 * 2))  # ~16 MiB of fp32 at a time
-    if fmt != "int8":
+    rows = max(1, min(out_f, (1 << 22) // in_f))  # ~16 MiB of fp32 at a time
+    if fmt == "int8":
+        codes, scales = torch.empty(out_f, in_f, dtype=torch.int8), torch.empty(out_f)
+    else:
         while rows * in_f % BLOCK and rows < out_f:  # blocks must not straddle two pieces
             rows += 1
-    codes, scales = [], []
+        blocks = -(-out_f * in_f // BLOCK)
+        codes, scales = torch.empty(blocks * BLOCK // 2, dtype=torch.uint8), torch.empty(blocks)
     for start in range(0, out_f, rows):
         piece = torch.empty(min(rows, out_f - start), in_f).normal_(0.0, std, generator=generator)
         c, s = quantize_weight(piece, fmt)
-        codes.append(c)
-        scales.append(s)
+        if fmt == "int8":
+            codes[start:start + len(piece)], scales[start:start + len(piece)] = c, s
+        else:
+            first = start * in_f // BLOCK
+            codes[first * BLOCK // 2:first * BLOCK // 2 + c.numel()], scales[first:first + s.numel()] = c, s
+        del piece, c, s
+        release_free_memory()  # the pieces' temporaries, or the heap grows 2.5x the model (measured)
     bias = None if linear.bias is None else torch.zeros(out_f, dtype=dtype)
-    return QuantizedLinear(in_f, out_f, fmt, torch.cat(codes), torch.cat(scales), bias)
+    return QuantizedLinear(in_f, out_f, fmt, codes, scales, bias)
 
 
 def quantize_base(model: nn.Module) -> str:
