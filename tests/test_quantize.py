@@ -132,3 +132,21 @@ def test_dummy_model_is_built_quantized_without_its_dense_form():
     assert grown < linear * (0.5 + 4 / BLOCK) + 2 * embed + (256 << 20)
     out = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(out).all()
+
+
+def test_bench_quantize_reports_agreement_and_throughput(tmp_path):
+    import json
+
+    from frugal_rlhf.cli import main
+
+    out = tmp_path / "q.json"
+    assert main(["bench", "quantize", "--model", "tiny-llama", "--repeats", "1", "--max-length", "32",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["agreement"]) == {"int8", "nf4", "int4"}
+    for a in r["agreement"].values():
+        assert a["mean_kl"] >= 0 and 0 <= a["top1_agreement"] <= 1
+    # stored bytes per element: int8 1 + 4/in_features, nf4 and int4 0.5 + 4/64 (of fp32's 4)
+    assert r["agreement"]["nf4"]["linear_bytes"] / r["agreement"]["nf4"]["linear_bytes_fp32"] == (0.5 + 4 / 64) / 4
+    assert {(x["weights"], x["dtype"], x["tokens"]) for x in r["throughput"]} == {
+        (w, d, t) for w in ("dense", "int8", "nf4", "int4") for d in ("float32", "bfloat16") for t in (8, 512)}

@@ -119,6 +119,13 @@ def _capacity(args, kw):
     return r, _capacity_table(r)
 
 
+def _quantize(args, kw):
+    from .quantize import bench_quantize, format_table
+
+    r = bench_quantize(args.model, args.repeats, args.max_length)
+    return r, format_table(r)
+
+
 def _strategies(args, kw):
     r = bench_strategies(args.stage, args.model, args.data, args.reward_model, args.nproc_per_node, args.steps,
                          args.batch_size, args.max_length, args.new_tokens, args.lora_rank)
@@ -127,7 +134,7 @@ def _strategies(args, kw):
 
 # Workloads that print their own table (the others share `_table`).
 OWN_TABLE = {"compare": _compare, "serve": _serve, "sizes": _sizes, "capacity": _capacity,
-             "strategies": _strategies}
+             "strategies": _strategies, "quantize": _quantize}
 
 
 def _table(results) -> str:
