@@ -56,13 +56,6 @@ def check_format(fmt: str, lora_rank: int | None = None) -> str:
     return fmt
 
 
-def bytes_per_element(fmt: str, in_features: int) -> float:
-    """Stored bytes per weight element of a quantized linear layer (codes and scales)."""
-    if fmt == "int8":
-        return 1 + 4 / in_features
-    return 0.5 + 4 / BLOCK
-
-
 def _pair_table(levels: torch.Tensor) -> torch.Tensor:
     """[256] int64: the two fp32 levels a packed byte holds (high nibble first), bit-cast to one
     int64, so dequantizing is one 1-D index_select per byte (measured ~2x faster on CPU than
