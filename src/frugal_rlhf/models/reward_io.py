@@ -1,7 +1,8 @@
 """The reward-model artifact: a small directory that names its base.
 
     OUT/reward_model.json     {"format": "frugal-reward-model", "base": spec, "base_in_artifact": bool,
-                               "adapter": "adapter" | null, "pooling": "last" | "mean"}
+                               "adapter": "adapter" | null, "pooling": "last" | "mean",
+                               "quantize_base": "none" | "int8" | "nf4" | "int4"}
     OUT/score_head.safetensors
     OUT/adapter/              the reward LoRA adapter (PEFT layout), when trained with LoRA
     OUT/final/                standalone: the merged LM + score head + its own reward_model.json
