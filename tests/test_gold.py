@@ -68,6 +68,8 @@ def test_thurstone_sigma_by_hand():
     assert sigma == pytest.approx(1 / (2 ** 0.5 * torch.distributions.Normal(0, 1).icdf(torch.tensor(0.72)).item()),
                                   rel=1e-6)
     assert thurstone_sigma([[0.0, 1.0]], 1.0) == 0.0
+    with pytest.raises(ValueError, match="above 0.5"):  # no finite sigma: refused, not searched for ever
+        thurstone_sigma([[0.0, 1.0]], 0.5)
 
 
 def test_a_perfect_labeler_picks_the_best_and_the_worst_of_k():

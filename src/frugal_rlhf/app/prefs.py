@@ -129,9 +129,7 @@ def gold_pairs(prompts, samples: list[list[str]], agreement: float, noise: str, 
     for p, group, label in zip(prompts, groups, labels):
         if label is None:
             continue
-        (c, gc), (r, gr) = group[label[0]], group[label[1]]
-        if c == r:
-            continue
+        (c, gc), (r, gr) = group[label[0]], group[label[1]]  # two texts the same would have tied
         pairs.append({"prompt": p, "chosen": c, "rejected": r, "labeler": "gold", "gold_chosen": gc,
                       "gold_rejected": gr})
     return pairs

@@ -126,6 +126,9 @@ def thurstone_sigma(groups: list[list[float]], agreement: float) -> float:
     groups' untied pairs): mean Phi(|d| / (sigma sqrt 2)) = agreement, solved by bisection
     (the mean falls monotonically in sigma)."""
     _check_agreement(agreement)
+    if agreement == 0.5:  # no finite sigma gives it: the search below would never end
+        raise ValueError("thurstone label noise needs an agreement above 0.5 (at 0.5 the labeler is a coin: "
+                         "use flip noise)")
     gaps = [abs(a - b) for g in groups for i, a in enumerate(g) for b in g[i + 1:] if a != b]
     if not gaps or agreement == 1.0:
         return 0.0
