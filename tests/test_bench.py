@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from frugal_rlhf.bench import workloads
 from frugal_rlhf.models.memory import parse_size
 from frugal_rlhf.cli import main
@@ -53,6 +55,13 @@ def test_capacity_search_finds_the_largest_size_each_recipe_fits(monkeypatch):
     r = workloads.bench_capacity("ppo", "8GiB", quantize_base="nf4")
     assert r["recipes"] == ["plain", "frugal", "frugal-nf4"] and r["frugal-nf4"]["model"] == "13b"
     assert r["ratios"]["frugal-nf4"] == sizes["13b"] / sizes[r["plain"]["model"]]
+    # --recipes searches only the rows named (no plain row: no ratio), and refuses a name it lacks
+    tried.clear()
+    r = workloads.bench_capacity("ppo", "8GiB", quantize_base="nf4", recipes=["frugal-nf4"])
+    assert r["recipes"] == ["frugal-nf4"] and r["frugal-nf4"]["model"] == "13b" and "plain" not in r
+    assert r["ratios"] == {"frugal-nf4": None} and len(tried) <= 4  # one search, not three
+    with pytest.raises(ValueError, match="frugal-int8"):
+        workloads.bench_capacity("ppo", "8GiB", quantize_base="nf4", recipes=["frugal-int8"])
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("1.5GB") == 1_500_000_000
 
 

@@ -24,6 +24,8 @@ def add_bench_args(p):
                         "(sft, rm, grpo, dpo; generate: our sampler vs HF generate); strategies: sft or ppo")
     p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
+    p.add_argument("--recipes", default=None, type=lambda v: v.split(","),
+                   help="capacity: search only these rows, comma-separated (plain, frugal, frugal-<format>)")
     p.add_argument("--model", default="default")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8)
@@ -123,7 +125,7 @@ def _sizes(args, kw):
 
 
 def _capacity(args, kw):
-    r = bench_capacity(args.stage, args.memory, args.quantize_base)
+    r = bench_capacity(args.stage, args.memory, args.quantize_base, args.recipes)
     return r, _capacity_table(r)
 
 

@@ -255,14 +255,20 @@ def _fits(stage: str, model: str, budget: int, over: dict) -> tuple[bool, float]
     return proc.returncode == 0 and peak <= budget, peak / 2**30
 
 
-def bench_capacity(stage="ppo", memory="24GiB", quantize_base="none", **_):
+def bench_capacity(stage="ppo", memory="24GiB", quantize_base="none", recipes=None, **_):
     """The largest dummy model each recipe trains within a memory budget (binary search over
-    the sizes, which assumes that if a size fails every larger one fails too)."""
+    the sizes, which assumes that if a size fails every larger one fails too). `recipes`
+    (names) searches only those: a probe of a large model takes many minutes on a small
+    machine, and rows already measured need not be measured again."""
     budget, sizes = parse_size(memory), dummy_sizes()
     names = [n for n in sizes if not n.startswith("gpt2")]
-    recipes = dict(RECIPES)
+    available = dict(RECIPES)
     if quantize_base != "none":
-        recipes[f"frugal-{quantize_base}"] = {**RECIPES["frugal"], "quantize_base": quantize_base}
+        available[f"frugal-{quantize_base}"] = {**RECIPES["frugal"], "quantize_base": quantize_base}
+    unknown = set(recipes or ()) - set(available)
+    if unknown:
+        raise ValueError(f"--recipes: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(available)}")
+    recipes = {k: v for k, v in available.items() if not recipes or k in recipes}
     results = {}
     for recipe, over in recipes.items():
         lo, hi, best = 0, len(names) - 1, None  # invariant: everything below lo fits
@@ -276,7 +282,7 @@ def bench_capacity(stage="ppo", memory="24GiB", quantize_base="none", **_):
             else:
                 hi = mid - 1
         results[recipe] = best
-    plain = results["plain"]
+    plain = results.get("plain")
     ratios = {k: v["params"] / plain["params"] if plain and v else None for k, v in results.items() if k != "plain"}
     return {"workload": "capacity", "stage": stage, "memory": memory, **results, "recipes": list(recipes),
-            "ratio": ratios["frugal"], "ratios": ratios}
+            "ratio": ratios.get("frugal"), "ratios": ratios}
