@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from frugal_rlhf.bench import workloads
 from frugal_rlhf.models.memory import parse_size
 from frugal_rlhf.cli import main
@@ -35,20 +37,31 @@ def test_bench_generate_and_ppo_write_valid_json(tmp_path):
 def test_capacity_search_finds_the_largest_size_each_recipe_fits(monkeypatch):
     sizes = workloads.dummy_sizes()
     llama = [n for n in sizes if not n.startswith("gpt2")]
-    assert llama[:2] == ["s", "m"] and llama[-1] == "7b"
+    assert llama[:2] == ["s", "m"] and llama[-2:] == ["7b", "13b"]
     tried = []
 
     def fake_fits(stage, model, budget, over):  # a model "fits" below a per-recipe parameter limit
         tried.append(model)
-        limit = 500e6 if over["lora_rank"] == 0 else 4e9
+        limit = 500e6 if over["lora_rank"] == 0 else 14e9 if over.get("quantize_base") == "nf4" else 4e9
         return sizes[model] <= limit, 1.0
 
     monkeypatch.setattr(workloads, "_fits", fake_fits)
     r = workloads.bench_capacity("ppo", "8GiB")
     assert r["plain"]["model"] == max((n for n in llama if sizes[n] <= 500e6), key=sizes.get)
-    assert r["frugal"]["model"] == "3b"
+    assert r["frugal"]["model"] == "3b" and r["recipes"] == ["plain", "frugal"]
     assert r["ratio"] == sizes["3b"] / sizes[r["plain"]["model"]]
-    assert len(tried) <= 2 * 3  # binary search: log2(7) probes per recipe
+    assert len(tried) <= 2 * 3  # binary search: log2(8) probes per recipe
+    # --quantize-base adds the recipe on a quantized base, its ratio against the same plain row
+    r = workloads.bench_capacity("ppo", "8GiB", quantize_base="nf4")
+    assert r["recipes"] == ["plain", "frugal", "frugal-nf4"] and r["frugal-nf4"]["model"] == "13b"
+    assert r["ratios"]["frugal-nf4"] == sizes["13b"] / sizes[r["plain"]["model"]]
+    # --recipes searches only the rows named (no plain row: no ratio), and refuses a name it lacks
+    tried.clear()
+    r = workloads.bench_capacity("ppo", "8GiB", quantize_base="nf4", recipes=["frugal-nf4"])
+    assert r["recipes"] == ["frugal-nf4"] and r["frugal-nf4"]["model"] == "13b" and "plain" not in r
+    assert r["ratios"] == {"frugal-nf4": None} and len(tried) <= 4  # one search, not three
+    with pytest.raises(ValueError, match="frugal-int8"):
+        workloads.bench_capacity("ppo", "8GiB", quantize_base="nf4", recipes=["frugal-int8"])
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("1.5GB") == 1_500_000_000
 
 

@@ -57,7 +57,8 @@ def test_answer_logprobs_equal_each_sequence_scored_alone():
 # IPO regresses the summed log-ratio gap to 1/(2 beta) = 5 nats: at lr 3e-3 each Adam step of
 # the adapter moves it by more than that and the loss oscillates (held-out 0.83 on seed 0).
 @pytest.mark.parametrize("loss,kw", [("dpo", {}), ("ipo", {"lr": 3e-4}), ("simpo", {}),
-                                     ("orpo", {"orpo_lambda": 0.5}), ("kto", {})])
+                                     ("orpo", {"orpo_lambda": 0.5}), ("kto", {}),
+                                     ("dpo", {"quantize_base": "nf4"})])  # the reference: the nf4 base
 def test_each_loss_learns_the_known_preference(tmp_path, loss, kw):
     """Chosen answers carry the word 'please': after 16 steps the held-out implicit-reward
     accuracy (SimPO/ORPO: the likelihood margin) is far above chance. The data, the adapter's

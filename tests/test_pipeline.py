@@ -180,3 +180,26 @@ def test_eval_of_a_model_against_itself_finds_no_difference(tmp_path, capsys):
     assert summary["n_prompts"] == 4 and summary["kl_to_baseline"] == 0.0
     assert summary["reward_model"]["gain"] == 0.0 and summary["win_rate"] == 0.5
     assert "written:" in capsys.readouterr().out
+
+
+def test_quick_pipeline_on_an_nf4_base_requantizes_the_sft_merge_and_shares_it(tmp_path):
+    """--quantize-base nf4 through every stage: sft/final is the de-quantized merge (a plain
+    checkpoint), rm and ppo quantize it again once and say so, the reward artifact records the
+    format, and PPO puts the reward adapter on the one shared (quantized) base."""
+    from safetensors import safe_open
+
+    cfg = yaml.safe_load(packaged_config("quick").read_text())
+    cfg["sft"]["lora_rank"] = 8  # a quantized base is frozen: every stage trains an adapter
+    cfg["output"] = str(tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "frugal_rlhf.cli", "pipeline", "--config", str(path),
+                           "--quantize-base", "nf4"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("is quantized again to nf4 for this stage") == 2  # rm and ppo
+    assert "roles on one shared base" in done.stderr
+    assert json.loads((tmp_path / "run" / "rm" / "reward_model.json").read_text())["quantize_base"] == "nf4"
+    with safe_open(str(tmp_path / "run" / "sft" / "final" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.weight" in keys and not any("qweight" in k for k in keys)
+    assert (tmp_path / "run" / "report.md").exists()

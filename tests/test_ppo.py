@@ -23,8 +23,8 @@ def assert_same_fp32(got, want):
     torch.testing.assert_close(got, want, atol=tol, rtol=FORWARD_RTOL)
 
 
-def shared_roles(rank=8):
-    hf, tok = load_model("tiny-llama", torch.float32)
+def shared_roles(rank=8, quantize="none"):
+    hf, tok = load_model("tiny-llama", torch.float32, quantize=quantize)
     lm = SharedLM(hf)
     lm.add_adapter("actor", rank)
     lm.add_adapter("critic", rank)
@@ -47,7 +47,7 @@ def run_ppo(tmp_path, stop_at=None, ptx_rows=None, **kw):
     # it: without this, a run's start depended on the tests before it (an uninterrupted and a
     # resumed run then began from different weights).
     torch.manual_seed(0)
-    actor, critic, ref, tok = shared_roles()
+    actor, critic, ref, tok = shared_roles(quantize=kw.get("quantize_base", "none"))
     if kw.get("advantage") == "group":
         critic = None
     cfg = PPOConfig(**{"model": "tiny-llama", "output": str(tmp_path / "ppo"), "max_steps": 30, "lora_rank": 8,
@@ -72,26 +72,30 @@ def rise(rewards, n=5):
     return float(last.mean() - first.mean()), float((first.var() / n + last.var() / n).sqrt())
 
 
-def test_ppo_raises_reward_and_kl_coef_holds_policy_near_reference(tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_ppo_raises_reward_and_kl_coef_holds_policy_near_reference(tmp_path, quantize):
     # The letters task starts near 0.1 and its optimum is 1.0. Over 40 steps, five sampling
     # seeds in fp32 and bf16 rose by +0.21 to +0.4: the bar is a rise of 0.15 (x2.5 the start)
     # that is also 5 standard errors above the step-to-step noise (~0.02 per step at 16 x 12 tokens).
-    _, free = run_ppo(tmp_path / "free", max_steps=40)
+    # On an nf4 base (QLoRA) the reference is the quantized base: the same bars hold.
+    _, free = run_ppo(tmp_path / "free", max_steps=40, quantize_base=quantize)
     rewards = [m["reward"] for m in free]
     gain, se = rise(rewards)
     assert gain > max(0.15, 5 * se), (gain, se, rewards)
     assert (tmp_path / "free" / "ppo" / "final" / "config.json").exists()
-    _, held = run_ppo(tmp_path / "held", kl_coef=1.0, max_steps=40)
+    _, held = run_ppo(tmp_path / "held", kl_coef=1.0, max_steps=40, quantize_base=quantize)
     assert held[-1]["kl"] < 3.0 and held[-1]["kl"] < 0.2 * free[-1]["kl"], (held[-1]["kl"], free[-1]["kl"])
     held_gain, _ = rise([m["reward"] for m in held])
     assert held_gain < gain / 2, (held_gain, gain)  # the KL penalty holds the policy back
 
 
-def test_grpo_raises_reward_without_a_critic(tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_grpo_raises_reward_without_a_critic(tmp_path, quantize):
     # 4 prompts x 4 completions a step: the same 16 sequences a step as the PPO test, no critic,
     # and the same bar: over 40 steps a rise of 0.15 that is also 5 standard errors above the
     # step noise (at 30 steps and a fixed +0.3, test seed 3 in fp32 fell short).
-    trainer, m = run_ppo(tmp_path, advantage="group", group_size=4, rollout_batch_size=4, max_steps=40)
+    trainer, m = run_ppo(tmp_path, advantage="group", group_size=4, rollout_batch_size=4, max_steps=40,
+                         quantize_base=quantize)
     assert trainer.critic is None and set(trainer.models) == {"actor"}
     rewards = [x["reward"] for x in m]
     gain, se = rise(rewards)
@@ -102,10 +106,12 @@ def test_grpo_raises_reward_without_a_critic(tmp_path):
         run_ppo(tmp_path / "bad", advantage="group", group_size=1)
 
 
-def test_ppo_resume_equals_uninterrupted(tmp_path):
-    _, full = run_ppo(tmp_path / "a", max_steps=4, save_every=2)
-    run_ppo(tmp_path / "b", max_steps=4, save_every=2, stop_at=2)
-    _, resumed = run_ppo(tmp_path / "b", max_steps=4, save_every=2, resume=True)
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_ppo_resume_equals_uninterrupted(tmp_path, quantize):
+    kw = dict(max_steps=4, save_every=2, quantize_base=quantize)
+    _, full = run_ppo(tmp_path / "a", **kw)
+    run_ppo(tmp_path / "b", stop_at=2, **kw)
+    _, resumed = run_ppo(tmp_path / "b", resume=True, **kw)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(full[2:], resumed[2:]):
         for key in ("reward", "kl", "policy_loss", "value_loss"):

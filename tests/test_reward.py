@@ -40,14 +40,17 @@ def train_rm(tmp_path, rows, stop_at=None, **kw):
     return trainer, trainer.fit(stop_at=stop_at)
 
 
-@pytest.mark.parametrize("pooling,head_lr", [("last", None), ("mean", None), ("mean", 3e-2)])
-def test_reward_model_learns_marker_task_and_reloads(tmp_path, pooling, head_lr):
+@pytest.mark.parametrize("pooling,head_lr,quantize", [("last", None, "none"), ("mean", None, "none"),
+                                                     ("mean", 3e-2, "none"), ("last", None, "nf4")])
+def test_reward_model_learns_marker_task_and_reloads(tmp_path, pooling, head_lr, quantize):
     """In the compute dtype FRUGAL_DTYPE (or the machine) picks. The frozen base is kept in it, so
     a reload in that dtype gives identical scores; the merged standalone model rounds W + BA to it
     once per weight: in fp32 (eps 1.2e-7) that is below 1e-4, in bf16 (eps 2^-7, half of it per
-    rounding) each of the 4 blocks' 2 matmul layers can add ~2^-8 relative, ~3% of the scores."""
+    rounding) each of the 4 blocks' 2 matmul layers can add ~2^-8 relative, ~3% of the scores.
+    On an nf4 base the artifact records the format and the adapter reloads onto the same codes;
+    the standalone model is the de-quantized base with the adapter merged."""
     trainer, metrics = train_rm(tmp_path, marker_pairs(240, seed=TEST_SEED), lora_rank=8, pooling=pooling,
-                                head_lr=head_lr)
+                                head_lr=head_lr, quantize_base=quantize)
     groups = trainer.optim.param_groups
     if head_lr:  # the head in a group of its own, at 10x the adapter's rate through the whole schedule
         assert [p.shape for p in groups[1]["params"]] == [p.shape for p in trainer.model.head.parameters()]
@@ -81,11 +84,13 @@ def test_reward_model_learns_marker_task_and_reloads(tmp_path, pooling, head_lr)
     assert held["accuracy"] == pytest.approx(result["accuracy"])
 
 
-def test_reward_model_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("lora_rank,quantize", [(0, "none"), (8, "nf4")])
+def test_reward_model_resume_equals_uninterrupted(tmp_path, lora_rank, quantize):
     rows = marker_pairs(40)
-    _, full = train_rm(tmp_path / "a", rows, max_steps=6, save_every=2)
-    train_rm(tmp_path / "b", rows, max_steps=6, save_every=2, stop_at=4)
-    _, resumed = train_rm(tmp_path / "b", rows, max_steps=6, save_every=2, resume=True)
+    kw = dict(max_steps=6, save_every=2, lora_rank=lora_rank, quantize_base=quantize)
+    _, full = train_rm(tmp_path / "a", rows, **kw)
+    train_rm(tmp_path / "b", rows, stop_at=4, **kw)
+    _, resumed = train_rm(tmp_path / "b", rows, resume=True, **kw)
     assert [m["step"] for m in resumed] == [m["step"] for m in full]
     for a, b in zip(full[5:], resumed[5:]):  # the step-0 evaluation, then steps 5 and 6
         for key in ("loss", "accuracy", "grad_norm"):

@@ -75,15 +75,18 @@ def test_full_finetune_loss_falls(tmp_path, rows):
     assert before["step"] == 0 and metrics[-1]["eval_loss"] < 0.5 * before["eval_loss"]  # held out, too
 
 
-def test_lora_trains_only_adapter_and_merged_checkpoint_matches(tmp_path, rows):
-    trainer, metrics = run_sft(tmp_path, rows, lora_rank=8, lr=1e-2)
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_lora_trains_only_adapter_and_merged_checkpoint_matches(tmp_path, rows, quantize):
+    """Also on a quantized base (QLoRA): its codes stay as they were, and the export is the
+    de-quantized base with the adapter merged."""
+    trainer, metrics = run_sft(tmp_path, rows, lora_rank=8, lr=1e-2, quantize_base=quantize)
     assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
     actor = trainer.model
-    reference, _ = load_model("tiny-llama", torch.float32)
+    reference, _ = load_model("tiny-llama", torch.float32, quantize=quantize)
     base_now = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
-                for n, p in actor.lm.model.named_parameters() if ".lora_" not in n}
-    for n, p in reference.named_parameters():
-        assert torch.equal(base_now[n], p), f"frozen base weight {n} changed"
+                for n, p in actor.lm.model.state_dict().items() if ".lora_" not in n}
+    for n, p in reference.state_dict().items():
+        assert torch.equal(base_now[n], p), f"frozen base tensor {n} changed"
     assert all(".lora_" in n for n, p in actor.lm.model.named_parameters() if p.requires_grad)
     # The merged export is a plain HF checkpoint with the same logits as the live model.
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final").eval()
@@ -98,13 +101,12 @@ def test_lora_trains_only_adapter_and_merged_checkpoint_matches(tmp_path, rows):
     assert json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_resume_equals_uninterrupted(tmp_path, rows, lora_rank):
-    _, full = run_sft(tmp_path / "a", rows, max_steps=12, lora_rank=lora_rank, grad_accum=2, batch_size=4)
-    run_sft(tmp_path / "b", rows, max_steps=12, lora_rank=lora_rank, grad_accum=2, batch_size=4, save_every=4,
-            stop_at=8)
-    _, resumed = run_sft(tmp_path / "b", rows, max_steps=12, lora_rank=lora_rank, grad_accum=2, batch_size=4,
-                         save_every=4, resume=True)
+@pytest.mark.parametrize("lora_rank,quantize", [(0, "none"), (4, "none"), (4, "int8"), (4, "nf4")])
+def test_resume_equals_uninterrupted(tmp_path, rows, lora_rank, quantize):
+    kw = dict(max_steps=12, lora_rank=lora_rank, grad_accum=2, batch_size=4, quantize_base=quantize)
+    _, full = run_sft(tmp_path / "a", rows, **kw)
+    run_sft(tmp_path / "b", rows, save_every=4, stop_at=8, **kw)
+    _, resumed = run_sft(tmp_path / "b", rows, save_every=4, resume=True, **kw)
     assert [r["step"] for r in resumed] == list(range(1, 13))
     for a, b in zip(full[8:], resumed[8:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)

@@ -191,6 +191,8 @@ def add_pipeline_args(p):
     p.add_argument("--method", choices=["ppo", "dpo"], help="ppo: RM -> PPO (default); dpo: DPO on the pairs")
     p.add_argument("--seed", type=int, help="overrides the config's seed (every stage)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="overrides the config's compute dtype")
+    p.add_argument("--quantize-base", choices=["none", "int8", "nf4", "int4"],
+                   help="every stage's frozen base stored quantized (QLoRA); overrides the config's")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
 
 
@@ -202,7 +204,8 @@ def cmd_pipeline(args, default_config=None):
     if path is None:
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
     Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
-                                         "dtype": args.dtype, "report_to": args.report_to})).run()
+                                         "dtype": args.dtype, "quantize_base": args.quantize_base,
+                                         "report_to": args.report_to})).run()
 
 
 def cmd_demo(args):

@@ -38,6 +38,8 @@ class TrainConfig:
     #                                    accumulation, checkpointing (models/memory.py); None = off
     seed: int = 42
     dtype: str = "auto"                # auto | bf16 | fp32 (compute dtype; trained weights stay fp32)
+    quantize_base: str = "none"        # none | int8 | nf4 | int4: the frozen base stored quantized (QLoRA; needs
+    #                                    lora_rank > 0), computing in the compute dtype (models/quantize.py)
     strategy: str = "naive"            # naive | ddp | fsdp | deepspeed
     zero_stage: int = 3
     offload: str = "none"              # none | cpu

@@ -40,6 +40,7 @@ class PipelineConfig:
     output: str = "runs/pipeline"
     seed: int = 42
     dtype: str = "auto"
+    quantize_base: str = "none"  # none | int8 | nf4 | int4: every stage's frozen base (QLoRA; stages need lora_rank)
     strategy: str = "naive"
     zero_stage: int = 3         # fsdp | deepspeed (as the stages' own field)
     offload: str = "none"       # none | cpu
@@ -108,8 +109,8 @@ class Pipeline:
     def common(self) -> dict:
         c = self.cfg
         # resume a stage from its checkpoint; one killed before its first checkpoint starts again
-        return {"seed": c.seed, "dtype": c.dtype, "strategy": c.strategy, "zero_stage": c.zero_stage,
-                "offload": c.offload, "report_to": c.report_to, "resume": True, "overwrite": True}
+        return {"seed": c.seed, "dtype": c.dtype, "quantize_base": c.quantize_base, "strategy": c.strategy,
+                "zero_stage": c.zero_stage, "offload": c.offload, "report_to": c.report_to, "resume": True, "overwrite": True}
 
     def run(self):
         from ..runlog import setup_logging
@@ -166,15 +167,21 @@ class Pipeline:
 
         device = default_device()
         dtype = compute_dtype(device, self.cfg.dtype)
-        model, tok = load_model(str(self.out / "sft" / "final"), dtype)
+        model, tok = load_model(str(self.out / "sft" / "final"), dtype, quantize=self.cfg.quantize_base)
         rows = load_dataset_file(str(self.out / "data" / "prefs_prompts.jsonl"), "prompt")
         summary = build_pairs(model.to(device), tok, rows, self.out / "prefs.jsonl", seed=self.cfg.seed,
                               device=device, autocast=autocast(device, dtype), **self.cfg.prefs)
         (self.out / "prefs.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    def _requantize_note(self):
+        if self.cfg.quantize_base != "none":  # sft/final is the merged model, written de-quantized
+            log.info("the SFT-merged base (%s) is quantized again to %s for this stage", self.out / "sft" / "final",
+                     self.cfg.quantize_base)
+
     def run_rm(self):
         from ..trainers.reward import RewardTrainer
 
+        self._requantize_note()
         cfg = _stage_config(RewardConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
                                            "output": str(self.out / "rm"), "data": str(self.out / "prefs.jsonl")},
                             self.cfg.rm, "rm")
@@ -183,6 +190,7 @@ class Pipeline:
     def run_ppo(self):
         from ..trainers.ppo import PPOTrainer
 
+        self._requantize_note()
         cfg = _stage_config(PPOConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
                                         "output": str(self.out / "ppo"), "reward_model": str(self.out / "rm"),
                                         "prompts": str(self.out / "data" / "ppo_prompts.jsonl"),
@@ -193,6 +201,7 @@ class Pipeline:
         from ..config import PreferenceConfig
         from ..trainers.preference import PreferenceTrainer
 
+        self._requantize_note()
         cfg = _stage_config(PreferenceConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
                                                "output": str(self.out / "dpo"), "data": str(self.out / "prefs.jsonl")},
                             self.cfg.dpo, "dpo")

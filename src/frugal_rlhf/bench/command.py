@@ -24,6 +24,8 @@ def add_bench_args(p):
                         "(sft, rm, grpo, dpo; generate: our sampler vs HF generate); strategies: sft or ppo")
     p.add_argument("--peer", default="trl", choices=["trl"], help="compare: the other framework")
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
+    p.add_argument("--recipes", default=None, type=lambda v: v.split(","),
+                   help="capacity: search only these rows, comma-separated (plain, frugal, frugal-<format>)")
     p.add_argument("--model", default="default")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8)
@@ -35,6 +37,9 @@ def add_bench_args(p):
                         "instead of 32-token questions; the answers fill the rest of --max-length")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize-base", default="none", choices=["none", "int8", "nf4", "int4"],
+                   help="generate, sft, rm, ppo, dpo: the frozen base stored quantized (QLoRA); capacity: adds a "
+                        "row for the recipe on a base quantized so")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="sft, ppo; compare: both tools recompute activations in backward")
     p.add_argument("--strategy", default="naive", choices=["naive", "ddp", "fsdp", "deepspeed"],
@@ -62,12 +67,14 @@ def _row(r) -> str:
     if r["workload"] == "generate":
         rate = (f"frugal {r['frugal']['tokens_per_s']['median']:.1f} tok/s vs HF generate "
                 f"{r['hf_generate']['tokens_per_s']['median']:.1f} (x{r['ratio']:.2f})")
+    if r.get("quantize_base", "none") != "none":
+        extra += f" | base {r['quantize_base']}"
     if r["workload"] == "ppo":
-        extra = (f" | gen {r['time_gen']['median']:.1f}s score {r['time_score']['median']:.1f}s "
+        extra += (f" | gen {r['time_gen']['median']:.1f}s score {r['time_score']['median']:.1f}s "
                  f"update {r['time_update']['median']:.1f}s; peak rollout {r['mem_rollout_gb']:.2f} GB, "
                  f"update {r['mem_update_gb']:.2f} GB")
     if "pairs_per_s" in r:
-        extra = f" | pairs/s {r['pairs_per_s']['median']:.2f}"
+        extra += f" | pairs/s {r['pairs_per_s']['median']:.2f}"
     compute = f"{r['tflops']['median']:.3f} ({100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f})" if "mfu" in r else "-"
     where = f", {r['strategy']} x{r['processes']}" if r.get("strategy", "naive") != "naive" else ""
     predicted = f" (predicted {r['predicted_peak_gb']:.2f})" if "predicted_peak_gb" in r else ""
@@ -77,9 +84,9 @@ def _row(r) -> str:
 
 def _capacity_table(r) -> str:
     rows = [f"| {name} | {v['model']} | {v['params'] / 1e6:.0f}M | {v['peak_mem_gb']:.2f} GiB |" if v else
-            f"| {name} | none fits | - | - |" for name, v in ((k, r[k]) for k in RECIPES)]
-    ratio = f"x{r['ratio']:.1f}" if r["ratio"] else "n/a"
-    return "\n".join([f"{r['stage']} within {r['memory']}: capacity ratio frugal/plain {ratio}",
+            f"| {name} | none fits | - | - |" for name, v in ((k, r[k]) for k in r["recipes"])]
+    ratios = ", ".join(f"{k}/plain x{v:.1f}" if v else f"{k}/plain n/a" for k, v in r["ratios"].items())
+    return "\n".join([f"{r['stage']} within {r['memory']}: capacity ratio {ratios}",
                       "| recipe | largest model | parameters | peak RSS |", "|---|---|---|---|", *rows])
 
 
@@ -118,8 +125,15 @@ def _sizes(args, kw):
 
 
 def _capacity(args, kw):
-    r = bench_capacity(args.stage, args.memory)
+    r = bench_capacity(args.stage, args.memory, args.quantize_base, args.recipes)
     return r, _capacity_table(r)
+
+
+def _quantize(args, kw):
+    from .quantize import bench_quantize, format_table
+
+    r = bench_quantize(args.model, args.repeats, args.max_length)
+    return r, format_table(r)
 
 
 def _strategies(args, kw):
@@ -130,7 +144,7 @@ def _strategies(args, kw):
 
 # Workloads that print their own table (the others share `_table`).
 OWN_TABLE = {"compare": _compare, "serve": _serve, "sizes": _sizes, "capacity": _capacity,
-             "strategies": _strategies}
+             "strategies": _strategies, "quantize": _quantize}
 
 
 def _table(results) -> str:
@@ -140,7 +154,8 @@ def _table(results) -> str:
 
 def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
-                                        "repeats", "dtype", "gradient_checkpointing", "strategy", "memory_budget")}
+                                        "repeats", "dtype", "gradient_checkpointing", "strategy", "memory_budget",
+                                        "quantize_base")}
     if args.workload in OWN_TABLE:
         result, table = OWN_TABLE[args.workload](args, kw)
         print(table)

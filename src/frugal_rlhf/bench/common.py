@@ -12,14 +12,14 @@ def stats(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def fresh_reward_model(model, lora_rank, dtype, path):
+def fresh_reward_model(model, lora_rank, dtype, path, quantize="none"):
     """An untrained reward model on `model` (what PPO's cost depends on is its size, not its scores).
     Only the adapter and head are written: the standalone merged copy would double the peak
     memory of a capacity probe before PPO even starts."""
     from ..models.reward_io import save_reward_model
     from ..models.roles import RewardModel
 
-    rm = RewardModel(model, lora_rank=lora_rank, dtype=dtype)
+    rm = RewardModel(model, lora_rank=lora_rank, dtype=dtype, quantize=quantize)
     save_reward_model(rm, rm.tokenizer, path, base=model, standalone=False)
     del rm
     gc.collect()  # peft modules hold reference cycles: free this copy of the base before PPO loads its own

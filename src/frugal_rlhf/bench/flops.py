@@ -46,8 +46,9 @@ def _numel(t) -> int:
 def shape_of(model) -> Shape:
     """Shape of a Hugging Face causal LM, LoRA adapters excluded (see `lora_params`)."""
     head = model.get_output_embeddings()
-    body = sum(_numel(m.weight) for name, m in model.named_modules()
-               if _is_matmul(m) and m is not head and "lora_" not in name)
+    # a quantized base layer (models/quantize.py) has no dense weight: its shape counts
+    body = sum(_numel(m.weight) if m.weight is not None else m.in_features * m.out_features
+               for name, m in model.named_modules() if _is_matmul(m) and m is not head and "lora_" not in name)
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return Shape(body, _numel(head.weight), cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)

@@ -34,7 +34,7 @@ def _prompts(n):
         return [{"prompt": [{"role": "user", "content": f"Tell me about topic number {i}."}]} for i in range(n)]
 
 
-def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtype="auto", **_):
+def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtype="auto", quantize_base="none", **_):
     """Our KV-cached sampler vs Hugging Face generate: same model, dtype, batch and settings."""
     from ..data.tokenize import PromptCollator, encode_prompt
     from ..generation import SampleConfig, sample
@@ -42,7 +42,7 @@ def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtyp
 
     device = default_device()
     dt = compute_dtype(device, dtype)
-    hf, tok = load_model(model, dt)
+    hf, tok = load_model(model, dt, quantize=quantize_base)
     hf.to(device).eval()
     rows = [{"prompt_ids": encode_prompt(tok, r["prompt"], 128)} for r in _prompts(batch_size)]
     batch = PromptCollator(tok.pad_token_id)(rows)
@@ -64,7 +64,8 @@ def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtyp
                 times.append(batch_size * new_tokens / (time.perf_counter() - t0))
         results[name] = {"tokens_per_s": stats(times)}
     results["ratio"] = results["frugal"]["tokens_per_s"]["median"] / results["hf_generate"]["tokens_per_s"]["median"]
-    return {"workload": "generate", "model": model, "dtype": str(dt), "batch_size": batch_size,
+    return {"workload": "generate", "model": model, "dtype": str(dt), "quantize_base": quantize_base,
+            "batch_size": batch_size,
             "new_tokens": new_tokens, **results, "peak_mem_gb": peak_memory_bytes(device) / 2**30}
 
 
@@ -106,7 +107,8 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
 
         planned = trainer.config  # with --memory-budget: the planner's choices
         rates = [m[rate_key] for m in metrics if rate_key in m]
-        out = {"workload": name, "model": cfg.model, "strategy": cfg.strategy, "processes": strategy.world_size,
+        out = {"workload": name, "model": cfg.model, "quantize_base": cfg.quantize_base, "strategy": cfg.strategy,
+               "processes": strategy.world_size,
                "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size, "micro_batch": planned.batch_size,
                "grad_accum": planned.grad_accum, "memory_budget": cfg.memory_budget,
                "gradient_checkpointing": planned.gradient_checkpointing,
@@ -125,7 +127,7 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
 
 
 def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto",
-              gradient_checkpointing=False, strategy="naive", memory_budget=None, **_):
+              gradient_checkpointing=False, strategy="naive", memory_budget=None, quantize_base="none", **_):
     from ..config import SFTConfig
     from ..trainers.supervised import SFTTrainer
 
@@ -133,13 +135,13 @@ def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
         cfg = SFTConfig(model=model, data="sharegpt", max_rows=400, output=tmp, max_steps=steps, batch_size=batch_size,
                         max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0,
                         dtype=dtype, gradient_checkpointing=gradient_checkpointing, strategy=strategy,
-                        memory_budget=memory_budget)
+                        memory_budget=memory_budget, quantize_base=quantize_base)
         out, _ = train_bench("sft", cfg, SFTTrainer, "tokens_per_s", lambda t, m: _supervised_flops(t, m, True))
     return out
 
 
 def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
-             gradient_checkpointing=False, memory_budget=None, **_):
+             gradient_checkpointing=False, memory_budget=None, quantize_base="none", **_):
     from ..config import RewardConfig
     from ..trainers.reward import RewardTrainer
 
@@ -148,7 +150,7 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
         cfg = RewardConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                            lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
                            strategy=strategy, gradient_checkpointing=gradient_checkpointing,
-                           memory_budget=memory_budget)
+                           memory_budget=memory_budget, quantize_base=quantize_base)
         out, metrics = train_bench("rm", cfg, lambda s, c: RewardTrainer(s, c, rows=rows), "tokens_per_s",
                                    lambda t, m: _supervised_flops(t, m, False))
     if out:  # rank 0 (all ranks' pairs: a pair is two sequences)
@@ -162,7 +164,7 @@ def _bench_pairs(n):
 
 
 def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
-              **_):
+              quantize_base="none", **_):
     """DPO steps: the policy's forward and backward on both answers of each pair, the reference's
     forward (the base with the adapter off; lora_rank 0: a frozen copy). No FLOP count: the
     reference forward and the answer-only head make the SFT formula wrong here."""
@@ -173,7 +175,7 @@ def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PreferenceConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                                lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
-                               strategy=strategy, loss="dpo")
+                               strategy=strategy, loss="dpo", quantize_base=quantize_base)
         out, metrics = train_bench("dpo", cfg, lambda s, c: PreferenceTrainer(s, c, rows=rows), "tokens_per_s")
     if out:  # rank 0 (all ranks' pairs)
         out["pairs_per_s"] = stats([m["sequences"] / 2 / m["step_time"] for m in metrics])
@@ -181,20 +183,20 @@ def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
 
 
 def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8, dtype="auto",
-              gradient_checkpointing=False, strategy="naive", memory_budget=None, **_):
+              gradient_checkpointing=False, strategy="naive", memory_budget=None, quantize_base="none", **_):
     """PPO steps with a fresh reward model; lora_rank 0 = the plain recipe (four full models)."""
     from ..config import PPOConfig
     from ..trainers.ppo import PPOTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        fresh_reward_model(model, lora_rank or 8, dtype, Path(tmp) / "rm")
+        fresh_reward_model(model, lora_rank or 8, dtype, Path(tmp) / "rm", quantize_base if lora_rank else "none")
         prompts = Path(tmp) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in _prompts(64)))
         cfg = PPOConfig(model=model, reward_model=str(Path(tmp) / "rm"), prompts=str(prompts), output=f"{tmp}/ppo",
                         max_steps=steps, rollout_batch_size=batch_size, batch_size=batch_size,
                         max_new_tokens=new_tokens, lora_rank=lora_rank, save_every=0, eval_every=0, eval_prompts=0,
                         dtype=dtype, max_prompt_length=128, gradient_checkpointing=gradient_checkpointing,
-                        strategy=strategy, memory_budget=memory_budget)
+                        strategy=strategy, memory_budget=memory_budget, quantize_base=quantize_base)
         out, metrics = train_bench("ppo", cfg, PPOTrainer.from_config, "samples_per_s", _ppo_flops)
     if not out:  # not rank 0
         return out
@@ -226,7 +228,8 @@ def dummy_sizes() -> dict[str, int]:
 
 
 # The recipes compared by `frugal bench capacity`: the textbook one (four full fp32 models, fp32
-# Adam for actor and critic) and ours (one bf16 base shared by four roles, LoRA adapters).
+# Adam for actor and critic) and ours (one bf16 base shared by four roles, LoRA adapters); with
+# --quantize-base also ours on a base stored quantized (QLoRA), in a row named after the format.
 RECIPES = {"plain": {"lora_rank": 0, "dtype": "fp32"}, "frugal": {"lora_rank": 8, "dtype": "auto"}}
 
 
@@ -235,7 +238,7 @@ def _fits(stage: str, model: str, budget: int, over: dict) -> tuple[bool, float]
     `budget`. Returns (completed within budget, peak RSS in GiB)."""
     cmd = [sys.executable, "-m", "frugal_rlhf.cli", "bench", stage, "--model", model, "--steps", "2",
            "--batch-size", "2", "--new-tokens", "16", "--max-length", "64", "--lora-rank", str(over["lora_rank"]),
-           "--dtype", over["dtype"]]
+           "--dtype", over["dtype"], "--quantize-base", over.get("quantize_base", "none")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
@@ -252,13 +255,22 @@ def _fits(stage: str, model: str, budget: int, over: dict) -> tuple[bool, float]
     return proc.returncode == 0 and peak <= budget, peak / 2**30
 
 
-def bench_capacity(stage="ppo", memory="24GiB", **_):
+def bench_capacity(stage="ppo", memory="24GiB", quantize_base="none", recipes=None, **_):
     """The largest dummy model each recipe trains within a memory budget (binary search over
-    the sizes, which assumes that if a size fails every larger one fails too)."""
+    the sizes, which assumes that if a size fails every larger one fails too). `recipes`
+    (names) searches only those: a probe of a large model takes many minutes on a small
+    machine, and rows already measured need not be measured again."""
     budget, sizes = parse_size(memory), dummy_sizes()
     names = [n for n in sizes if not n.startswith("gpt2")]
+    available = dict(RECIPES)
+    if quantize_base != "none":
+        available[f"frugal-{quantize_base}"] = {**RECIPES["frugal"], "quantize_base": quantize_base}
+    unknown = set(recipes or ()) - set(available)
+    if unknown:
+        raise ValueError(f"--recipes: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(available)}")
+    recipes = {k: v for k, v in available.items() if not recipes or k in recipes}
     results = {}
-    for recipe, over in RECIPES.items():
+    for recipe, over in recipes.items():
         lo, hi, best = 0, len(names) - 1, None  # invariant: everything below lo fits
         while lo <= hi:
             mid = (lo + hi) // 2
@@ -270,6 +282,7 @@ def bench_capacity(stage="ppo", memory="24GiB", **_):
             else:
                 hi = mid - 1
         results[recipe] = best
-    plain, ours = results["plain"], results["frugal"]
-    ratio = ours["params"] / plain["params"] if plain and ours else None
-    return {"workload": "capacity", "stage": stage, "memory": memory, **results, "ratio": ratio}
+    plain = results.get("plain")
+    ratios = {k: v["params"] / plain["params"] if plain and v else None for k, v in results.items() if k != "plain"}
+    return {"workload": "capacity", "stage": stage, "memory": memory, **results, "recipes": list(recipes),
+            "ratio": ratios.get("frugal"), "ratios": ratios}

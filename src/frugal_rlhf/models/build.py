@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from ..device import compute_dtype
 from .loading import load_model, resolve_spec
+from .quantize import check_format
 from .reward_io import HEAD, META, load_reward_model
 from .roles import Actor, Critic, RewardModel, SharedLM
 
@@ -50,22 +51,25 @@ def build_ppo_roles(cfg) -> PPORoles:
     rm_meta = json.loads((rm_path / META).read_text()) if rm_path and (rm_path / META).exists() else None
     if rm_path and rm_meta is None:
         raise FileNotFoundError(f"{rm_path} is not a reward model (no {META}); train one with `frugal rm`")
+    quantize = check_format(cfg.quantize_base, cfg.lora_rank)
+    # the reward adapter shares the base only if it was trained on the same base, quantized alike
     rm_on_base = rm_meta is not None and bool(rm_meta["adapter"]) and not rm_meta["base_in_artifact"] and \
-        _same_base(rm_meta["base"], cfg.model)
+        _same_base(rm_meta["base"], cfg.model) and rm_meta.get("quantize_base", "none") == quantize
     if not cfg.lora_rank:
         return _separate_full(cfg, dtype)
-    hf, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code)
+    hf, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code, quantize)
     lm = SharedLM(hf)
     lm.add_adapter("actor", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     actor = Actor(lm, "actor")
     reward = load_reward_model(rm_path, shared=lm if rm_on_base else None, dtype=dtype) if rm_path else None
     if rm_path and not rm_on_base:
-        log.info("reward model base %s differs from %s: loading it separately", rm_meta["base"], cfg.model)
+        log.info("reward model base %s (quantized: %s) differs from %s (%s): loading it separately", rm_meta["base"],
+                 rm_meta.get("quantize_base", "none"), cfg.model, quantize)
     if cfg.advantage != "gae":  # GRPO, RLOO, REINFORCE++: no critic
         critic = None
     elif cfg.critic_model:
         critic = Critic(cfg.critic_model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                        lora_targets=cfg.lora_targets, dtype=cfg.dtype)
+                        lora_targets=cfg.lora_targets, dtype=cfg.dtype, quantize=quantize)
     elif cfg.critic_init == "reward" and rm_on_base:
         # InstructGPT initializes the value function from the reward model.
         lm.load_adapter(rm_path / rm_meta["adapter"], "critic", trainable=True)

@@ -2,7 +2,8 @@
 file (gguf_writer.py).
 
 Exports never touch the live model: a shared base must stay unmerged for the other roles.
-Merged tensors are made in fp32 so that small LoRA deltas are not rounded away by bf16.
+Merged tensors are made in fp32 so that small LoRA deltas are not rounded away by bf16; a
+quantized base is written de-quantized (QLoRA users expect a plain model back).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..rundir import fsync_dir, fsync_tree
+from .quantize import QuantizedLinear
 
 
 def _replace_dir(tmp: Path, target: Path):
@@ -45,31 +47,42 @@ MAX_SHARD_BYTES = 1 << 30  # the export holds at most one shard of merged tensor
 def _merged_tensors(role, dtype):
     """(name, shape, make) for each tensor of the role's LM with its adapter merged, in the
     Hugging Face names; `make()` builds that one tensor in `dtype`, so an export never holds a
-    merged copy of the whole model (which would double the peak of a run on its last step)."""
+    merged copy of the whole model (which would double the peak of a run on its last step).
+    A quantized base layer is written dequantized: its `weight` is made from its codes."""
     lm = role.lm
     model = lm.hf_model()
-    layers = dict(model.named_modules()) if lm.is_peft else {}
+    modules = dict(model.named_modules())
     entries, seen = [], set()
     for key, t in model.state_dict().items():
         if ".lora_" in key or (t.data_ptr(), t.shape) in seen:  # adapters, and tied copies of a weight
             continue
         seen.add((t.data_ptr(), t.shape))
         owner, _, leaf = key.rpartition(".")
-        make = functools.partial(t.to, dtype)
+        weight = functools.partial(t.to, dtype)
+        shape = t.shape
+        if isinstance(modules[owner], QuantizedLinear):
+            if leaf == "scales":  # folded into the dequantized weight
+                continue
+            if leaf == "qweight":
+                layer = modules[owner]
+                leaf, shape, weight = "weight", (layer.out_features, layer.in_features), \
+                    functools.partial(layer.dequantize, dtype)
+        key = f"{owner}.{leaf}" if owner else leaf
+        make = weight
         if owner.endswith(".base_layer"):  # a LoRA-wrapped layer: its base weight under the plain name
             owner = owner[: -len(".base_layer")]
             key = f"{owner}.{leaf}"
-            layer = layers[owner]
+            layer = modules[owner]
             if leaf == "weight" and role.adapter in layer.lora_A:
                 if layer.lora_variant.get(role.adapter) or layer.lora_bias.get(role.adapter):
                     raise ValueError(f"{key}: only plain LoRA adapters can be merged (no DoRA, no LoRA bias)")
-                make = functools.partial(_merge, t, layer, role.adapter, dtype)
-        entries.append((key, t.shape, make))
+                make = functools.partial(_merge, weight, layer, role.adapter, dtype)
+        entries.append((key, shape, make))
     return model, entries
 
 
 def _merge(weight, layer, adapter, dtype):
-    return weight.to(dtype) + layer.get_delta_weight(adapter).to(dtype)
+    return weight() + layer.get_delta_weight(adapter).to(dtype)
 
 
 def _shards(entries, itemsize):

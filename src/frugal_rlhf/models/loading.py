@@ -5,7 +5,7 @@ Specs:
   converted once to safetensors and cached under ``$FRUGAL_CACHE`` (default ~/.cache/frugal-rlhf).
 - ``tiny-llama``, ``tiny-gpt2``, ``tiny-opt``, ``tiny-bloom``: random ~1M-parameter models with a
   byte-level tokenizer, built in a second, for tests and smoke runs.
-- ``s``, ``m``, ``l``, ``xl``, ``1b``, ``3b``, ``7b`` (Llama shapes) and ``gpt2-s`` ... ``gpt2-xl``:
+- ``s``, ``m``, ``l``, ``xl``, ``1b``, ``3b``, ``7b``, ``13b`` (Llama shapes) and ``gpt2-s`` ... ``gpt2-xl``:
   random dummy models for benchmarks, built without a second initialization pass (see
   ``DUMMY_SIZES``; ``frugal bench sizes`` prints their parameter counts).
 - a ``.gguf`` file: converted and cached like the default.
@@ -63,6 +63,7 @@ DUMMY_SIZES = {  # shapes of well-known models, so parameter counts mean somethi
     "xl": dict(_LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16),
     "3b": dict(_LLAMA, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32),
     "7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "gpt2-s": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),
     "gpt2-m": dict(_GPT2, n_embd=1024, n_layer=24, n_head=16),
     "gpt2-l": dict(_GPT2, n_embd=1280, n_layer=36, n_head=20),
@@ -75,15 +76,22 @@ def dummy_config(name: str):
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
-def build_dummy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def build_dummy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, quantize: str = "none"):
     """A random model of a named size. Parameters are created on the meta device and filled
     once (normal 0.02, norms 1), skipping transformers' per-module init, so a 7B model costs
-    one pass over its memory; buffers (rotary frequencies) are built for real."""
+    one pass over its memory; buffers (rotary frequencies) are built for real. With `quantize`
+    the linear layers are made quantized piece by piece (models/quantize.py): the model never
+    exists in its dense form, so a base larger than memory in fp32 can be built."""
     from accelerate import init_empty_weights
+
+    from .quantize import layers_to_quantize, random_quantized_linear
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(dummy_config(name), dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
+    if quantize != "none":
+        for parent, child_name, linear in layers_to_quantize(model):
+            setattr(parent, child_name, random_quantized_linear(linear, quantize, 0.02, gen, dtype))
     made = {}
     for module_name, module in list(model.named_modules()):
         for name, p in list(module._parameters.items()):
@@ -98,6 +106,7 @@ def build_dummy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
                 made[id(p)] = nn.Parameter(data)
             module._parameters[name] = made[id(p)]
     model.tie_weights()  # from_config under init_empty_weights leaves tied heads untied
+    model.requires_grad_(quantize == "none")
     tokenizer = byte_tokenizer()  # ids < 260: a valid subset of every dummy vocabulary
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
@@ -213,21 +222,26 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Return (model, tokenizer) for a spec; the model is on CPU in `dtype`."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               quantize: str = "none"):
+    """Return (model, tokenizer) for a spec; the model is on CPU in `dtype`. With `quantize`
+    (int8, nf4, int4) its linear layers are stored quantized and the model is frozen."""
+    from .quantize import check_format, quantize_model
+
+    check_format(quantize)
     resolved = resolve_spec(spec)
+    if resolved in DUMMY_SIZES:
+        model, tokenizer = build_dummy(resolved, dtype, quantize=quantize)
+        return model, prepare_tokenizer(tokenizer)
     if resolved in TINY_FAMILIES:
         model, tokenizer = build_tiny(resolved)
-        return model.to(dtype), prepare_tokenizer(tokenizer)
-    if resolved in DUMMY_SIZES:
-        model, tokenizer = build_dummy(resolved, dtype)
-        return model, prepare_tokenizer(tokenizer)
-    path = Path(resolved)
-    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        return _load_adapter_merged(path, dtype, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model, prepare_tokenizer(tokenizer)
+        model = model.to(dtype)
+    elif (Path(resolved) / "adapter_config.json").exists() and not (Path(resolved) / "config.json").exists():
+        model, tokenizer = _load_adapter_merged(Path(resolved), dtype, trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    return quantize_model(model, quantize), prepare_tokenizer(tokenizer)
 
 
 def load_config(spec: str, trust_remote_code: bool = False):

@@ -187,6 +187,8 @@ def unmodelled(cfg) -> str | None:
 
     if isinstance(cfg, PPOConfig) and not cfg.lora_rank:  # four separate models
         return "--memory-budget for ppo needs --lora-rank (the planner models the roles on one shared base)"
+    if cfg.quantize_base != "none":
+        return "--memory-budget does not model a quantized base (--quantize-base) yet"
     return None
 
 

@@ -1,7 +1,8 @@
 """The reward-model artifact: a small directory that names its base.
 
     OUT/reward_model.json     {"format": "frugal-reward-model", "base": spec, "base_in_artifact": bool,
-                               "adapter": "adapter" | null, "pooling": "last" | "mean"}
+                               "adapter": "adapter" | null, "pooling": "last" | "mean",
+                               "quantize_base": "none" | "int8" | "nf4" | "int4"}
     OUT/score_head.safetensors
     OUT/adapter/              the reward LoRA adapter (PEFT layout), when trained with LoRA
     OUT/final/                standalone: the merged LM + score head + its own reward_model.json
@@ -18,15 +19,17 @@ from safetensors.torch import load_file, save_file
 
 from .export import export_adapter, export_merged
 from .loading import load_model, prepare_tokenizer
+from .quantize import quantize_base
 from .roles import RewardModel, SharedLM
 
 META = "reward_model.json"
 HEAD = "score_head.safetensors"
 
 
-def _write_meta(path: Path, base: str, base_in_artifact: bool, adapter: str | None, pooling: str):
+def _write_meta(path: Path, base: str, base_in_artifact: bool, adapter: str | None, pooling: str,
+                quantized: str = "none"):
     meta = {"format": "frugal-reward-model", "version": 1, "base": base, "base_in_artifact": base_in_artifact,
-            "adapter": adapter, "pooling": pooling}
+            "adapter": adapter, "pooling": pooling, "quantize_base": quantized}
     (path / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -48,7 +51,8 @@ def save_reward_model(rm: RewardModel, tokenizer, path, base: str, standalone: b
     if rm.adapter:
         export_adapter(rm, tokenizer, path / "adapter", base=base)
         _save_head(rm, path)
-        _write_meta(path, base, False, "adapter", rm.pooling)
+        # the adapter was trained on the base quantized so: loaded on it the same way
+        _write_meta(path, base, False, "adapter", rm.pooling, quantize_base(rm.lm.hf_model()))
     else:
         _write_meta(path, "final", True, None, rm.pooling)
     return path
@@ -69,7 +73,9 @@ def load_reward_model(path, shared: SharedLM | None = None, dtype=None, trust_re
     if meta["adapter"] and shared is not None:
         lm, tokenizer = shared, None
     else:
-        hf, tokenizer = load_model(base, dtype, trust_remote_code)
+        # an adapter goes back onto its base quantized as in training; a merged model is dense
+        quantize = meta.get("quantize_base", "none") if meta["adapter"] else "none"
+        hf, tokenizer = load_model(base, dtype, trust_remote_code, quantize)
         lm = SharedLM(hf)
     if meta["adapter"]:
         lm.load_adapter(path / meta["adapter"], "reward", trainable=False)

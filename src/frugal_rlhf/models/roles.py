@@ -192,17 +192,21 @@ class Role(nn.Module):
 
     def __init__(self, model, adapter: str | None = None, head: nn.Module | None = None, *,
                  lora_rank: int = 0, lora_alpha: float | None = None, lora_targets="all-linear",
-                 dtype: str | None = None, trust_remote_code: bool = False, trainable: bool = True):
+                 dtype: str | None = None, trust_remote_code: bool = False, trainable: bool = True,
+                 quantize: str = "none"):
         super().__init__()
         self.tokenizer = None
         if isinstance(model, str):
             from ..device import compute_dtype
             from .loading import load_model
 
-            # A frozen base is kept in the compute dtype; fully trained weights stay fp32.
+            from .quantize import check_format
+
+            # A frozen base is kept in the compute dtype (or quantized); fully trained weights stay fp32.
             full = trainable and not lora_rank
+            check_format(quantize, lora_rank if trainable else None)
             hf, self.tokenizer = load_model(model, torch.float32 if full else compute_dtype(override=dtype),
-                                            trust_remote_code)
+                                            trust_remote_code, quantize)
             hf.requires_grad_(full)
             model = SharedLM(hf)
             if lora_rank and trainable:

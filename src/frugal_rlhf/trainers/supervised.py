@@ -48,7 +48,8 @@ class SupervisedTrainer(Trainer):
     def role_from_config(role_cls, config, **role_settings):
         return role_cls(config.model, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
                         lora_targets=config.lora_targets, dtype=config.dtype,
-                        trust_remote_code=config.trust_remote_code, **role_settings)
+                        trust_remote_code=config.trust_remote_code, quantize=config.quantize_base,
+                        **role_settings)
 
     @staticmethod
     def load_split(config, rows, kind: str):
