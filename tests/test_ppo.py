@@ -275,17 +275,25 @@ def test_ptx_keeps_the_demonstrations_likely(tmp_path):
     assert demo_nll(with_ptx) < 0.8 * demo_nll(without)
 
 
-def test_gradient_checkpointing_reaches_ppo_and_keeps_the_update(tmp_path):
+@pytest.mark.parametrize("advantage", ["gae", "group"])
+def test_gradient_checkpointing_reaches_ppo_and_keeps_the_update(tmp_path, advantage):
     """--gradient-checkpointing reaches PPO's actor and critic (it was silently ignored before):
     the shared base recomputes block activations in backward, and the first update (the same
     rollout in both runs) gives the same losses and gradient norms up to float rounding. Later
     steps sample from weights that differ by rounding, which can flip a sampled token, so they
-    are not compared. (The memory it saves is measured by `frugal bench ppo`, not asserted.)"""
-    plain, base = run_ppo(tmp_path / "a", max_steps=1)
-    ckpt, recomputed = run_ppo(tmp_path / "b", max_steps=1, gradient_checkpointing=True)
+    are not compared. (The memory it saves is measured by `frugal bench ppo`, not asserted.)
+    With group advantages the update encodes each prompt once per group through a KV cache,
+    which checkpointed layers drop: the update must then run the rows whole."""
+    # fp32 for groups: the plain run's update encodes prompts once (a cache), the checkpointed
+    # one runs rows whole; in bf16 the two orders of summation differ by bf16 rounding.
+    kw = {"advantage": "group", "group_size": 4, "rollout_batch_size": 4, "dtype": "fp32"} if advantage == "group" else {}
+    plain, base = run_ppo(tmp_path / "a", max_steps=1, **kw)
+    ckpt, recomputed = run_ppo(tmp_path / "b", max_steps=1, gradient_checkpointing=True, **kw)
     assert ckpt.actor.lm.hf_model().is_activation_checkpointing
     assert not plain.actor.lm.hf_model().is_activation_checkpointing
-    for key in ("reward", "policy_loss", "value_loss", "actor_grad_norm", "critic_grad_norm"):
+    keys = ("reward", "policy_loss", "actor_grad_norm") + (("value_loss", "critic_grad_norm") if advantage == "gae" else
+                                                           ("kl_loss",))
+    for key in keys:
         assert recomputed[0][key] == pytest.approx(base[0][key], rel=1e-4, abs=1e-6), key
     m = recomputed[0]  # each phase's own peak is logged, within the run's peak
     assert 0 < m["mem_rollout_gb"] <= m["peak_mem_gb"] and 0 < m["mem_update_gb"] <= m["peak_mem_gb"]

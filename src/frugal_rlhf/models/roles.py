@@ -146,6 +146,17 @@ def packed_attention(segments):
     return positions, mask[:, None]
 
 
+def _layers_drop_cache(body) -> bool:
+    """Whether transformers will drop the KV cache passed to the body's decoder layers: a layer
+    that checkpoints its activations does when it is in training mode with gradients on. The
+    layer's own flag decides, not the body's: `train_without_dropout` leaves the body in eval
+    mode and only the layers in training mode. (Reading the body's flag, GRPO with
+    --gradient-checkpointing ran each answer without its prompt in the update: gradient norms
+    of 1e7 and more on the demo, clipped to garbage steps.)"""
+    return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
+                                           for m in body.modules())
+
+
 def _hidden_states(model, input_ids, attention_mask, packed: bool = False, shared_prefix: tuple[int, int] = (1, 0)):
     """Last hidden states of the transformer body (no logits computed). `attention_mask` is
     0/1, or with `packed` segment numbers (SFTCollator). The caller says which: inspecting the
@@ -156,8 +167,8 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False, share
     group, repeats their keys and values for the group, and runs only the rest of each row:
     the hidden states returned are those of the last T - p columns (exact, not an estimate).
     Every row runs whole (the same outputs, the plain cost) where the split cannot work: a
-    body in training mode with activation checkpointing gets no KV cache from transformers,
-    and under FSDP (`fsdp_sharded`, set by the strategy) with gradients a block used twice
+    decoder layer that checkpoints its activations drops the KV cache it is given (see
+    `_layers_drop_cache`), and under FSDP (`fsdp_sharded`, set by the strategy) with gradients a block used twice
     in one forward is resharded after its first backward, before its second one needs it."""
     hf = model.get_base_model() if hasattr(model, "peft_config") else model
     body = hf.base_model
@@ -167,7 +178,7 @@ def _hidden_states(model, input_ids, attention_mask, packed: bool = False, share
     elif _takes_position_ids(type(body)):  # BLOOM (ALiBi) has no positions; others need them for left padding
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     group, p = shared_prefix
-    if (group > 1 and p > 0 and not packed and not (body.training and body.is_activation_checkpointing)
+    if (group > 1 and p > 0 and not packed and not _layers_drop_cache(body)
             and not (torch.is_grad_enabled() and getattr(body, "fsdp_sharded", False))):
         first = {k: v[::group, :p] for k, v in kwargs.items()}
         cache = body(input_ids=input_ids[::group, :p], attention_mask=attention_mask[::group, :p], use_cache=True,
