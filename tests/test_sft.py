@@ -196,6 +196,12 @@ def test_streamed_export_equals_peft_merge(tmp_path, monkeypatch, family):
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
     assert sum(not torch.equal(got[k], base[k]) for k in got) >= 4  # the deltas were merged
+    # the file is written tensor by tensor from its header: bf16 too, the merge rounded once
+    export.export_merged(Actor(lm, "actor"), tok, tmp_path / "bf16", dtype=torch.bfloat16)
+    got = load_file(tmp_path / "bf16" / "model.safetensors")
+    for k in expected:
+        assert got[k].dtype == torch.bfloat16
+        torch.testing.assert_close(got[k], expected[k].to(torch.bfloat16), rtol=0, atol=0, msg=k)
 
     monkeypatch.setattr(export, "MAX_SHARD_BYTES", 64 * 1024)
     export.export_merged(Actor(lm, "actor"), tok, tmp_path / "sharded")

@@ -13,11 +13,11 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..rundir import fsync_dir, fsync_tree
 from .quantize import QuantizedLinear
@@ -41,7 +41,8 @@ def _tmpdir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
 
 
-MAX_SHARD_BYTES = 1 << 30  # the export holds at most one shard of merged tensors in memory
+MAX_SHARD_BYTES = 1 << 30  # files of at most 1 GiB, as save_pretrained shards a large model
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def _merged_tensors(role, dtype):
@@ -58,17 +59,15 @@ def _merged_tensors(role, dtype):
             continue
         seen.add((t.data_ptr(), t.shape))
         owner, _, leaf = key.rpartition(".")
-        weight = functools.partial(t.to, dtype)
-        shape = t.shape
+        dense, shape = t.to, t.shape  # dense(dtype): the tensor in that dtype
         if isinstance(modules[owner], QuantizedLinear):
             if leaf == "scales":  # folded into the dequantized weight
                 continue
             if leaf == "qweight":
                 layer = modules[owner]
-                leaf, shape, weight = "weight", (layer.out_features, layer.in_features), \
-                    functools.partial(layer.dequantize, dtype)
+                leaf, shape, dense = "weight", (layer.out_features, layer.in_features), layer.dequantize
         key = f"{owner}.{leaf}" if owner else leaf
-        make = weight
+        make = functools.partial(dense, dtype)
         if owner.endswith(".base_layer"):  # a LoRA-wrapped layer: its base weight under the plain name
             owner = owner[: -len(".base_layer")]
             key = f"{owner}.{leaf}"
@@ -76,13 +75,14 @@ def _merged_tensors(role, dtype):
             if leaf == "weight" and role.adapter in layer.lora_A:
                 if layer.lora_variant.get(role.adapter) or layer.lora_bias.get(role.adapter):
                     raise ValueError(f"{key}: only plain LoRA adapters can be merged (no DoRA, no LoRA bias)")
-                make = functools.partial(_merge, weight, layer, role.adapter, dtype)
+                make = functools.partial(_merge, dense, layer, role.adapter, dtype)
         entries.append((key, shape, make))
     return model, entries
 
 
-def _merge(weight, layer, adapter, dtype):
-    return weight() + layer.get_delta_weight(adapter).to(dtype)
+def _merge(dense, layer, adapter, dtype):
+    """W + scale * B A summed in fp32 and rounded once to `dtype`."""
+    return (dense(torch.float32) + layer.get_delta_weight(adapter).float()).to(dtype)
 
 
 def _shards(entries, itemsize):
@@ -98,10 +98,32 @@ def _shards(entries, itemsize):
     return shards
 
 
+def _write_safetensors(path: Path, entries, dtype):
+    """A safetensors file written one tensor at a time. Its header needs only names, shapes and
+    the dtype, so at most one merged tensor exists at once (safetensors' save_file takes them
+    all: on an nf4 base that was the de-quantized model, the run's peak at its end)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape, _ in entries:
+        nbytes = math.prod(shape) * itemsize
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key, shape, make in entries:
+            t = make().to("cpu").contiguous()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{key}: made {tuple(t.shape)} {t.dtype}, the header says {tuple(shape)} {dtype}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # safetensors is little-endian, as torch here
+            del t
+
+
 @torch.no_grad()
 def export_merged(role, tokenizer, path, dtype=torch.float32):
     """Write the role's LM, adapter merged, as a Hugging Face checkpoint (sharded like
-    save_pretrained when large), one shard at a time; then the tokenizer."""
+    save_pretrained when large), one tensor at a time; then the tokenizer."""
     path = Path(path)
     tmp = _tmpdir(path)
     model, entries = _merged_tensors(role, dtype)
@@ -111,7 +133,7 @@ def export_merged(role, tokenizer, path, dtype=torch.float32):
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file({key: make().contiguous() for key, _, make in shard}, tmp / name, metadata={"format": "pt"})
+        _write_safetensors(tmp / name, shard, dtype)
         weight_map.update({key: name for key, _, _ in shard})
     if len(shards) > 1:
         total = sum(math.prod(shape) for _, shape, _ in entries) * itemsize
