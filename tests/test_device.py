@@ -1,7 +1,9 @@
+import os
+
 import pytest
 import torch
 
-from frugal_rlhf.device import compute_dtype
+from frugal_rlhf.device import compute_dtype, peak_memory_bytes, reset_run_peak
 
 
 def test_frugal_dtype_forces_what_auto_resolves_to(monkeypatch):
@@ -17,3 +19,15 @@ def test_frugal_dtype_forces_what_auto_resolves_to(monkeypatch):
         compute_dtype(cpu)
     monkeypatch.delenv("FRUGAL_DTYPE")
     assert compute_dtype(cpu) in (torch.bfloat16, torch.float32)  # the hardware's choice
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="the peak RSS can be reset on Linux only")
+def test_a_new_run_forgets_the_peaks_before_it():
+    """The pipeline's stages share one process: each reports its own peak, not an earlier
+    stage's."""
+    cpu = torch.device("cpu")
+    x = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    before = peak_memory_bytes(cpu)
+    del x  # a buffer this large is its own mapping: freeing it returns it to the OS
+    reset_run_peak(cpu)
+    assert peak_memory_bytes(cpu) <= before - 192 * 2**20

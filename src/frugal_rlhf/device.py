@@ -118,6 +118,14 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
     return max(_run_peak, _current_peak(device or default_device()))
 
 
+def reset_run_peak(device: torch.device | None = None):
+    """Start a new run in this process (the pipeline's next stage): forget earlier peaks, so
+    that each stage reports its own."""
+    global _run_peak
+    reset_phase_peak(device)
+    _run_peak = 0
+
+
 def reset_phase_peak(device: torch.device | None = None) -> int:
     """End a phase: return its peak (since the previous reset) and start the next one.
     peak_memory_bytes() still covers the whole run."""

@@ -90,6 +90,7 @@ def write_report(out: Path, cfg) -> dict:
     rm_eval = json.loads((out / "rm" / "eval.json").read_text())
     prefs = json.loads((out / "prefs.json").read_text()) if (out / "prefs.json").exists() else {}
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    peaks = json.loads((out / "memory.json").read_text()) if (out / "memory.json").exists() else {}
     comparison = held_out_comparison(out, cfg)
     write_comparison(comparison, out, "eval", model_name="PPO", baseline_name="SFT")
     ppo_eval = [r for r in ppo if "eval_reward" in r]
@@ -115,6 +116,7 @@ def write_report(out: Path, cfg) -> dict:
         "held_out_reward_gain_significant": gain > 2 * se,
         "rm_above_chance": above_chance(rm_eval["accuracy"], rm_eval["n_pairs"]),
         "timings_s": timings,
+        "peak_mem_gb": peaks,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if gain > 2 * se:
@@ -168,8 +170,8 @@ def write_report(out: Path, cfg) -> dict:
                f"- SFT (reward {ex['reward_baseline']:.2f}, gold {ex['gold_baseline']:.2f}): {ex['baseline'][:400]}",
                f"- PPO (reward {ex['reward_model']:.2f}, gold {ex['gold_model']:.2f}): {ex['model'][:400]}", ""]
     if timings:
-        md += ["## Wall time", "", "| stage | seconds |", "|---|---|"]
-        md += [f"| {k} | {v} |" for k, v in timings.items()] + [""]
+        md += ["## Wall time and memory", "", "| stage | seconds | peak memory (GiB) |", "|---|---|---|"]
+        md += [f"| {k} | {v} | {peaks.get(k, '-')} |" for k, v in timings.items()] + [""]
     (out / "report.md").write_text("\n".join(md))
     print(f"\nreport: {out / 'report.md'}\n  SFT loss {_fmt(summary['sft']['loss_first'])} -> "
           f"{_fmt(summary['sft']['loss_last'])}; RM held-out accuracy {rm_eval['accuracy']:.3f}; "

@@ -184,6 +184,9 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
         raise ValueError(f"quantize_base {fmt}: {type(model).__name__} has no nn.Linear layer to quantize "
                          "(GPT-2's Conv1D layers are not supported)")
     model.requires_grad_(False)
+    # The dense weights are freed, but the C heap keeps their pages: on the embedded default the
+    # process held 1147 MB after quantizing and 533 MB after this (measured, nf4).
+    release_free_memory()
     log.info("base quantized to %s: linear weights %.1f MiB -> %.1f MiB", fmt, before / 2**20, after / 2**20)
     return model
 
