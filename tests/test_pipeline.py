@@ -27,6 +27,10 @@ def test_quick_demo_end_to_end_report_matches_metrics(tmp_path):
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     sft, ppo = [m for m in metrics(out / "sft") if m["step"] > 0], metrics(out / "ppo")
+    # every stage's time and its own peak memory, the PPO trainer's peak within its stage's
+    timings, peaks = (json.loads((out / f).read_text()) for f in ("timings.json", "memory.json"))
+    assert list(peaks) == list(timings) == ["split", "sft", "prefs", "rm", "ppo", "report"]
+    assert all(v > 0 for v in peaks.values()) and summary["ppo"]["peak_mem_gb"] <= peaks["ppo"] + 0.01
     k = edge_window(len(sft))  # the report averages k steps at each end
     assert summary["sft"]["loss_first"] == pytest.approx(sum(m["loss"] for m in sft[:k]) / k)
     assert summary["sft"]["loss_last"] == pytest.approx(sum(m["loss"] for m in sft[-k:]) / k)
@@ -183,7 +187,7 @@ def test_eval_of_a_model_against_itself_finds_no_difference(tmp_path, capsys):
 
 
 def test_quick_pipeline_on_an_nf4_base_requantizes_the_sft_merge_and_shares_it(tmp_path):
-    """--quantize-base nf4 through every stage: sft/final is the de-quantized merge (a plain
+    """--quantize-base nf4 (and --gradient-checkpointing) through every stage: sft/final is the de-quantized merge (a plain
     checkpoint), rm and ppo quantize it again once and say so, the reward artifact records the
     format, and PPO puts the reward adapter on the one shared (quantized) base."""
     from safetensors import safe_open
@@ -194,8 +198,12 @@ def test_quick_pipeline_on_an_nf4_base_requantizes_the_sft_merge_and_shares_it(t
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     done = subprocess.run([sys.executable, "-m", "frugal_rlhf.cli", "pipeline", "--config", str(path),
-                           "--quantize-base", "nf4"], capture_output=True, text=True, timeout=1200)
+                           "--quantize-base", "nf4", "--gradient-checkpointing"], capture_output=True, text=True,
+                          timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("sft", "rm", "ppo"):  # the frugal-memory flags reach every trained stage
+        stage_cfg = yaml.safe_load((tmp_path / "run" / stage / "config.yaml").read_text())
+        assert stage_cfg["quantize_base"] == "nf4" and stage_cfg["gradient_checkpointing"] is True
     assert done.stderr.count("is quantized again to nf4 for this stage") == 2  # rm and ppo
     assert "roles on one shared base" in done.stderr
     assert json.loads((tmp_path / "run" / "rm" / "reward_model.json").read_text())["quantize_base"] == "nf4"

@@ -193,6 +193,8 @@ def add_pipeline_args(p):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="overrides the config's compute dtype")
     p.add_argument("--quantize-base", choices=["none", "int8", "nf4", "int4"],
                    help="every stage's frozen base stored quantized (QLoRA); overrides the config's")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="every trained stage recomputes activations in backward: less memory, more time")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
 
 
@@ -205,6 +207,7 @@ def cmd_pipeline(args, default_config=None):
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
     Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
                                          "dtype": args.dtype, "quantize_base": args.quantize_base,
+                                         "gradient_checkpointing": args.gradient_checkpointing,
                                          "report_to": args.report_to})).run()
 
 
