@@ -112,3 +112,13 @@ def test_gold_labeler_follows_the_gold_scorer_at_the_configured_rate(tiny_words_
     agree = sum(gold_score(p["prompt"], p["chosen"]) > gold_score(p["prompt"], p["rejected"]) for p in pairs)
     assert abs(agree / n - 0.72) < 3 * (0.72 * 0.28 / n) ** 0.5
     assert summary["observed_agreement"] == pytest.approx(agree / n)
+
+
+@pytest.mark.parametrize("agreement,noise,match", [(0.4, "thurstone", r"\[0.5, 1\]"), (0.5, "thurstone", "above 0.5"),
+                                                   (0.72, "gaussian", "label noise")])
+def test_gold_labeler_settings_are_refused_before_any_sampling(tmp_path, agreement, noise, match):
+    """No model is given: the refusal comes before the first answer is sampled, not after."""
+    with pytest.raises(ValueError, match=match):
+        build_pairs(None, None, [{"prompt": "hi"}], tmp_path / "p.jsonl", "gold", label_agreement=agreement,
+                    label_noise=noise)
+    assert not (tmp_path / "p.jsonl").exists()

@@ -30,6 +30,7 @@ import torch
 
 from ..data.tokenize import PromptCollator, encode_prompt, stop_tokens
 from ..generation import SampleConfig, sample
+from ..rl.gold import check_labeler, gold_scores, label_groups
 from ..rundir import atomic_write
 
 log = logging.getLogger("frugal_rlhf")
@@ -75,6 +76,8 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
     if samples_per_prompt < 2 or (samples_per_prompt > 2 and labeler != "gold"):
         raise ValueError(f"samples_per_prompt {samples_per_prompt}: the gold labeler ranks 2 or more answers a "
                          f"prompt, the {labeler} labeler exactly 2")
+    if labeler == "gold":  # before sampling: a bad setting must not cost the sampling time first
+        check_labeler(label_agreement, label_noise)
     rows = [r for r in prompt_rows if r.get("reference")] if labeler == "reference" else list(prompt_rows)
     if not rows:
         raise ValueError("no prompt has a reference answer: the reference labeler needs conversations with answers")
@@ -119,8 +122,6 @@ def gold_pairs(prompts, samples: list[list[str]], agreement: float, noise: str, 
     """The simulated human's pairs: each prompt's non-empty answers (samples[k][i] is answer k
     to prompt i) ranked by the gold scorer with noise, its first against its last; a gold tie
     (or fewer than two answers) labels nothing."""
-    from ..rl.gold import gold_scores, label_groups
-
     scores = [gold_scores(prompts, s) for s in samples]
     groups = [[(s[i], g[i]) for s, g in zip(samples, scores) if s[i]] for i in range(len(prompts))]
     labels = label_groups([[g for _, g in group] for group in groups], agreement,

@@ -115,9 +115,15 @@ def gold_scores(prompts, answers) -> list[float]:
 NOISE_MODELS = ("thurstone", "flip")
 
 
-def _check_agreement(agreement: float):
+def check_labeler(agreement: float, noise: str):
+    """The simulated labeler's settings, checked before any answer is sampled."""
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"label noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
     if not 0.5 <= agreement <= 1.0:
         raise ValueError(f"label agreement must be in [0.5, 1], got {agreement}")
+    if noise == "thurstone" and agreement == 0.5:  # no finite sigma gives it: the search would never end
+        raise ValueError("thurstone label noise needs an agreement above 0.5 (at 0.5 the labeler is a coin: "
+                         "use flip noise)")
 
 
 def thurstone_sigma(groups: list[list[float]], agreement: float) -> float:
@@ -125,10 +131,7 @@ def thurstone_sigma(groups: list[list[float]], agreement: float) -> float:
     ordered as the gold scores order it with probability `agreement` (on average over the
     groups' untied pairs): mean Phi(|d| / (sigma sqrt 2)) = agreement, solved by bisection
     (the mean falls monotonically in sigma)."""
-    _check_agreement(agreement)
-    if agreement == 0.5:  # no finite sigma gives it: the search below would never end
-        raise ValueError("thurstone label noise needs an agreement above 0.5 (at 0.5 the labeler is a coin: "
-                         "use flip noise)")
+    check_labeler(agreement, "thurstone")
     gaps = [abs(a - b) for g in groups for i, a in enumerate(g) for b in g[i + 1:] if a != b]
     if not gaps or agreement == 1.0:
         return 0.0
@@ -150,17 +153,15 @@ def label_groups(groups: list[list[float]], agreement: float, generator: torch.G
     """The simulated human's (chosen, rejected) indices into each group of gold scores (the K
     answers to one prompt): the first and last of its noisy ranking. None where the two have
     the same gold score (no preference to learn) or the group has fewer than two answers."""
-    if noise not in NOISE_MODELS:
-        raise ValueError(f"label noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
-    _check_agreement(agreement)
+    check_labeler(agreement, noise)
     sigma = thurstone_sigma(groups, agreement) if noise == "thurstone" else 0.0
     labels = []
     for g in groups:
         if len(g) < 2:
             labels.append(None)
             continue
-        seen = (torch.tensor(g, dtype=torch.float64)
-                + sigma * torch.randn(len(g), generator=generator, dtype=torch.float64)).tolist()
+        seen = g if sigma == 0 else (torch.tensor(g, dtype=torch.float64)
+                                     + sigma * torch.randn(len(g), generator=generator, dtype=torch.float64)).tolist()
         best, worst = max(range(len(g)), key=seen.__getitem__), min(range(len(g)), key=seen.__getitem__)
         if noise == "flip" and torch.rand(1, generator=generator).item() >= agreement:
             best, worst = worst, best
