@@ -102,10 +102,9 @@ def _write_safetensors(path: Path, entries, dtype):
     """A safetensors file written one tensor at a time. Its header needs only names, shapes and
     the dtype, so at most one merged tensor exists at once (safetensors' save_file takes them
     all: on an nf4 base that was the de-quantized model, the run's peak at its end)."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, shape, _ in entries:
-        nbytes = math.prod(shape) * itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -117,7 +116,7 @@ def _write_safetensors(path: Path, entries, dtype):
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise RuntimeError(f"{key}: made {tuple(t.shape)} {t.dtype}, the header says {tuple(shape)} {dtype}")
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # safetensors is little-endian, as torch here
-            del t
+            del t  # freed before the next tensor is made, not after
 
 
 @torch.no_grad()
@@ -127,8 +126,7 @@ def export_merged(role, tokenizer, path, dtype=torch.float32):
     path = Path(path)
     tmp = _tmpdir(path)
     model, entries = _merged_tensors(role, dtype)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    shards = _shards(entries, itemsize)
+    shards = _shards(entries, dtype.itemsize)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
@@ -136,7 +134,7 @@ def export_merged(role, tokenizer, path, dtype=torch.float32):
         _write_safetensors(tmp / name, shard, dtype)
         weight_map.update({key: name for key, _, _ in shard})
     if len(shards) > 1:
-        total = sum(math.prod(shape) for _, shape, _ in entries) * itemsize
+        total = sum(math.prod(shape) for _, shape, _ in entries) * dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = copy.deepcopy(model.config)
