@@ -14,6 +14,10 @@ def test_bench_generate_and_ppo_write_valid_json(tmp_path):
     r = json.loads(out.read_text())
     assert r["frugal"]["tokens_per_s"]["median"] > 0 and r["hf_generate"]["tokens_per_s"]["median"] > 0
     assert r["ratio"] == r["frugal"]["tokens_per_s"]["median"] / r["hf_generate"]["tokens_per_s"]["median"]
+    # The bandwidth fraction is steps/s x weight bytes / copy rate: recomputed here from its parts.
+    for name in ("frugal", "hf_generate"):
+        steps_per_s = r[name]["tokens_per_s"]["median"] / 4
+        assert r[name]["bandwidth_fraction"] == pytest.approx(steps_per_s * r["weight_gb"] / r["copy_gb_per_s"])
     out = tmp_path / "ppo.json"
     assert main(["bench", "ppo", "--model", "tiny-llama", "--steps", "2", "--batch-size", "4", "--new-tokens", "8",
                  "--strategy", "naive", "--json", str(out)]) == 0

@@ -93,3 +93,19 @@ def test_bench_sft_reports_mfu_below_one(tmp_path):
     assert r["tflops"]["median"] > 0 and r["peak_tflops"] > 0
     assert 0 < r["mfu"] <= 1
     assert r["mfu"] == pytest.approx(r["tflops"]["median"] / r["peak_tflops"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_bytes_counts_each_weight_once_and_skips_an_untied_embedding(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg)
+    # By hand: per layer q, o (32x32), k, v (16x32), MLP 3 x 32x64, two norms of 32; final norm;
+    # the 300x32 head, read once per step; an untied input embedding is only looked up.
+    layer = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64 + 2 * 32
+    floats = 2 * layer + 32 + 300 * 32
+    rotary = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert flops.decode_bytes(model) == 4 * floats + rotary
+

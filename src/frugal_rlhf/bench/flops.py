@@ -115,3 +115,33 @@ def measure_peak_tflops(device, dtype, n: int = 2048, repeats: int = 10) -> floa
         if i:  # the first is warm-up
             times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times) / 1e12
+
+
+def measure_copy_rate(device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes the device's memory moves per second (read + written) copying a buffer far larger
+    than any cache, the best of the repeats: the bound of a step that reads every weight once."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first touches the pages
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(times)
+
+
+def decode_bytes(model) -> int:
+    """Bytes one decode step must read: every weight once (a tied LM head counted once), but of
+    an untied input embedding only the batch's rows, which are negligible."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or emb.weight.data_ptr() != head.weight.data_ptr():
+        seen.pop(emb.weight.data_ptr(), None)
+    return sum(seen.values())
