@@ -6,6 +6,8 @@ Rule: compute in bf16 where the hardware runs it fast, keep trained parameters i
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import os
 import resource
@@ -81,9 +83,6 @@ def fused_int8_matmul(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _libc():
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc if hasattr(libc, "malloc_trim") else None
