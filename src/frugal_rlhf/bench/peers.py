@@ -122,7 +122,9 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
         if stage == "grpo":
             return _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, Path(tmp), reward,
                                 gradient_checkpointing)
-        common = dict(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
+        # The run writes into a directory of its own: the SFT rows file beside it would make
+        # the run-safety check refuse the directory as holding another run.
+        common = dict(model=model, output=str(Path(tmp) / "run"), max_steps=steps, batch_size=batch_size, max_length=max_length,
                       lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
                       gradient_checkpointing=gradient_checkpointing)
         if stage == "sft":
