@@ -127,11 +127,14 @@ def reset_run_peak(device: torch.device | None = None):
 
 def reset_phase_peak(device: torch.device | None = None) -> int:
     """End a phase: return its peak (since the previous reset) and start the next one.
-    peak_memory_bytes() still covers the whole run."""
+    peak_memory_bytes() still covers the whole run. The heap's free pages go back to the OS
+    first: what one phase freed is not resident when the next one starts, so a long run's
+    peak does not creep up step by step with the heap's fragments."""
     global _run_peak
     device = device or default_device()
     peak = _current_peak(device)
     _run_peak = max(_run_peak, peak)
+    release_free_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
