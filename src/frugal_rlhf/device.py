@@ -90,6 +90,23 @@ def _libc():
         return None
 
 
+# glibc's mallopt: allocations of at least this many bytes are mapped on their own and
+# unmapped when freed. Its default threshold moves up to the largest block freed (to 32 MiB),
+# after which every tensor below that size comes from the heap, whose free pages stay
+# resident in fragments: a reward-model forward with activation checkpointing kept 0.27 GiB
+# of activations and peaked at 3.8 GiB of RSS; with the threshold held at 1 MiB, 1.2 GiB.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def hold_mmap_threshold():
+    """Hold glibc's mmap threshold (see above), unless MALLOC_MMAP_THRESHOLD_ says otherwise;
+    a no-op without glibc. Called once when this module is imported, before the model loads."""
+    libc = _libc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def release_free_memory():
     """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
     Building a large model piece by piece leaves freed temporaries between the pieces kept:
@@ -142,3 +159,6 @@ def reset_phase_peak(device: torch.device | None = None) -> int:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
     return peak
+
+
+hold_mmap_threshold()
