@@ -117,3 +117,15 @@ def test_bench_strategies_runs_the_command_under_each_strategy(tmp_path, rows):
     assert "ddp | 2 |" in format_table(r)
     ppo = bench_strategies("ppo", "tiny-llama", only=("deepspeed zero-3",), reward_model="unused")
     assert ppo["results"]["deepspeed zero-3"]["skipped"].startswith(("refused", "DeepSpeed not installed"))
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_compare_runs_our_side_of_each_stage(tmp_path, stage):
+    """Our half of `bench compare` (the peer's needs trl): every stage trains its steps. The SFT
+    side once failed, its rows file making its output directory look like another run's."""
+    from frugal_rlhf.bench.peers import _frugal, _write_rows
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "chosen": f"It is {2 * i}.",
+             "rejected": "I do not know."} for i in range(6)]
+    rates = _frugal(stage, "tiny-llama", _write_rows(rows, tmp_path), 3, 2, 64, 4, "fp32", 4)
+    assert len(rates) == 2 and all(r > 0 for r in rates)  # 3 steps, the first one warm-up

@@ -1,4 +1,4 @@
-"""`python -m frugal_rlhf.app.chat` driven like a person at a terminal (pexpect)."""
+"""`frugal chat` driven like a person at a terminal (pexpect)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ TIMEOUT = 60  # first start imports torch and transformers
 
 
 def _spawn(*args):
-    child = pexpect.spawn(sys.executable, ["-m", "frugal_rlhf.app.chat", "tiny-llama", "--max-new-tokens", "12",
+    child = pexpect.spawn(sys.executable, ["-m", "frugal_rlhf.cli", "chat", "tiny-llama", "--max-new-tokens", "12",
                                            "--dtype", "fp32", *args],
                           encoding="utf-8", timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"})
     child.expect_exact("you> ")

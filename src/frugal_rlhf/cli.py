@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import importlib
 import logging
 import os
 import subprocess
 import sys
 import types
 import typing
-from pathlib import Path
 
 from .config import STAGE_CONFIGS, from_dict, load_yaml
 from .errors import FrugalError
@@ -51,89 +50,6 @@ def config_from_args(cls, args):
     return from_dict(cls, data, source=getattr(args, "config", None) or "flags")
 
 
-def cmd_sft(args):
-    from .trainers.supervised import SFTTrainer
-
-    cfg, metrics = _run_stage(STAGE_CONFIGS["sft"], SFTTrainer, args)
-    steps = [m for m in metrics if m["step"] > 0]
-    if steps:
-        from .app.report import edge_window, first_mean, last_mean
-
-        held_out = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-        # single steps are one batch each: means of a few steps at each end say more
-        print(f"sft: {len(steps)} steps, training loss {first_mean(steps, 'loss'):.4f} -> {last_mean(steps, 'loss'):.4f} "
-              f"(means of the first and last {edge_window(len(steps))} steps)"
-              + (f", held-out loss {held_out[0]:.4f} -> {held_out[-1]:.4f}" if len(held_out) > 1 else "")
-              + f"; model in {cfg.output}/final")
-
-
-def _run_stage(cls, build, args):
-    from .app.stages import run_stage
-
-    cfg = config_from_args(cls, args)
-    return cfg, run_stage(cfg, build)
-
-
-def cmd_rm(args):
-    from .trainers.reward import RewardTrainer
-
-    cfg = config_from_args(STAGE_CONFIGS["rm"], args)
-    if cfg.eval_only:
-        return _rm_eval_only(cfg)
-    cfg, metrics = _run_stage(STAGE_CONFIGS["rm"], RewardTrainer, args)
-    if metrics:
-        result = json.loads((Path(cfg.output) / "eval.json").read_text())
-        if result["accuracy"] is None:  # --eval-split 0 (or too few rows to hold any out)
-            print(f"rm: held-out accuracy not measured (no held-out pairs); reward model in {cfg.output}")
-            return
-        print(f"rm: held-out accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs, mean margin "
-              f"{result['mean_margin']:.3f}; reward model in {cfg.output}")
-
-
-def _rm_eval_only(cfg):
-    from .data.formats import load_dataset_file
-    from .device import default_device
-    from .models.reward_io import load_reward_model
-    from .trainers.reward import evaluate_reward_model
-
-    rm = load_reward_model(cfg.model).to(default_device())
-    rows = load_dataset_file(cfg.data, "preference", cfg.skip_bad_rows, cfg.max_rows)
-    result = evaluate_reward_model(rm, rows, cfg.max_length, cfg.batch_size)
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.output) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"rm eval: accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs, mean margin "
-          f"{result['mean_margin']:.3f} -> {cfg.output}/eval.json")
-
-
-def cmd_ppo(args):
-    from .trainers.ppo import PPOTrainer
-
-    cfg, metrics = _run_stage(STAGE_CONFIGS["ppo"], PPOTrainer.from_config, args)
-    if metrics:
-        ev = [m for m in metrics if "eval_reward" in m]
-        train = [m for m in metrics if "reward" in m]
-        print(f"ppo: {len(train)} steps, reward {train[0]['reward']:.3f} -> {train[-1]['reward']:.3f}, KL "
-              f"{train[-1]['kl']:.3f}" + (f"; held-out reward {ev[0]['eval_reward']:.3f} -> {ev[-1]['eval_reward']:.3f}"
-                                         if len(ev) > 1 else "") + f"; policy in {cfg.output}/final")
-
-
-def cmd_dpo(args, stage="dpo"):
-    from .trainers.preference import PreferenceTrainer
-
-    cfg, metrics = _run_stage(STAGE_CONFIGS[stage], PreferenceTrainer, args)
-    if metrics:
-        result = json.loads((Path(cfg.output) / "eval.json").read_text())
-        start = next((m["eval_accuracy"] for m in metrics if "eval_accuracy" in m), None)
-        accuracy = f"{start:.3f} -> {result['accuracy']:.3f}" if result["accuracy"] is not None else "n/a"
-        print(f"{cfg.loss}: {len([m for m in metrics if m['step'] > 0])} steps, held-out implicit-reward accuracy "
-              f"{accuracy} on {result['n_held_out']} {'pairs' if cfg.loss != 'kto' else 'rows'}; "
-              f"model in {cfg.output}/final")
-
-
-def cmd_kto(args):
-    cmd_dpo(args, stage="kto")
-
-
 def add_preference_aliases(p):
     """The names the papers (and other frameworks) use, beside our field names."""
     p.add_argument("--gamma", dest="simpo_gamma", type=float, default=argparse.SUPPRESS, help="= --simpo-gamma")
@@ -165,25 +81,6 @@ def add_prefs_args(p):
     p.add_argument("--dtype", default="auto")
 
 
-def cmd_prefs(args):
-    from .data.formats import load_dataset_file
-    from .device import autocast, compute_dtype, default_device
-    from .models.loading import load_model
-    from .app.prefs import build_pairs
-
-    device = default_device()
-    dtype = compute_dtype(device, args.dtype)
-    model, tok = load_model(args.model, dtype)
-    rows = load_dataset_file(args.prompts, "prompt", limit=args.num_prompts * 2)
-    rows = [r for r in rows if r.get("reference") or args.labeler != "reference"][: args.num_prompts]
-    summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
-                          args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
-                          device=device, autocast=autocast(device, dtype), label_agreement=args.label_agreement,
-                          label_noise=args.label_noise, samples_per_prompt=args.samples_per_prompt)
-    print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
-          f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
-
-
 def add_pipeline_args(p):
     p.add_argument("--config", help="pipeline YAML (see configs/example.yaml)")
     p.add_argument("--output")
@@ -196,25 +93,6 @@ def add_pipeline_args(p):
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="every trained stage recomputes activations in backward: less memory, more time")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
-
-
-def cmd_pipeline(args, default_config=None):
-    from .app.pipeline import Pipeline, load_pipeline_config, packaged_config
-
-    path = args.config or (packaged_config("quick" if args.quick else default_config) if default_config or
-                           args.quick else None)
-    if path is None:
-        raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
-    Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
-                                         "dtype": args.dtype, "quantize_base": args.quantize_base,
-                                         "gradient_checkpointing": args.gradient_checkpointing,
-                                         "report_to": args.report_to})).run()
-
-
-def cmd_demo(args):
-    if not args.output:
-        args.output = "runs/demo-quick" if args.quick else "runs/demo"
-    cmd_pipeline(args, default_config="demo")
 
 
 def add_eval_args(p):
@@ -230,57 +108,12 @@ def add_eval_args(p):
     p.add_argument("--dtype", default="auto")
 
 
-def _run_dir_of(model: str) -> Path:
-    """runs/demo/ppo/final -> runs/demo (the directory holding data/held_out.jsonl)."""
-    for parent in Path(model).resolve().parents:
-        if (parent / "data" / "held_out.jsonl").exists():
-            return parent
-    raise FileNotFoundError(f"no run directory with data/held_out.jsonl above {model}; pass --prompts FILE")
-
-
-def cmd_eval(args):
-    from .data.formats import load_dataset_file
-    from .device import autocast, compute_dtype, default_device
-    from .app.evaluation import compare_models, load_policy, summary_markdown, write_comparison
-    from .data.tokenize import stop_tokens
-    from .generation import SampleConfig
-    from .models.reward_io import load_reward_model
-
-    prompts = str(_run_dir_of(args.model) / "data" / "held_out.jsonl") if args.prompts == "held-out" else args.prompts
-    rm_path = args.reward_model or str(_run_dir_of(args.model) / "rm")
-    device = default_device()
-    dtype = compute_dtype(device, args.dtype)
-    model, tok = load_policy(args.model, dtype)
-    baseline, _ = load_policy(args.baseline, dtype)
-    rm = load_reward_model(rm_path, dtype=dtype)
-    for m in (model, baseline, rm):
-        m.to(device).eval()
-    cfg = SampleConfig(args.max_new_tokens, args.temperature, 0, 0.95, stop_tokens(tok), tok.pad_token_id)
-    rows = load_dataset_file(prompts, "prompt")
-    summary = compare_models(model, baseline, tok, rm, rows, cfg, seed=args.seed, autocast=autocast(device, dtype))
-    out = Path(args.output or Path(args.model).parent)
-    write_comparison(summary, out, "eval")
-    print(summary_markdown(summary))
-    print(f"written: {out / 'eval.json'}, {out / 'eval.md'}")
-
-
 def add_export_args(p):
     p.add_argument("model", help="a model spec: a run's final/ (or adapter/) directory, default, a .gguf file")
     p.add_argument("--gguf", required=True, metavar="FILE", help="write a GGUF file (llama.cpp, Ollama, LM Studio)")
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0"],
                    help="weight format (norms stay f32): f16 ~ the trained model; q8_0 half its size; q4_0 a quarter")
     p.add_argument("--trust-remote-code", action="store_true")
-
-
-def cmd_export(args):
-    from .models.gguf_writer import write_gguf
-    from .models.loading import load_model
-
-    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    name = Path(args.model).parent.name if Path(args.model).name in ("final", "adapter") else Path(args.model).stem
-    path = write_gguf(model.config, ((k, lambda v=v: v) for k, v in model.state_dict().items()), tok, args.gguf,
-                      args.quant, name=name)
-    print(f"export: {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.quant})")
 
 
 def add_data_args(p):
@@ -292,13 +125,6 @@ def add_data_args(p):
                    help="decided by a hash of each problem: the splits never overlap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="math.jsonl")
-
-
-def cmd_data(args):
-    from .data.math_problems import generate, write_jsonl
-
-    path = write_jsonl(generate(args.n, args.level, args.seed, args.split), args.output)
-    print(f"data math: {args.n} level-{args.level} {args.split} problems -> {path}")
 
 
 def add_recipe_args(p):
@@ -314,93 +140,59 @@ def add_recipe_args(p):
     p.add_argument("--dtype")
 
 
-def cmd_recipe(args):
-    from .app.pipeline import packaged_config
-    from .app.recipes import load_recipe_config, run_math_recipe
-
-    path = args.config or packaged_config("rlvr-math-quick" if args.quick else "rlvr-math")
-    cfg = load_recipe_config(path, {"output": args.output, "model": args.model, "level": args.level,
-                                    "eval_problems": args.eval_problems, "seed": args.seed, "dtype": args.dtype})
-    if args.max_steps:
-        cfg.ppo = {**cfg.ppo, "max_steps": args.max_steps}
-    r = run_math_recipe(cfg)
-    print(" ".join(f"{m} accuracy {r[m]['before']:.3f} -> {r[m]['after']:.3f} ({r[m]['change']:+.3f} ± "
-                   f"{r[m]['change_se']:.3f});" for m in ("strict", "lenient"))
-          + f" {r['verdict']}; {r['n_eval']} held-out problems, {r['wall_seconds'] / 60:.1f} min; "
-          f"report in {cfg.output}/report.md")
-
-
-def _serve(args):
-    from .serve.command import cmd_serve
-
-    cmd_serve(args)
-
-
-def _chat(args):
-    from .app.chat import cmd_chat
-
-    cmd_chat(args)
-
-
-def _bench(args):
-    from .bench.command import cmd_bench
-
-    cmd_bench(args)
-
-
-def _bench_args(p):
-    from .bench.command import add_bench_args
-
-    add_bench_args(p)
-
-
-def _serve_args(p):
-    from .serve.command import add_serve_args
-
-    add_serve_args(p)
-
-
-def _chat_args(p):
-    from .app.chat import add_chat_args
-
-    add_chat_args(p)
-
-
-# name -> (function, help, stage config or a function adding arguments)
+# name -> (what runs it, help, the stage config of its flags or what adds its arguments); "module:name"
+# is imported only for the command being run (see _load).
 COMMANDS = {
-    "sft": (cmd_sft, "supervised fine-tuning on demonstrations", "sft"),
-    "rm": (cmd_rm, "train (or --eval-only: score) a reward model on ranked pairs", "rm"),
-    "dpo": (cmd_dpo, "offline preference optimization on pairs: --loss dpo|ipo|cdpo|simpo|orpo|kto", "dpo"),
-    "kto": (cmd_kto, "KTO on unpaired rows (prompt, completion, label) or on pairs", "kto"),
-    "prefs": (cmd_prefs, "build preference pairs with the simulated labeler", add_prefs_args),
-    "ppo": (cmd_ppo, "PPO against a reward model, four roles on one base", "ppo"),
-    "pipeline": (cmd_pipeline, "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
-    "demo": (cmd_demo, "the whole pipeline on the embedded default model and data", add_pipeline_args),
-    "eval": (cmd_eval, "compare a model with a baseline on held-out prompts", add_eval_args),
-    "export": (cmd_export, "write a model as a GGUF file for llama.cpp and Ollama", add_export_args),
-    "data": (cmd_data, "generate data: arithmetic problems with exact answers (held-out split apart)", add_data_args),
-    "recipe": (cmd_recipe, "recipes: math = GRPO on a verifiable reward, accuracy before -> after", add_recipe_args),
-    "chat": (_chat, "chat with a model in the terminal", _chat_args),
-    "serve": (_serve, "OpenAI-compatible HTTP API and a web chat page", _serve_args),
-    "bench": (_bench, "throughput and peak memory per stage (table + JSON)", _bench_args),
+    "sft": ("app.commands:cmd_sft", "supervised fine-tuning on demonstrations", "sft"),
+    "rm": ("app.commands:cmd_rm", "train (or --eval-only: score) a reward model on ranked pairs", "rm"),
+    "dpo": ("app.commands:cmd_dpo", "offline preference optimization on pairs: --loss dpo|ipo|cdpo|simpo|orpo|kto",
+            "dpo"),
+    "kto": ("app.commands:cmd_dpo", "KTO on unpaired rows (prompt, completion, label) or on pairs", "kto"),
+    "prefs": ("app.commands:cmd_prefs", "build preference pairs with the simulated labeler", add_prefs_args),
+    "ppo": ("app.commands:cmd_ppo", "PPO against a reward model, four roles on one base", "ppo"),
+    "pipeline": ("app.commands:cmd_pipeline", "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
+    "demo": ("app.commands:cmd_demo", "the whole pipeline on the embedded default model and data", add_pipeline_args),
+    "eval": ("app.commands:cmd_eval", "compare a model with a baseline on held-out prompts", add_eval_args),
+    "export": ("app.commands:cmd_export", "write a model as a GGUF file for llama.cpp and Ollama", add_export_args),
+    "data": ("app.commands:cmd_data", "generate data: arithmetic problems with exact answers (held-out split apart)",
+             add_data_args),
+    "recipe": ("app.commands:cmd_recipe", "recipes: math = GRPO on a verifiable reward, accuracy before -> after",
+               add_recipe_args),
+    "chat": ("app.chat:cmd_chat", "chat with a model in the terminal", "app.chat:add_chat_args"),
+    "serve": ("serve.command:cmd_serve", "OpenAI-compatible HTTP API and a web chat page",
+              "serve.command:add_serve_args"),
+    "bench": ("bench.command:cmd_bench", "throughput and peak memory per stage (table + JSON)",
+              "bench.command:add_bench_args"),
 }
 
 
-def build_parser():
+def _load(target: str):
+    """"module:name" under this package, imported now. The one lazy import of the command line:
+    the commands import torch and transformers, which `frugal --help`, a mistyped flag or
+    `frugal sft --help` must not wait for."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def build_parser(command: str | None = None):
+    """Every command is listed; only `command`'s arguments are added, so that parsing one
+    command imports only what its own arguments need."""
     parser = argparse.ArgumentParser(prog="frugal", description="The whole RLHF process at the lowest cost.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (fn, help_text, stage) in COMMANDS.items():
+    for name, (target, help_text, stage) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if isinstance(stage, str):
+        p.set_defaults(target=target, config_stage=stage if stage in STAGE_CONFIGS else None)
+        if name != command:
+            continue
+        if stage in STAGE_CONFIGS:
             add_config_flags(p, STAGE_CONFIGS[stage])
             p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                            help="start N processes on this machine with torchrun (with --strategy ddp|fsdp|deepspeed)")
             if stage in ("dpo", "kto"):
                 add_preference_aliases(p)
         else:
-            stage(p)
-        p.set_defaults(fn=fn, config_stage=stage if isinstance(stage, str) else None)
+            (_load(stage) if isinstance(stage, str) else stage)(p)
     return parser
 
 
@@ -424,7 +216,7 @@ def launch_torchrun(args, argv) -> int:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     if args.config_stage and (args.nproc_per_node or 1) > 1 and "WORLD_SIZE" not in os.environ:
         try:
@@ -433,7 +225,9 @@ def main(argv=None):
             print(f"frugal {args.command}: error: {e}", file=sys.stderr)
             return 2
     try:
-        args.fn(args)
+        # A stage command gets its config (flags over YAML over defaults); the others their arguments.
+        code = _load(args.target)(config_from_args(STAGE_CONFIGS[args.config_stage], args) if args.config_stage
+                                  else args)
     except FrugalError as e:  # a complete one-line explanation from below (errors.py)
         if args.verbose:
             raise
@@ -444,7 +238,7 @@ def main(argv=None):
             raise
         print(f"frugal {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0  # chat and serve answer a refused argument with their exit code
 
 
 def _one_line(e: BaseException) -> str:

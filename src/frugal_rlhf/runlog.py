@@ -139,8 +139,8 @@ def _finite(v) -> bool:
 def make_progress(enabled: bool = True):
     """A progress bar on stderr with rate and ETA."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     from rich.text import Text
 
     class Rate(ProgressColumn):

@@ -9,6 +9,7 @@ at step 500.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from pathlib import Path
 
@@ -39,8 +40,6 @@ def flat_params(config) -> dict:
 
 
 def _require(module: str, name: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -66,8 +65,8 @@ class _TensorBoard:
             self.writer.add_scalar(key, value, step, new_style=True, double_precision=True)
 
     def image(self, path: Path, step: int):
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         self.writer.add_image(f"plots/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 

@@ -12,6 +12,11 @@ import sys
 
 import torch
 
+from frugal_rlhf.data.tokenize import stop_tokens
+from frugal_rlhf.generation import SampleConfig, sample
+from frugal_rlhf.serve.command import load_for_inference
+from frugal_rlhf.serve.tokens import IncrementalDecoder, context_length
+
 PROMPT = "you> "
 ANSWER = "assistant> "
 # C0 control characters other than tab/newline: a model must not be able to drive the terminal.
@@ -47,10 +52,6 @@ def _prompt_ids(tokenizer, messages: list[dict], budget: int) -> list[int] | Non
 
 def _answer(model, tokenizer, ids: list[int], args, generator, out) -> str:
     """Sample one answer, printing it as it streams; returns the full text."""
-    from frugal_rlhf.generation import SampleConfig, sample
-    from frugal_rlhf.data.tokenize import stop_tokens
-    from frugal_rlhf.serve.tokens import IncrementalDecoder
-
     eos = stop_tokens(tokenizer, model)
     config = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id or 0)
@@ -86,8 +87,6 @@ def _read(prompt: str) -> str | None:
 
 
 def chat_loop(model, tokenizer, args, out=sys.stdout) -> int:
-    from frugal_rlhf.serve.tokens import context_length
-
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     budget = context_length(model, tokenizer) - args.max_new_tokens
@@ -119,8 +118,6 @@ def chat_loop(model, tokenizer, args, out=sys.stdout) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from frugal_rlhf.serve.command import load_for_inference
-
     if args.max_new_tokens < 1:
         print("--max-new-tokens must be at least 1", file=sys.stderr)
         return 2
@@ -128,11 +125,3 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
     return chat_loop(model, tokenizer, args)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_chat_args(argparse.ArgumentParser(prog="frugal chat", description=__doc__.splitlines()[0]))
-    return cmd_chat(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@ order on held-out pairs of baseline answers (two answers to the same prompt).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from ..data.tokenize import PromptCollator, encode_prompt
 from ..generation import SampleConfig, sample
+from ..models.loading import load_model
 from ..models.modes import inference
 from ..models.roles import Actor, SharedLM
 
@@ -103,8 +105,6 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
     most of the noise in a small comparison, shrinks by sqrt(k); the gain's standard error is
     taken over the per-prompt means, since answers to one prompt are not independent.
     `gold(prompts, texts) -> scores` adds the hidden judge's verdict (summary["gold"])."""
-    import contextlib
-
     autocast = autocast or contextlib.nullcontext()
     k = samples_per_prompt
     rows = [r for r in rows for _ in range(k)]
@@ -143,8 +143,6 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
 
 
 def load_policy(spec: str, dtype) -> tuple[Actor, object]:
-    from ..models.loading import load_model
-
     hf, tok = load_model(spec, dtype)
     hf.requires_grad_(False)
     actor = Actor(SharedLM(hf), None)

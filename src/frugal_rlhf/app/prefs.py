@@ -32,6 +32,7 @@ from ..data.tokenize import PromptCollator, encode_prompt, stop_tokens
 from ..generation import SampleConfig, sample
 from ..rl.gold import check_labeler, gold_scores, label_groups
 from ..rundir import atomic_write
+from ..runlog import make_progress
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -69,8 +70,6 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
                 autocast=None, label_agreement=LABEL_AGREEMENT, label_noise="thurstone",
                 samples_per_prompt=2) -> dict:
     """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary."""
-    from ..runlog import make_progress
-
     if labeler not in LABELERS:
         raise ValueError(f"unknown labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
     if samples_per_prompt < 2 or (samples_per_prompt > 2 and labeler != "gold"):

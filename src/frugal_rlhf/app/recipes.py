@@ -22,6 +22,14 @@ from pathlib import Path
 import yaml
 
 from ..config import PPOConfig, from_dict
+from ..data.formats import load_dataset_file
+from ..data.math_problems import generate, write_jsonl
+from ..data.tokenize import stop_tokens
+from ..generation import SampleConfig
+from ..rl.rewards import parse_reward
+from ..trainers.ppo import PPOTrainer
+from .prefs import generate_responses
+from .stages import make_strategy
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -49,11 +57,6 @@ def load_recipe_config(path, overrides: dict) -> MathRecipeConfig:
 def accuracy(trainer, rows, max_new_tokens: int, batch_size: int) -> dict:
     """Greedy answers of the trainer's actor to `rows`: strict and lenient correctness per row,
     judged by the math reward functions themselves (what training rewards is what is measured)."""
-    from ..data.tokenize import stop_tokens
-    from ..generation import SampleConfig
-    from ..rl.rewards import parse_reward
-    from .prefs import generate_responses
-
     tok, actor, strategy = trainer.tokenizer, trainer.actor, trainer.strategy
     cfg = SampleConfig(max_new_tokens, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)
     with actor.lm.role(actor.adapter) as model:
@@ -93,11 +96,6 @@ def verdict(result: dict) -> str:
 
 
 def run_math_recipe(cfg: MathRecipeConfig) -> dict:
-    from ..data.math_problems import generate, write_jsonl
-    from ..data.formats import load_dataset_file
-    from ..trainers.ppo import PPOTrainer
-    from .stages import make_strategy
-
     t0 = time.time()
     out = Path(cfg.output)
     train_file = write_jsonl(generate(cfg.train_problems, cfg.level, cfg.seed, "train"), out / "data" / "train.jsonl")

@@ -5,6 +5,15 @@ import json
 import logging
 from pathlib import Path
 
+from ..data.formats import load_dataset_file
+from ..data.tokenize import stop_tokens
+from ..device import autocast, compute_dtype, default_device
+from ..generation import SampleConfig
+from ..models.reward_io import load_reward_model
+from ..rl.gold import gold_scores
+from . import overopt
+from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
+
 log = logging.getLogger("frugal_rlhf")
 
 
@@ -41,14 +50,6 @@ def above_chance(accuracy: float, n_pairs: int) -> bool:
 
 
 def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
-    from ..data.formats import load_dataset_file
-    from ..data.tokenize import stop_tokens
-    from ..device import autocast, compute_dtype, default_device
-    from .evaluation import compare_models, load_policy
-    from ..generation import SampleConfig
-    from ..rl.gold import gold_scores
-    from ..models.reward_io import load_reward_model
-
     device = default_device()
     dtype = compute_dtype(device, cfg.dtype)
     sft, tok = load_policy(str(out / "sft" / "final"), dtype)
@@ -82,11 +83,8 @@ def gold_verdict(comparison: dict) -> str:
 
 
 def write_report(out: Path, cfg) -> dict:
-    from . import overopt
-    from .evaluation import summary_markdown, write_comparison
-
     out = Path(out)
-    sft, rm, ppo = _metrics(out / "sft"), _metrics(out / "rm"), _metrics(out / "ppo")
+    sft, ppo = _metrics(out / "sft"), _metrics(out / "ppo")
     rm_eval = json.loads((out / "rm" / "eval.json").read_text())
     prefs = json.loads((out / "prefs.json").read_text()) if (out / "prefs.json").exists() else {}
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}

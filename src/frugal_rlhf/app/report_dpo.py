@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .evaluation import summary_markdown, write_comparison
 from .report import _fmt, _metrics, first_mean, held_out_comparison, last_mean
 
 
 def write_dpo_report(out: Path, cfg) -> dict:
-    from .evaluation import summary_markdown, write_comparison
-
     out = Path(out)
     rows = _metrics(out / "dpo")
     train = [r for r in rows if r["step"] > 0]

@@ -3,12 +3,13 @@ the config's strategy (every strategy field: name, seed, dtype, ZeRO stage, offl
 here and nowhere else, so no caller can drop a field."""
 from __future__ import annotations
 
+from ..models.memory import apply_plan
+from .. import strategies
+
 
 def make_strategy(cfg):
     """The strategy a stage config asks for."""
-    from ..strategies import make_strategy as build
-
-    return build(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage, offload=cfg.offload)
+    return strategies.make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage, offload=cfg.offload)
 
 
 def run_stage(cfg, build, report=None):
@@ -17,8 +18,6 @@ def run_stage(cfg, build, report=None):
     up, e.g. to reduce numbers over the ranks). The strategy is torn down in every case.
     With cfg.memory_budget the planner decides micro-batch, accumulation and checkpointing
     first (or refuses), before any weight loads or anything is written."""
-    from ..models.memory import apply_plan
-
     cfg = apply_plan(cfg)
     strategy = make_strategy(cfg)
     strategy.setup_distributed()

@@ -9,10 +9,15 @@ from pathlib import Path
 import torch
 
 from ..device import default_device
+from ..serve.bench import bench_serve
+from ..serve.bench import format_table as serve_table
+from ..serve.bench_mixed import bench_serve_mixed
+from ..serve.bench_mixed import format_table as mixed_table
 from .peers import compare
-from .strategies import bench_strategies, format_table as strategies_table
-from .workloads import RECIPES, WORKLOADS, bench_capacity, bench_generate, dummy_sizes
-
+from .quantize import bench_quantize, format_table
+from .strategies import bench_strategies
+from .strategies import format_table as strategies_table
+from .workloads import WORKLOADS, bench_capacity, bench_generate, dummy_sizes
 
 ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_rank": 0})]
 
@@ -111,14 +116,10 @@ def _compare(args, kw):
 
 def _serve(args, kw):
     if args.mixed:
-        from ..serve.bench_mixed import bench_serve_mixed, format_table
-
-        r = bench_serve_mixed(args.model, dtype=args.dtype)
+        r, table = bench_serve_mixed(args.model, dtype=args.dtype), mixed_table
     else:
-        from ..serve.bench import bench_serve, format_table
-
-        r = bench_serve(args.model, max_tokens=args.new_tokens, dtype=args.dtype)
-    return r, f"model {r['model']} ({r['dtype']}), {r['settings']}\n" + format_table(r)
+        r, table = bench_serve(args.model, max_tokens=args.new_tokens, dtype=args.dtype), serve_table
+    return r, f"model {r['model']} ({r['dtype']}), {r['settings']}\n" + table(r)
 
 
 def _sizes(args, kw):
@@ -132,8 +133,6 @@ def _capacity(args, kw):
 
 
 def _quantize(args, kw):
-    from .quantize import bench_quantize, format_table
-
     r = bench_quantize(args.model, args.repeats, args.max_length)
     return r, format_table(r)
 

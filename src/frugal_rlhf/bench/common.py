@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import statistics
 
+from ..models.reward_io import save_reward_model
+from ..models.roles import RewardModel
+
 
 def stats(values) -> dict:
     """Median, min, max and count of measurements (JSON-ready: the bench results are files)."""
@@ -16,9 +19,6 @@ def fresh_reward_model(model, lora_rank, dtype, path, quantize="none"):
     """An untrained reward model on `model` (what PPO's cost depends on is its size, not its scores).
     Only the adapter and head are written: the standalone merged copy would double the peak
     memory of a capacity probe before PPO even starts."""
-    from ..models.reward_io import save_reward_model
-    from ..models.roles import RewardModel
-
     rm = RewardModel(model, lora_rank=lora_rank, dtype=dtype, quantize=quantize)
     save_reward_model(rm, rm.tokenizer, path, base=model, standalone=False)
     del rm

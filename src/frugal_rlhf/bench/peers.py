@@ -31,6 +31,16 @@ from pathlib import Path
 
 import torch
 
+from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
+from ..data.formats import load_dataset_file
+from ..data.math_problems import generate
+from ..device import compute_dtype, peak_memory_bytes
+from ..models.loading import load_model, resolve_spec
+from ..rl.rewards import parse_reward
+from ..trainers.ppo import PPOTrainer
+from ..trainers.preference import PreferenceTrainer
+from ..trainers.reward import RewardTrainer
+from ..trainers.supervised import SFTTrainer
 from .common import fresh_reward_model, stats
 from .workloads import train_bench
 
@@ -41,8 +51,6 @@ def equal_length_rows(tokenizer, n: int, length: int, prompt_tokens: int = 0) ->
     answers fill the rest. With `prompt_tokens`, the prompt is a conversation of about that
     many tokens (the question, the start of its answer, a request to say it again) and the
     answers fill the rest: the shape of multi-turn preference data such as HH-RLHF."""
-    from ..data.formats import load_dataset_file
-
     def cut(text, k):
         return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:k])
 
@@ -97,16 +105,12 @@ KL_WEIGHT = 0.04  # GRPO's KL loss weight, > 0 on both sides so both compute ref
 
 def math_rows(n: int) -> list[dict]:
     """n two-digit addition problems (the math recipe's level 2), prompts as one user message."""
-    from ..data.math_problems import generate
-
     return [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
             for r in generate(n, level=2, seed=0, split="train")]
 
 
 def math_reward(completions, answer, **_) -> list[float]:
     """Our lenient math reward (1 if the last number is the answer) in TRL's reward-function form."""
-    from ..rl.rewards import parse_reward
-
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return parse_reward("math").fn(None, texts, [{"answer": a} for a in answer], None)
 
@@ -124,24 +128,15 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
                       lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
                       gradient_checkpointing=gradient_checkpointing)
         if stage == "sft":
-            from ..config import SFTConfig
-            from ..trainers.supervised import SFTTrainer
-
             sft = Path(tmp) / "sft.jsonl"
             sft.write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
                                    + "\n" for r in rows))
             _, metrics = train_bench("sft", SFTConfig(data=str(sft), **common), SFTTrainer, "tokens_per_s")
         elif stage == "dpo":
-            from ..config import PreferenceConfig
-            from ..trainers.preference import PreferenceTrainer
-
             pairs = [{**r, "margin": None} for r in rows]
             _, metrics = train_bench("dpo", PreferenceConfig(loss="dpo", beta=0.1, **common),
                                       lambda s, c: PreferenceTrainer(s, c, rows=pairs), "tokens_per_s")
         else:
-            from ..config import RewardConfig
-            from ..trainers.reward import RewardTrainer
-
             pairs = [{**r, "margin": None} for r in rows]
             _, metrics = train_bench("rm", RewardConfig(**common), lambda s, c: RewardTrainer(s, c, rows=pairs),
                                       "tokens_per_s")
@@ -152,9 +147,6 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
 
 def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path, reward="rm",
                  gradient_checkpointing=False) -> list[float]:
-    from ..config import PPOConfig
-    from ..trainers.ppo import PPOTrainer
-
     prompts = tmp / "prompts.jsonl"
     if reward == "math":
         prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows))
@@ -184,9 +176,6 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
-
-    from ..device import compute_dtype
-    from ..models.loading import load_model, resolve_spec
 
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
     dt = compute_dtype(override=dtype)
@@ -279,7 +268,6 @@ def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_r
             gradient_checkpointing=False):
     """Child-process entry: print the per-step rates as JSON."""
     torch.manual_seed(0)
-    from ..device import peak_memory_bytes
 
     rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
                           reward, gradient_checkpointing)
@@ -289,8 +277,6 @@ def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_r
 
 def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
             dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, reward="rm", gradient_checkpointing=False, **_):
-    from ..models.loading import load_model
-
     if stage not in ("sft", "rm", "grpo", "dpo"):
         raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm, grpo, dpo); see docs/benchmarks.md")
     if stage == "grpo" and batch_size % GROUP:

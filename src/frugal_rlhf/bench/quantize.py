@@ -11,6 +11,9 @@ import time
 import torch
 from torch.nn import functional as F
 
+from ..data.formats import load_dataset_file
+from ..data.tokenize import encode_conversation
+from ..models.loading import load_config, load_model
 from ..models.quantize import FORMATS, QuantizedLinear
 from .common import stats
 
@@ -18,11 +21,7 @@ TOKENS = (8, 512)
 
 
 def _texts(tok, n: int, max_length: int):
-    from ..data.tokenize import encode_conversation
-
     try:
-        from ..data.formats import load_dataset_file
-
         rows = load_dataset_file("sharegpt", "sft", limit=n)
     except FileNotFoundError:  # the demo data is not installed: plain sentences
         rows = [{"messages": [{"role": "user", "content": f"Tell me about topic number {i}."},
@@ -32,8 +31,6 @@ def _texts(tok, n: int, max_length: int):
 
 @torch.no_grad()
 def agreement(model: str, texts: int = 16, max_length: int = 256) -> dict:
-    from ..models.loading import load_model
-
     dense, tok = load_model(model, torch.float32)
     seqs = _texts(tok, texts, max_length)
     ref = [F.log_softmax(dense.eval()(s[None]).logits[0].float(), -1) for s in seqs]
@@ -85,8 +82,6 @@ def throughput(in_features: int, out_features: int, repeats: int = 3) -> list[di
 
 
 def bench_quantize(model="default", repeats=3, max_length=256, **_):
-    from ..models.loading import load_config
-
     text = load_config(model).get_text_config()
     return {"workload": "quantize", "model": model, "threads": torch.get_num_threads(),
             "agreement": agreement(model, max_length=max_length),

@@ -18,16 +18,24 @@ from pathlib import Path
 
 import torch
 
+from ..app.stages import run_stage
+from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
+from ..data.formats import load_dataset_file
+from ..data.tokenize import PromptCollator, encode_prompt
 from ..device import compute_dtype, default_device, peak_memory_bytes
-from ..models.memory import parse_size
+from ..generation import SampleConfig, sample
+from ..models.loading import DUMMY_SIZES, dummy_config, load_model
+from ..models.memory import parse_size, predicted_peak
+from ..trainers.ppo import PPOTrainer
+from ..trainers.preference import PreferenceTrainer
+from ..trainers.reward import RewardTrainer
+from ..trainers.supervised import SFTTrainer
 from . import flops
 from .common import fresh_reward_model, stats
 
 
 def _prompts(n):
     try:
-        from ..data.formats import load_dataset_file
-
         rows = load_dataset_file("sharegpt", "prompt", limit=n * 3)
         return [r for r in rows if len(r["prompt"][-1]["content"]) < 300][:n]
     except FileNotFoundError:
@@ -36,10 +44,6 @@ def _prompts(n):
 
 def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtype="auto", quantize_base="none", **_):
     """Our KV-cached sampler vs Hugging Face generate: same model, dtype, batch and settings."""
-    from ..data.tokenize import PromptCollator, encode_prompt
-    from ..generation import SampleConfig, sample
-    from ..models.loading import load_model
-
     device = default_device()
     dt = compute_dtype(device, dtype)
     hf, tok = load_model(model, dt, quantize=quantize_base)
@@ -104,14 +108,11 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
     measured on the spot in the compute dtype. The strategy is the config's: a distributed one
     runs under torchrun, its rates and FLOPs are the whole job's, and MFU is against the peak
     of all its processes."""
-    from ..app.stages import run_stage
-
     def report(strategy, trainer, metrics):
         metrics = [m for m in metrics if m.get("step", 0) > 1]  # step 1 is warm-up
         peak_mem = strategy.max_over_ranks(peak_memory_bytes(strategy.device))
         if not strategy.is_rank0:  # the metrics are rank 0's (already reduced over the ranks)
             return {}, []
-        from ..models.memory import predicted_peak
 
         planned = trainer.config  # with --memory-budget: the planner's choices
         rates = [m[rate_key] for m in metrics if rate_key in m]
@@ -136,9 +137,6 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
 
 def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto",
               gradient_checkpointing=False, strategy="naive", memory_budget=None, quantize_base="none", **_):
-    from ..config import SFTConfig
-    from ..trainers.supervised import SFTTrainer
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SFTConfig(model=model, data="sharegpt", max_rows=400, output=tmp, max_steps=steps, batch_size=batch_size,
                         max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0,
@@ -150,9 +148,6 @@ def bench_sft(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
 
 def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
              gradient_checkpointing=False, memory_budget=None, quantize_base="none", **_):
-    from ..config import RewardConfig
-    from ..trainers.reward import RewardTrainer
-
     rows = _bench_pairs(batch_size * (steps + 1))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RewardConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
@@ -176,9 +171,6 @@ def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
     """DPO steps: the policy's forward and backward on both answers of each pair, the reference's
     forward (the base with the adapter off; lora_rank 0: a frozen copy). No FLOP count: the
     reference forward and the answer-only head make the SFT formula wrong here."""
-    from ..config import PreferenceConfig
-    from ..trainers.preference import PreferenceTrainer
-
     rows = _bench_pairs(batch_size * (steps + 1))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PreferenceConfig(model=model, output=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
@@ -193,9 +185,6 @@ def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=
 def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8, dtype="auto",
               gradient_checkpointing=False, strategy="naive", memory_budget=None, quantize_base="none", **_):
     """PPO steps with a fresh reward model; lora_rank 0 = the plain recipe (four full models)."""
-    from ..config import PPOConfig
-    from ..trainers.ppo import PPOTrainer
-
     with tempfile.TemporaryDirectory() as tmp:
         fresh_reward_model(model, lora_rank or 8, dtype, Path(tmp) / "rm", quantize_base if lora_rank else "none")
         prompts = Path(tmp) / "prompts.jsonl"
@@ -223,8 +212,6 @@ def dummy_sizes() -> dict[str, int]:
     """Parameter counts of the dummy models, ascending, counted on the meta device (no memory)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from ..models.loading import DUMMY_SIZES, dummy_config
 
     counts = {}
     for name in DUMMY_SIZES:

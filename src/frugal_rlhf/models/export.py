@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..rundir import fsync_dir, fsync_tree
+from .gguf_writer import write_gguf
 from .quantize import QuantizedLinear
 
 
@@ -172,8 +173,6 @@ def export_adapter(role, tokenizer, path, base: str):
 @torch.no_grad()
 def export_gguf(role, tokenizer, path, quant: str = "f16"):
     """The role's LM, adapter merged in fp32, as a GGUF file: one tensor at a time, as export_merged."""
-    from .gguf_writer import write_gguf
-
     model, entries = _merged_tensors(role, torch.float32)
     return write_gguf(model.config, ((key, make) for key, _, make in entries), tokenizer, path, quant,
                       name=Path(path).parent.parent.name)

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .quantize import check_format, layers_to_quantize, quantize_model, random_quantized_linear
+
 log = logging.getLogger("frugal_rlhf")
 
 # Used for tokenizers without a chat template (documented in the README): ChatML, the
@@ -84,8 +86,6 @@ def build_dummy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, qu
     exists in its dense form, so a base larger than memory in fp32 can be built."""
     from accelerate import init_empty_weights
 
-    from .quantize import layers_to_quantize, random_quantized_linear
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(dummy_config(name), dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +93,7 @@ def build_dummy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, qu
         for parent, child_name, linear in layers_to_quantize(model):
             setattr(parent, child_name, random_quantized_linear(linear, quantize, 0.02, gen, dtype))
     made = {}
-    for module_name, module in list(model.named_modules()):
+    for _, module in list(model.named_modules()):
         for name, p in list(module._parameters.items()):
             if p is None:
                 continue
@@ -226,8 +226,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
                quantize: str = "none"):
     """Return (model, tokenizer) for a spec; the model is on CPU in `dtype`. With `quantize`
     (int8, nf4, int4) its linear layers are stored quantized and the model is frozen."""
-    from .quantize import check_format, quantize_model
-
     check_format(quantize)
     resolved = resolve_spec(spec)
     if resolved in DUMMY_SIZES:

@@ -24,8 +24,13 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+import torch
+
+from ..config import PPOConfig, PreferenceConfig, RewardConfig
+from ..device import autocast, compute_dtype, default_device
 from ..errors import UserError
-from .roles import LOGIT_CHUNK
+from .loading import load_config
+from .roles import LOGIT_CHUNK, SharedLM, _hidden_states
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -169,9 +174,6 @@ def budget_bytes(text: str) -> int:
     """--memory-budget: a size, or `auto` = 90% of what the device has free now."""
     if text != "auto":
         return parse_size(text)
-    import torch
-
-    from ..device import default_device
 
     device = default_device()
     if device.type == "cuda":
@@ -183,8 +185,6 @@ def budget_bytes(text: str) -> int:
 
 def unmodelled(cfg) -> str | None:
     """Why the estimate does not describe this stage config (None: it does)."""
-    from ..config import PPOConfig
-
     if isinstance(cfg, PPOConfig) and not cfg.lora_rank:  # four separate models
         return "--memory-budget for ppo needs --lora-rank (the planner models the roles on one shared base)"
     if cfg.quantize_base != "none":
@@ -193,8 +193,6 @@ def unmodelled(cfg) -> str | None:
 
 
 def work_of(cfg) -> Work:
-    from ..config import PPOConfig, PreferenceConfig, RewardConfig
-
     reason = unmodelled(cfg)
     if reason:
         raise UserError(reason)
@@ -208,9 +206,6 @@ def work_of(cfg) -> Work:
 def shape_of(cfg) -> tuple[Shape, Costs]:
     """The model's shape from its config and its per-layer costs measured on a one-layer
     copy: no weights are loaded."""
-    from ..device import compute_dtype
-    from .loading import load_config
-
     hf_config = load_config(cfg.model, cfg.trust_remote_code)
     text = hf_config.get_text_config()
     dtype = compute_dtype(override=cfg.dtype)
@@ -235,11 +230,7 @@ def measure_costs(hf_config, dtype, lora_rank: int, lora_alpha, lora_targets):
     random weights, the run's dtype, autocast, LoRA adapters and device, a padded batch (so
     the attention takes the masked path training batches take). Also the parameter counts of
     the embeddings, of a layer and of a layer's adapter."""
-    import torch
     from transformers import AutoModelForCausalLM
-
-    from ..device import autocast, default_device
-    from .roles import SharedLM, _hidden_states
 
     small = copy.deepcopy(hf_config)
     text = small.get_text_config()

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
+from ..device import compute_dtype
 from .export import export_adapter, export_merged
 from .loading import load_model, prepare_tokenizer
 from .quantize import quantize_base
@@ -61,8 +61,6 @@ def save_reward_model(rm: RewardModel, tokenizer, path, base: str, standalone: b
 def load_reward_model(path, shared: SharedLM | None = None, dtype=None, trust_remote_code=False) -> RewardModel:
     """Load an artifact, frozen. With `shared`, its adapter goes onto that base as "reward"
     (the caller has checked that the base is the one the adapter was trained on)."""
-    from ..device import compute_dtype
-
     path = Path(path)
     meta_path = path / META
     if not meta_path.exists():

@@ -16,7 +16,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.tokenize import answer_length, answer_mask, encode_prompt, encode_response, last_token_index, pad
+from ..device import compute_dtype
 from ..ops import entropy_from_logits
+from .loading import load_model
+from .quantize import check_format
 
 LOGIT_CHUNK = 512  # tokens per chunk of the vocabulary projection; bounds logits memory
 
@@ -208,11 +211,6 @@ class Role(nn.Module):
         super().__init__()
         self.tokenizer = None
         if isinstance(model, str):
-            from ..device import compute_dtype
-            from .loading import load_model
-
-            from .quantize import check_format
-
             # A frozen base is kept in the compute dtype (or quantized); fully trained weights stay fp32.
             full = trainable and not lora_rank
             check_format(quantize, lora_rank if trainable else None)

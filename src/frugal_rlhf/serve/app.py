@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -303,8 +304,6 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
     """The ASGI app. The engine's worker starts with the app and stops with it.
     `hosts`: the Host header names accepted (None: any); `cors_origins`: web origins allowed
     to call the API from a browser (none by default)."""
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def lifespan(app):
         engine.start()

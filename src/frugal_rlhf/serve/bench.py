@@ -16,6 +16,9 @@ import time
 
 import torch
 
+from frugal_rlhf.serve.command import load_for_inference, make_app, model_name_for, run_in_thread
+from frugal_rlhf.serve.engine import default_threads
+
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
            "Name three colours.", "How do plants make food?", "Give me a tip for learning to code."]
 
@@ -112,9 +115,6 @@ def _baseline_row(model, tokenizer, n_requests: int, max_tokens: int) -> dict:
 def bench_serve(spec: str = "tiny-llama", concurrencies=(1, 4, 16), requests_per_client: int = 4,
                 max_tokens: int = 64, max_batch: int = 8, dtype: str = "auto", threads: int | None = None) -> dict:
     """Run the benchmark; returns {"model", "settings", "rows": [...]} (see format_table)."""
-    from frugal_rlhf.serve.command import load_for_inference, make_app, model_name_for, run_in_thread
-    from frugal_rlhf.serve.engine import default_threads
-
     threads = threads or default_threads()  # the server's default; the baseline gets the same
     model, tokenizer = load_for_inference(spec, dtype)
     live = run_in_thread(make_app(model, tokenizer, model_name_for(spec), max_batch=max_batch,

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import threading
 import time
 
 import torch
 from torch import nn
+
+from frugal_rlhf.data.tokenize import stop_tokens
+from frugal_rlhf.serve.command import load_for_inference, make_app, model_name_for, run_in_thread
+from frugal_rlhf.serve.engine import default_threads
 
 from .bench import PROMPTS, _FirstToken
 
@@ -161,10 +164,6 @@ def _one_at_a_time(model, tokenizer, short: int, long: int, arrivals) -> dict:
 def bench_serve_mixed(spec: str = "default", short: int = 5, long: int = 250, requests: int = 16,
                       rate: float = 1.0, long_fraction: float = 0.25, max_batch: int = 8, dtype: str = "auto",
                       threads: int | None = None, seed: int = 0) -> dict:
-    from frugal_rlhf.data.tokenize import stop_tokens
-    from frugal_rlhf.serve.command import load_for_inference, make_app, model_name_for, run_in_thread
-    from frugal_rlhf.serve.engine import default_threads
-
     threads = threads or default_threads()
     model, tokenizer = load_for_inference(spec, dtype)
     served = NeverStops(model, stop_tokens(tokenizer, model)).eval()

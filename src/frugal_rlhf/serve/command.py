@@ -15,6 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from frugal_rlhf.device import compute_dtype, default_device
+from frugal_rlhf.models.loading import load_model
+from frugal_rlhf.serve.engine import Engine
+
 log = logging.getLogger("frugal_rlhf")
 
 
@@ -51,9 +55,6 @@ def model_name_for(spec: str) -> str:
 
 def load_for_inference(spec: str, dtype: str = "auto", trust_remote_code: bool = False):
     """(model, tokenizer) on the default device, in the compute dtype, in eval mode."""
-    from frugal_rlhf.device import compute_dtype, default_device
-    from frugal_rlhf.models.loading import load_model
-
     device = default_device()
     model, tokenizer = load_model(spec, dtype=compute_dtype(device, dtype), trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
@@ -108,7 +109,6 @@ def make_app(model, tokenizer, model_name: str, api_key: str | None = None, max_
     """The app for a server bound to `host`; `adapters` names the LoRA adapters loaded on `model`;
     `continuous=False`: static batches (the benchmark's comparison)."""
     from frugal_rlhf.serve.app import allowed_hosts, build_app
-    from frugal_rlhf.serve.engine import Engine
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, threads=threads, adapters=adapters,
                     continuous=continuous)

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from ..device import peak_memory_bytes
+from ..errors import NonFiniteError, UserError
 from ..models.card import write_model_card
 from ..models.export import export_adapter, export_gguf, export_merged
 from ..models.gguf_writer import QUANTS, gguf_problem
-from ..errors import NonFiniteError, UserError
-from ..rundir import (check_free_space, clear_run, fsync_dir, fsync_tree, holds_a_run, latest_complete,
-                      prepare_output, reconcile, run_identity)
+from ..rundir import (check_free_space, clear_run, fsync_dir, fsync_tree, holds_a_run, latest_complete, prepare_output,
+                      reconcile, run_identity)
 from ..runlog import RunDir, make_progress, rng_state, set_rng_state
 from ..trackers import Trackers
 
@@ -187,7 +187,6 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None):
         """Train to config.max_steps (or stop after step `stop_at`, e.g. to continue later)."""
-        cfg = self.config
         start = self.resume() if self.resume_from else 0
         self.check_disk_space()  # before the run writes anything: a rerun after freeing space is a fresh run
         self.check_exportable()

@@ -9,20 +9,26 @@ advantage is its score against its group's, and the KL to the reference is a los
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import torch
 
+from ..config import PPOConfig
+from ..data.formats import load_dataset_file
 from ..data.loader import LazyEncoded, split_rows
 from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt, last_token_index,
                              stop_tokens)
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
+from ..models.build import build_ppo_roles
 from ..models.modes import inference, train_without_dropout
 from ..rl import losses as L
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
+from ..rl.gold import gold_scores
 from ..rl.kl import AdaptiveKLController, FixedKLController
+from ..rl.rewards import RewardSet, prompt_texts
 from .base import Trainer, make_optimizer, make_scheduler
 from .estimators import check_estimator
 
@@ -64,8 +70,6 @@ class PPOTrainer(Trainer):
     def __init__(self, strategy, actor, critic, reward_model, initial_model, actor_optim=None, critic_optim=None,
                  config=None, tokenizer=None, prompts=None, eval_prompts=None, ptx_rows=None, reward_fn=None,
                  rewards=None):
-        from ..config import PPOConfig
-
         super().__init__(strategy, config or PPOConfig())
         cfg = self.config
         check_estimator(cfg, critic is not None, strategy.world_size)
@@ -141,8 +145,6 @@ class PPOTrainer(Trainer):
         return score
 
     def program_rewards(self, seq, attn, prompt_length, rows):
-        from ..rl.rewards import prompt_texts
-
         rows = [r for r in rows for _ in range(self.settings.group_size)]  # a group's copies are adjacent
         resp, resp_mask = seq[:, prompt_length:], attn[:, prompt_length:]
         completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
@@ -164,12 +166,6 @@ class PPOTrainer(Trainer):
     @classmethod
     def from_config(cls, strategy, cfg):
         """The short path: roles on one shared base, prompts and demonstrations from files."""
-        import dataclasses
-
-        from ..data.formats import load_dataset_file
-        from ..models.build import build_ppo_roles
-        from ..rl.rewards import RewardSet
-
         check_estimator(cfg, cfg.advantage == "gae", strategy.world_size)
         # --reward specs are checked, and program rewards probed on the data, before any model loads.
         rewards = RewardSet(cfg.reward) if cfg.reward else None
@@ -363,8 +359,6 @@ class PPOTrainer(Trainer):
     def gold_scores(self, rows, exp) -> list[float]:
         """The hidden judge's scores of held-out answers: logged for the over-optimization
         curve, never part of a reward."""
-        from ..rl.gold import gold_scores
-
         stops = self.settings.sample.eos_token_ids
         texts = [self.tokenizer.decode([int(t) for t, keep in zip(seq, mask) if keep and int(t) not in stops],
                                        skip_special_tokens=True).strip()

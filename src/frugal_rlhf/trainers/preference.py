@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.formats import load_dataset_file
 from ..data.loader import LazyEncoded, split_rows
 from ..data.tokenize import PairCollator, answer_length, answer_mask, attention, encode_prompt, encode_response, pad
+from ..data.unpaired import load_unpaired, unpair
 from ..models.sequence import SequenceScorer
 from ..rl import losses as L
 from ..rundir import atomic_write
@@ -99,16 +101,10 @@ class PreferenceTrainer(SupervisedTrainer):
     @staticmethod
     def load_rows(config, rows):
         if rows is None and config.loss == "kto":
-            from ..data.unpaired import load_unpaired
-
             rows = load_unpaired(config.data, config.skip_bad_rows, config.max_rows)
         elif rows is not None and config.loss == "kto" and "chosen" in rows[0]:
-            from ..data.unpaired import unpair
-
             rows = unpair(rows)
         elif rows is None:
-            from ..data.formats import load_dataset_file
-
             rows = load_dataset_file(config.data, "preference", config.skip_bad_rows, config.max_rows)
         return split_rows(rows, config.eval_split, config.max_eval_rows, config.seed)
 

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..data.formats import load_dataset_file
 from ..data.loader import LazyEncoded, split_rows
 from ..data.tokenize import IGNORE, SFTCollator, TruncationStats, encode_conversation, pack
 from ..models.roles import Actor
@@ -55,8 +56,6 @@ class SupervisedTrainer(Trainer):
     def load_split(config, rows, kind: str):
         """(train, held-out) rows: given rows, or config.data read as `kind`."""
         if rows is None:
-            from ..data.formats import load_dataset_file
-
             rows = load_dataset_file(config.data, kind, config.skip_bad_rows, config.max_rows)
         return split_rows(rows, config.eval_split, config.max_eval_rows, config.seed)
 
