@@ -100,10 +100,11 @@ MMAP_THRESHOLD = 1 << 20
 
 
 def hold_mmap_threshold():
-    """Hold glibc's mmap threshold (see above), unless MALLOC_MMAP_THRESHOLD_ says otherwise;
-    a no-op without glibc. Called once when this module is imported, before the model loads."""
+    """Hold glibc's mmap threshold (see above), unless MALLOC_MMAP_THRESHOLD_ says otherwise or
+    FRUGAL_GLIBC_HEAP=1 asks for glibc's own rule (`bench compare` runs the peer framework so,
+    as its users run it); a no-op without glibc. Called once when this module is imported."""
     libc = _libc()
-    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ and os.environ.get("FRUGAL_GLIBC_HEAP") != "1":
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
