@@ -92,19 +92,19 @@ def _libc():
 
 # glibc's mallopt: allocations of at least this many bytes are mapped on their own and
 # unmapped when freed. Its default threshold moves up to the largest block freed (to 32 MiB),
-# after which every tensor below that size comes from the heap, whose free pages stay
-# resident in fragments: a reward-model forward with activation checkpointing kept 0.27 GiB
-# of activations and peaked at 3.8 GiB of RSS; with the threshold held at 1 MiB, 1.2 GiB.
+# after which every tensor below that size comes from the heap, whose freed pages stay
+# resident in fragments. Holding it at 1 MiB trades time for memory (measured, `frugal bench
+# rm --model default --dtype fp32`: peak RSS 10.22 -> 6.04 GiB, tokens/s 239 -> 138, each
+# large tensor's pages faulted in afresh), so it is opt-in: FRUGAL_LEAN_HEAP=1.
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20
 
 
 def hold_mmap_threshold():
-    """Hold glibc's mmap threshold (see above), unless MALLOC_MMAP_THRESHOLD_ says otherwise or
-    FRUGAL_GLIBC_HEAP=1 asks for glibc's own rule (`bench compare` runs the peer framework so,
-    as its users run it); a no-op without glibc. Called once when this module is imported."""
+    """Hold glibc's mmap threshold (see above); a no-op without glibc. Done on import when
+    FRUGAL_LEAN_HEAP=1 (before any model loads), unless MALLOC_MMAP_THRESHOLD_ sets it."""
     libc = _libc()
-    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ and os.environ.get("FRUGAL_GLIBC_HEAP") != "1":
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
@@ -162,4 +162,5 @@ def reset_phase_peak(device: torch.device | None = None) -> int:
     return peak
 
 
-hold_mmap_threshold()
+if os.environ.get("FRUGAL_LEAN_HEAP") == "1":
+    hold_mmap_threshold()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -296,9 +295,7 @@ def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max
                 code = (f"from frugal_rlhf.bench.peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
                         f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r}, {new_tokens}, "
                         f"{reward!r}, {gradient_checkpointing})")
-                # The peer with glibc's own heap, as its users run it (device.hold_mmap_threshold).
-                env = {**os.environ, "FRUGAL_GLIBC_HEAP": "1"} if tool != "frugal" else None
-                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"bench compare: {tool} {stage} failed:\n{proc.stderr[-3000:]}")
                 rates = json.loads(proc.stdout.split("RATES ")[-1])
