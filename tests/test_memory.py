@@ -87,8 +87,11 @@ def test_tight_budget_accumulates_and_checkpoints_with_the_same_loss_curve(tmp_p
     # them at rounding size, so the curves must agree to the rounding of the sums.
     monkeypatch.setattr(supervised, "make_optimizer", lambda params, lr, wd: torch.optim.SGD(
         [p for p in params if p.requires_grad], lr=lr))
+    held = []  # the real call would change this test process's heap for the tests after it
+    monkeypatch.setattr(M, "use_lean_heap", lambda: held.append(True))
     rows = mixed_rows()
     free, curve = sft_run(tmp_path / "free", rows)
+    assert not held
     cfg = SFTConfig(model="tiny-llama", batch_size=8, max_length=96, dtype="fp32")
     shape, costs = M.shape_of(cfg)
     work = M.work_of(cfg)
@@ -97,6 +100,7 @@ def test_tight_budget_accumulates_and_checkpoints_with_the_same_loss_curve(tmp_p
     planned, tight = sft_run(tmp_path / "tight", rows, str(budget))
     assert (free.batch_size, free.grad_accum, free.gradient_checkpointing) == (8, 1, False)
     assert (planned.batch_size, planned.grad_accum, planned.gradient_checkpointing) == (2, 4, True)
+    assert held == [True]  # a checkpointing plan holds the heap lean, as its prediction assumes
     for a, b in zip(curve, tight, strict=True):
         # a sum of n fp32 terms is exact to n * eps relative (n: the answer tokens of the step)
         assert a["tokens"] == b["tokens"] and a["sequences"] == b["sequences"]

@@ -90,22 +90,29 @@ def _libc():
         return None
 
 
-# glibc's mallopt: allocations of at least this many bytes are mapped on their own and
-# unmapped when freed. Its default threshold moves up to the largest block freed (to 32 MiB),
-# after which every tensor below that size comes from the heap, whose freed pages stay
-# resident in fragments. Holding it at 1 MiB trades time for memory (measured, `frugal bench
-# rm --model default --dtype fp32`: peak RSS 10.22 -> 6.04 GiB, tokens/s 239 -> 138, each
-# large tensor's pages faulted in afresh), so it is opt-in: FRUGAL_LEAN_HEAP=1.
+# The lean heap (opt-in: FRUGAL_LEAN_HEAP=1, and chosen by a memory plan that checkpoints).
+# glibc's mallopt threshold: allocations of at least this many bytes are mapped on their own
+# and unmapped when freed. Its default moves up to the largest block freed (to 32 MiB), after
+# which every tensor below that size comes from the heap, whose freed pages stay resident in
+# fragments. Held at 1 MiB, and with the heap trimmed at every phase end, memory is traded for
+# time (measured, `frugal bench rm --model default --dtype fp32`: peak RSS 10.22 -> 6.04 GiB
+# and tokens/s 239 -> 138, each large tensor's pages faulted in afresh; the phase-end trims
+# alone cost GRPO ~9% of its speed).
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20
+_lean = False
 
 
-def hold_mmap_threshold():
-    """Hold glibc's mmap threshold (see above); a no-op without glibc. Done on import when
-    FRUGAL_LEAN_HEAP=1 (before any model loads), unless MALLOC_MMAP_THRESHOLD_ sets it."""
+def use_lean_heap():
+    """Hold glibc's mmap threshold (unless MALLOC_MMAP_THRESHOLD_ sets it) and trim the heap at
+    every phase end (reset_phase_peak); a no-op without glibc."""
+    global _lean
     libc = _libc()
-    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if libc is None:
+        return
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    _lean = True
 
 
 def release_free_memory():
@@ -145,14 +152,15 @@ def reset_run_peak(device: torch.device | None = None):
 
 def reset_phase_peak(device: torch.device | None = None) -> int:
     """End a phase: return its peak (since the previous reset) and start the next one.
-    peak_memory_bytes() still covers the whole run. The heap's free pages go back to the OS
-    first: what one phase freed is not resident when the next one starts, so a long run's
-    peak does not creep up step by step with the heap's fragments."""
+    peak_memory_bytes() still covers the whole run. With the lean heap, the heap's free pages
+    go back to the OS first: what one phase freed is not resident when the next one starts,
+    so a long run's peak does not creep up step by step with the heap's fragments."""
     global _run_peak
     device = device or default_device()
     peak = _current_peak(device)
     _run_peak = max(_run_peak, peak)
-    release_free_memory()
+    if _lean:
+        release_free_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -163,4 +171,4 @@ def reset_phase_peak(device: torch.device | None = None) -> int:
 
 
 if os.environ.get("FRUGAL_LEAN_HEAP") == "1":
-    hold_mmap_threshold()
+    use_lean_heap()

@@ -22,7 +22,7 @@ import yaml
 from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig, from_dict
 from ..data.formats import load_dataset_file
 from ..data.loader import split_rows
-from ..device import autocast, compute_dtype, default_device, peak_memory_bytes, reset_run_peak
+from ..device import autocast, compute_dtype, default_device, peak_memory_bytes, release_free_memory, reset_run_peak
 from ..models.loading import load_model
 from ..rundir import atomic_write
 from ..runlog import setup_logging
@@ -151,10 +151,11 @@ class Pipeline:
             return
         log.info("== %s", name)
         # The stages share one process: the last stage's objects are freed (peft's modules hold
-        # reference cycles, hence the collection), but the C heap keeps their pages unless asked
-        # (reset_run_peak does), and they would count in this stage's peak (measured on the
-        # demo with an nf4 base: PPO's update at 3.6 GB in the pipeline, 2.0 GB on its own).
+        # reference cycles, hence the collection), but the C heap keeps their pages unless asked,
+        # and they would count in this stage's peak (measured on the demo with an nf4 base:
+        # PPO's update at 3.6 GB in the pipeline, 2.0 GB on its own).
         gc.collect()
+        release_free_memory()
         reset_run_peak()
         t0 = time.perf_counter()
         fn()
