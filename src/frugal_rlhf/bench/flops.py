@@ -98,23 +98,29 @@ def ppo_step_flops(shape: Shape, samples: int, prompt_len: float, response_len: 
     return gen + experience + update
 
 
+def _best_seconds(device, fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of fn after one untimed one (warm-up, first touch
+    of the pages): a device's peak is what it can do, the best reading, not the median."""
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def measure_peak_tflops(device, dtype, n: int = 2048, repeats: int = 10) -> float:
     """The device's matmul throughput measured now, in the given dtype: MFU's denominator.
     The best of the repeats, not their median: a peak is what the device can do, and on a
     small shared machine a median reading sank to 0.08 from 0.13 TFLOPS, inflating MFU."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first is warm-up
-            times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(times) / 1e12
+    return 2 * n ** 3 / _best_seconds(device, lambda: a @ b, repeats) / 1e12
 
 
 def measure_copy_rate(device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -122,17 +128,7 @@ def measure_copy_rate(device, nbytes: int = 256 * 2**20, repeats: int = 5) -> fl
     than any cache, the best of the repeats: the bound of a step that reads every weight once."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first touches the pages
-            times.append(time.perf_counter() - t0)
-    return 2 * nbytes / min(times)
+    return 2 * nbytes / _best_seconds(device, lambda: dst.copy_(src), repeats)
 
 
 def decode_bytes(model) -> int:
