@@ -9,7 +9,8 @@ from .. import strategies
 
 def make_strategy(cfg):
     """The strategy a stage config asks for."""
-    return strategies.make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage, offload=cfg.offload)
+    return strategies.make_strategy(cfg.strategy, seed=cfg.seed, dtype=cfg.dtype, zero_stage=cfg.zero_stage,
+                                    offload=cfg.offload)
 
 
 def run_stage(cfg, build, report=None):

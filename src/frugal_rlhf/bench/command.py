@@ -72,8 +72,9 @@ def _row(r) -> str:
     if r["workload"] == "generate":
         rate = (f"frugal {r['frugal']['tokens_per_s']['median']:.1f} tok/s vs HF generate "
                 f"{r['hf_generate']['tokens_per_s']['median']:.1f} (x{r['ratio']:.2f})")
+        ours, hf = r["frugal"]["bandwidth_fraction"], r["hf_generate"]["bandwidth_fraction"]
         extra += (f" | {r['weight_gb']:.2f} GB of weights per step at {r['copy_gb_per_s']:.1f} GB/s copy rate: "
-                  f"{r['frugal']['bandwidth_fraction']:.0%} of the bound (HF {r['hf_generate']['bandwidth_fraction']:.0%})")
+                  f"{ours:.0%} of the bound (HF {hf:.0%})")
     if r.get("quantize_base", "none") != "none":
         extra += f" | base {r['quantize_base']}"
     if r["workload"] == "ppo":

@@ -124,8 +124,8 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
                                 gradient_checkpointing)
         # The run writes into a directory of its own: the SFT rows file beside it would make
         # the run-safety check refuse the directory as holding another run.
-        common = dict(model=model, output=str(Path(tmp) / "run"), max_steps=steps, batch_size=batch_size, max_length=max_length,
-                      lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
+        common = dict(model=model, output=str(Path(tmp) / "run"), max_steps=steps, batch_size=batch_size,
+                      max_length=max_length, lora_rank=lora_rank, save_every=0, eval_every=0, eval_split=0, dtype=dtype,
                       gradient_checkpointing=gradient_checkpointing)
         if stage == "sft":
             sft = Path(tmp) / "sft.jsonl"
