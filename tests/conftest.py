@@ -4,7 +4,10 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# FRUGAL_TEST_THREADS=1 for a suite run beside other work: two processes whose OpenMP threads
+# spin-wait on each other's cores are far slower than twice as slow.
+TEST_THREADS = int(os.environ.get("FRUGAL_TEST_THREADS", "2"))
+torch.set_num_threads(TEST_THREADS)
 # The seed every test starts from (FRUGAL_TEST_SEED=1..5 checks that behaviour tests do not
 # depend on a lucky draw).
 TEST_SEED = int(os.environ.get("FRUGAL_TEST_SEED", "0"))
@@ -36,7 +39,7 @@ def _seeded():
     from frugal_rlhf.strategies.base import set_seed
 
     set_seed(TEST_SEED)
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     yield
 
 
