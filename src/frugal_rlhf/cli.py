@@ -238,6 +238,9 @@ def main(argv=None):
             raise
         print(f"frugal {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, or pressed twice): nothing to save
+        print(f"frugal {args.command}: interrupted", file=sys.stderr)
+        return 130
     return code or 0  # chat and serve answer a refused argument with their exit code
 
 

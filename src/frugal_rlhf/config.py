@@ -124,6 +124,7 @@ class PPOConfig(TrainConfig):
     dynamic_sampling: bool = False     # DAPO: drop groups whose rewards are all equal from the update
     overlong_penalty: int = 0          # DAPO's soft overlong punishment over the last N tokens (0 = off)
     gold_eval: bool = False            # also log the hidden gold judge's held-out score (eval_gold; never a reward)
+    reward_timeout: float = 60.0       # seconds a program reward (--reward) may take on one batch before the run stops
 
 
 @dataclass
@@ -156,7 +157,7 @@ def from_dict(cls, data: dict, source: str = "config"):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__}")
-    return cls(**data)
+    return validate(cls(**coerce_numbers(cls, data)), source)
 
 
 def load_yaml(path) -> dict:
@@ -165,3 +166,97 @@ def load_yaml(path) -> dict:
         raise ValueError(f"{path}: expected a mapping of field: value")
     data.pop("history", None)  # a run's config.yaml may be reused as --config: its history is not a field
     return data
+
+
+# ---- validation: every field's rule in one table, applied by from_dict (flags, YAML) and by
+# the trainers (the Python API), so that a bad value stops with one line before anything loads.
+_FP32_MAX = 3.4028234663852886e38
+# Adam's first step moves a weight by lr / (1 - beta1) = 10 lr: past this it is no fp32 number.
+LR_MAX = _FP32_MAX / 10
+
+
+def _rule(test, text):
+    return test, text
+
+
+def _at_least(n):
+    return _rule(lambda v: v >= n, f">= {n}")
+
+
+def _interval(lo, hi, lo_open=False, hi_open=False):
+    text = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return _rule(lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi), text)
+
+
+_POSITIVE = _rule(lambda v: v > 0, "> 0")
+_LR = _rule(lambda v: 0 < v <= LR_MAX, f"in (0, {LR_MAX:.3g}] (Adam's first step, 10 x lr, must be an fp32 number)")
+FIELD_RULES = {
+    **{name: _at_least(1) for name in ("max_steps", "batch_size", "grad_accum", "max_rows", "max_nonfinite_steps",
+                                       "schedule_steps", "rollout_batch_size", "ppo_epochs", "group_size",
+                                       "max_prompt_length", "max_new_tokens", "kl_horizon")},
+    **{name: _at_least(0) for name in ("max_eval_rows", "lora_rank", "eval_every", "save_every", "keep_checkpoints",
+                                       "top_k", "overlong_penalty", "eval_prompts", "weight_decay", "max_grad_norm",
+                                       "center_coef", "ptx_coef", "temperature", "kl_coef", "vf_coef", "orpo_lambda")},
+    **{name: _POSITIVE for name in ("lora_alpha", "kl_target", "clip_eps", "value_clip", "reward_clip",
+                                    "clip_eps_high", "beta", "desirable_weight", "undesirable_weight",
+                                    "reward_timeout")},
+    "max_length": _at_least(2),  # a prompt token and an answer token
+    "lr": _LR, "critic_lr": _LR, "head_lr": _LR,
+    "seed": _interval(0, 2**32 - 1),  # numpy's seeds
+    "warmup_ratio": _interval(0, 1), "eval_split": _interval(0, 1, hi_open=True),
+    "top_p": _interval(0, 1, lo_open=True), "gamma": _interval(0, 1), "lam": _interval(0, 1),
+    "label_smoothing": _interval(0, 0.5, hi_open=True),
+}
+
+
+def _type_problem(f, value) -> str | None:
+    """What is wrong with the type of `value` for field `f` (its annotation), or None."""
+    kinds = {k.strip() for k in str(f.type).split("|")}
+    if value is None:  # a str field may be None too (ppo's reward_model with program rewards only)
+        return None if kinds & {"None", "str"} else "a value (not null)"
+    if "bool" in kinds:
+        return None if isinstance(value, bool) else "true or false"
+    if "int" in kinds:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if "float" in kinds:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if "list[str]" in kinds:
+        ok = isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "a list of strings"
+    return None if isinstance(value, str) else "a string"
+
+
+def validate(config, source: str = "config"):
+    """Raise UserError (one line naming the flag and the value) for the first field whose type
+    or range is wrong (FIELD_RULES); numbers must be finite."""
+    import math
+
+    from .errors import UserError
+
+    where = "" if source in ("config", "flags") else f"{source}: "
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        wrong = _type_problem(f, value)
+        if wrong:
+            raise UserError(f"{where}{flag} must be {wrong}, not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}{flag} must be a finite number, not {value!r}")
+        test, text = FIELD_RULES.get(f.name, (None, None))
+        if test and value is not None and not test(value):
+            raise UserError(f"{where}{flag} must be {text}, not {value!r}")
+    return config
+
+
+def coerce_numbers(cls, data: dict) -> dict:
+    """YAML reads 1e-4 (no dot) as a string: a numeric field's string that is a number becomes one."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(data)
+    for name, value in data.items():
+        if isinstance(value, str) and kinds.get(name, "").split("|")[0].strip() in ("int", "float"):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            out[name] = int(number) if kinds[name].startswith("int") and number.is_integer() else number
+    return out

@@ -19,3 +19,9 @@ class UserError(FrugalError, ValueError):
 
 class NonFiniteError(FrugalError):
     """Training produced non-finite numbers more often than the run allows."""
+
+
+class Interrupted(FrugalError):
+    """Ctrl-C (SIGINT): the run stopped after a step's checkpoint; exit 130 as a shell's would be."""
+
+    exit_code = 130

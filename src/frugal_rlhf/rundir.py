@@ -1,22 +1,26 @@
 """Run-directory safety: where a run may write, what identifies a run across resumes, which
 checkpoint is complete, and writes that survive a crash or a power loss.
 
-A run directory belongs to one run. A fresh run refuses a directory that holds anything
-(unless `overwrite`, which removes the previous run's files); `resume` continues the run
-only with the settings that define it (RESUME_MAY_CHANGE lists the others).
+A run directory belongs to one run. One process at a time writes it (an exclusive lock on
+OUT/.lock). A fresh run refuses a directory that holds anything (unless `overwrite`, which
+removes the previous run's files); `resume` continues the run only with the settings that
+define it (RESUME_MAY_CHANGE lists the others), and never reads or writes inside its output.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
+import xxhash
 
 from .errors import UserError
 
@@ -25,13 +29,14 @@ log = logging.getLogger("frugal_rlhf")
 # What a run writes into its directory (--overwrite removes exactly these, nothing of the user's);
 # tensorboard/ and wandb/ are the trackers' (MLflow keeps its runs in its own store).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "final", "adapter", "eval.json", "reward_model.json",
-             "score_head.safetensors", "tensorboard", "wandb")
+             "score_head.safetensors", "ref_logprobs.safetensors", "tensorboard", "wandb")
+LOCK_FILE = ".lock"  # never removed: see lock_run
 # Settings that do not change what is computed, or only how long and how often: a resumed run
 # applies the new value and records the change in config.yaml's history.
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "save_every", "eval_every", "keep_checkpoints", "max_nonfinite_steps", "resume", "overwrite",
     "output", "strategy", "zero_stage", "offload", "checkpoint_format", "gradient_checkpointing",
-    "trust_remote_code", "eval_only", "report_to", "export_gguf"})
+    "trust_remote_code", "eval_only", "report_to", "export_gguf", "reward_timeout"})
 # Settings naming files whose contents define the run: their fingerprints must match too.
 FINGERPRINTED = ("model", "data", "prompts", "eval_data", "ptx_data", "reward_model", "critic_model")
 _EDGE = 1 << 20  # bytes hashed at each end of a file
@@ -80,6 +85,60 @@ def fsync_tree(path: Path):
         fsync_dir(root)
 
 
+# ---- one run at a time ------------------------------------------------------------------------------
+_held: dict[str, int] = {}  # run directory (resolved) -> the descriptor through which this process locks it
+
+
+def lock_run(out: Path):
+    """An exclusive flock on OUT/.lock for this process, until release_run or its end. The kernel
+    drops the lock of a process that dies (kill -9 included), so the lock a dead run left is
+    taken over; the file only names the holder for the message. Taken again by its holder (one
+    process running several trainers in turn), it is a no-op."""
+    key = str(out.resolve())
+    if key in _held:
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{out} is in use by another run ({holder}); wait for it to end, or choose another "
+                        "--output") from None
+    previous = os.read(fd, 200).decode(errors="replace").strip()
+    if previous:
+        log.warning("%s: the run of %s ended without releasing its lock (killed?): taken over", out, previous)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def release_run(out: Path):
+    """Empty the lock file (a clean end) and drop the lock, if this process holds it."""
+    fd = _held.pop(str(out.resolve()), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def check_apart(cfg):
+    """A run never writes where it reads: an input inside the output (--model OUT/final) would
+    be replaced by the run's own export, or deleted by --overwrite; an output inside an input
+    directory would change that input (and its fingerprint) as the run writes."""
+    out = Path(cfg.output).resolve()
+    for name in FINGERPRINTED:
+        spec = getattr(cfg, name, None)
+        if not spec or not Path(str(spec)).exists():
+            continue
+        path, flag = Path(str(spec)).resolve(), "--" + name.replace("_", "-")
+        if path == out or out in path.parents:
+            raise UserError(f"{flag} {spec} is inside --output {cfg.output}: the run would replace or (with "
+                            "--overwrite) delete what it reads; copy it elsewhere or choose another --output")
+        if path.is_dir() and path in out.parents:
+            raise UserError(f"--output {cfg.output} is inside {flag} {spec}: the run's files would change what it "
+                            "reads; choose another --output")
+
+
 # ---- the output directory -----------------------------------------------------------------------
 def clean_temporaries(out: Path) -> int:
     """Remove what an interrupted run left half-written: `.tmp-*` exports and checkpoints,
@@ -107,11 +166,13 @@ def _probe(directory: Path):
 
 
 def prepare_output(out: Path, checkpoints: bool):
-    """The output directory exists and is writable (and its checkpoints/ too, when the run
-    saves any): found before training starts, not at the first save."""
+    """The output directory exists, is writable (and its checkpoints/ too, when the run saves
+    any: found before training starts, not at the first save) and is this process's alone;
+    then what an interrupted run left half-written is removed."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a directory")
     _probe(out)
+    lock_run(out)
     if checkpoints:
         _probe(out / "checkpoints")
     clean_temporaries(out)
@@ -121,7 +182,7 @@ def holds_a_run(out: Path) -> list[str]:
     """What a fresh run would mix with (an empty checkpoints/ left by the write probe aside)."""
     if not out.is_dir():
         return []
-    names = [p.name for p in out.iterdir()]
+    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
     if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
         names.remove("checkpoints")
     return sorted(names)
@@ -144,24 +205,56 @@ def check_free_space(path: Path, need: int, what: str = "one checkpoint"):
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
+def file_checksum(path: Path) -> str:
+    """xxh3-128 of the whole file (several GB/s: a checkpoint is read back once when written,
+    once when resumed)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_meta(ckpt: Path) -> dict:
+    """What meta.json records of the files in `ckpt`: each one's size and checksum."""
+    files = sorted(p for p in ckpt.iterdir() if p.name != "meta.json")
+    return {"files": {p.name: p.stat().st_size for p in files}, "xxh3_128": {p.name: file_checksum(p) for p in files}}
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from (None when it is complete): meta.json, written last,
-    lists every file with its size; state.pt must load."""
+    lists every file with its size and checksum (a checkpoint written before checksums: its
+    safetensors must hold finite numbers); state.pt must load."""
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
     except (OSError, ValueError) as e:
         return f"meta.json is unreadable ({e})"
+    sums = meta.get("xxh3_128")
     for name, size in meta.get("files", {}).items():
         f = ckpt / name
         if not f.exists():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if sums is not None and file_checksum(f) != sums.get(name):
+            return f"{name} does not match its checksum (changed on disk since it was written)"
+        if sums is None and name.endswith(".safetensors") and not _finite_safetensors(f):
+            return f"{name} holds non-finite or unreadable numbers"
     try:
         torch.load(ckpt / "state.pt", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read it means the same: not resumable
         return f"state.pt is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return None
+
+
+def _finite_safetensors(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return all(bool(torch.isfinite(f.get_tensor(k)).all()) for k in f.keys())
+    except Exception:  # noqa: BLE001 - a file safetensors cannot read is as unusable
+        return False
 
 
 def latest_complete(checkpoints: list[Path]) -> tuple[Path, dict] | None:
@@ -205,11 +298,14 @@ def run_identity(cfg) -> dict:
 def reconcile(cfg, recorded: dict, step: int) -> dict:
     """Check that `cfg` continues the run recorded in a checkpoint and settle the schedule.
 
-    Refuses (listing every difference) when a setting that defines the run differs. The LR
-    schedule keeps the length the run started with, whatever --max-steps now says (a longer
-    run continues at the schedule's final LR). Returns {field: [old, new]} of what changed."""
+    Refuses (listing every difference) when a setting that defines the run differs; a file
+    setting is compared by its contents' fingerprint, not by how its path is spelled (a run
+    resumed from another directory names its data otherwise). The LR schedule keeps the length
+    the run started with, whatever --max-steps now says (a longer run continues at the
+    schedule's final LR). Returns {field: [old, new]} of what changed."""
     old = recorded.get("config", {})
-    differ = []
+    then_prints, now_prints = recorded.get("fingerprints", {}), run_identity(cfg)["fingerprints"]
+    differ, moved = [], {}
     for f in dataclasses.fields(cfg):
         name = f.name
         if name not in old or name in RESUME_MAY_CHANGE or name == "schedule_steps":
@@ -218,12 +314,13 @@ def reconcile(cfg, recorded: dict, step: int) -> dict:
         if name == "lr":  # the default depends on LoRA: compare the rates in effect
             then = dataclasses.replace(cfg, lr=then, lora_rank=old.get("lora_rank", cfg.lora_rank)).learning_rate()
             now = cfg.learning_rate()
-        if then != now:
+        if then_prints.get(name) is not None and then_prints[name] == now_prints.get(name):
+            if then != now:  # the same contents under another path
+                moved[name] = [then, now]
+        elif then_prints.get(name) is not None and then == now:
+            differ.append(f"the contents of {name} {now} changed since the checkpoint")
+        elif then != now:
             differ.append(f"{name} {then!r} -> {now!r}")
-    fingerprints_now = run_identity(cfg)["fingerprints"]
-    for name, then in recorded.get("fingerprints", {}).items():
-        if old.get(name) == getattr(cfg, name, None) and then != fingerprints_now.get(name):
-            differ.append(f"the contents of {name} {getattr(cfg, name)} changed since the checkpoint")
     schedule = old.get("schedule_steps") or old.get("max_steps", cfg.max_steps)
     if cfg.schedule_steps not in (None, schedule):
         differ.append(f"schedule_steps {schedule!r} -> {cfg.schedule_steps!r}")
@@ -233,5 +330,5 @@ def reconcile(cfg, recorded: dict, step: int) -> dict:
     if cfg.max_steps < step:
         raise UserError(f"--resume: --max-steps {cfg.max_steps} is below the checkpoint's step {step}")
     cfg.schedule_steps = schedule
-    return {n: [old[n], getattr(cfg, n)] for n in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"})
-            if n in old and old[n] != getattr(cfg, n)}
+    return {**{n: [old[n], getattr(cfg, n)] for n in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"})
+               if n in old and old[n] != getattr(cfg, n)}, **moved}

@@ -7,6 +7,7 @@ quantized base is written de-quantized (QLoRA users expect a plain model back).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -35,6 +36,17 @@ def _replace_dir(tmp: Path, target: Path):
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """An OSError while writing `path` names it (write() on a full disk names no file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def _tmpdir(target: Path) -> Path:
@@ -125,6 +137,11 @@ def export_merged(role, tokenizer, path, dtype=torch.float32):
     """Write the role's LM, adapter merged, as a Hugging Face checkpoint (sharded like
     save_pretrained when large), one tensor at a time; then the tokenizer."""
     path = Path(path)
+    with _naming(path):
+        return _export_merged(role, tokenizer, path, dtype)
+
+
+def _export_merged(role, tokenizer, path: Path, dtype):
     tmp = _tmpdir(path)
     model, entries = _merged_tensors(role, dtype)
     shards = _shards(entries, dtype.itemsize)
@@ -152,6 +169,11 @@ def export_merged(role, tokenizer, path, dtype=torch.float32):
 def export_adapter(role, tokenizer, path, base: str):
     """The role's LoRA adapter in PEFT layout; `base` is written as its base model."""
     path = Path(path)
+    with _naming(path):
+        return _export_adapter(role, tokenizer, path, base)
+
+
+def _export_adapter(role, tokenizer, path: Path, base: str):
     tmp = _tmpdir(path)
     peft_model = role.lm.model
     config = peft_model.peft_config[role.adapter]
@@ -174,5 +196,6 @@ def export_adapter(role, tokenizer, path, base: str):
 def export_gguf(role, tokenizer, path, quant: str = "f16"):
     """The role's LM, adapter merged in fp32, as a GGUF file: one tensor at a time, as export_merged."""
     model, entries = _merged_tensors(role, torch.float32)
-    return write_gguf(model.config, ((key, make) for key, _, make in entries), tokenizer, path, quant,
-                      name=Path(path).parent.parent.name)
+    with _naming(path):
+        return write_gguf(model.config, ((key, make) for key, _, make in entries), tokenizer, path, quant,
+                          name=Path(path).parent.parent.name)

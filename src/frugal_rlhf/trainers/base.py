@@ -17,15 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safetensors import SafetensorError
+
+from ..config import validate
 from ..device import peak_memory_bytes
-from ..errors import NonFiniteError, UserError
+from ..errors import Interrupted, NonFiniteError, UserError
 from ..models.card import write_model_card
 from ..models.export import export_adapter, export_gguf, export_merged
 from ..models.gguf_writer import QUANTS, gguf_problem
-from ..rundir import (check_free_space, clear_run, fsync_dir, fsync_tree, holds_a_run, latest_complete, prepare_output,
-                      reconcile, run_identity)
+from ..rundir import (check_apart, check_free_space, checkpoint_meta, clean_temporaries, clear_run, fsync_dir,
+                      fsync_tree, holds_a_run, latest_complete, lock_run, prepare_output, reconcile, release_run,
+                      run_identity)
 from ..runlog import RunDir, make_progress, rng_state, set_rng_state
 from ..trackers import Trackers
+from .stopping import StopRequest
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -83,7 +88,7 @@ class Trainer:
 
     def __init__(self, strategy, config):
         self.strategy = strategy
-        self.config = config
+        self.config = validate(config)  # the Python API's configs meet the rules flags and YAML do
         self.models: dict = {}
         self.optimizers: dict = {}
         self.stateful: dict = {}
@@ -95,16 +100,22 @@ class Trainer:
         self.sharded = config.checkpoint_format == "sharded"
         if self.sharded and not hasattr(strategy, "save_shard"):
             raise ValueError("--checkpoint-format sharded needs --strategy fsdp (other strategies write full checkpoints)")
-        if config.keep_checkpoints < 0 or config.max_nonfinite_steps < 1:
-            raise UserError("--keep-checkpoints must be >= 0 (0 keeps all) and --max-nonfinite-steps >= 1")
         self.nonfinite_in_row, self.skipped_updates = 0, 0
         self.resume_from, self.history_entry = None, None
-        self.open_run_dir()
+        try:
+            self.open_run_dir()
+        except BaseException:
+            release_run(self.out)
+            raise
 
     def open_run_dir(self):
         """Before anything loads or trains: the output is writable and holds this run or nothing;
         on resume, the checkpoint to continue from is complete and was made by this run."""
         cfg = self.config
+        check_apart(cfg)
+        if cfg.resume and not cfg.overwrite and not holds_a_run(self.out):
+            raise UserError(f"--resume: {self.out} holds no run to resume" + (
+                "" if self.out.exists() else " (no such directory)") + "; check --output, or drop --resume")
         if self.strategy.is_rank0:
             prepare_output(self.out, bool(cfg.save_every))
         self.strategy.barrier()
@@ -187,16 +198,21 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None):
         """Train to config.max_steps (or stop after step `stop_at`, e.g. to continue later)."""
-        start = self.resume() if self.resume_from else 0
-        self.check_disk_space()  # before the run writes anything: a rerun after freeing space is a fresh run
-        self.check_exportable()
-        if self.trackers is None:  # a second fit() of this trainer (the first closed them)
-            self.trackers = self.open_trackers(start)
+        if self.strategy.is_rank0:
+            lock_run(self.out)  # held since open_run_dir, unless a first fit() of this trainer released it
         try:
-            return self._fit(start, stop_at)
+            start = self.resume() if self.resume_from else 0
+            self.check_disk_space()  # before the run writes anything: a rerun after freeing space is a fresh run
+            self.check_exportable()
+            if self.trackers is None:  # a second fit() of this trainer (the first closed them)
+                self.trackers = self.open_trackers(start)
+            try:
+                return self._fit(start, stop_at)
+            finally:
+                self.trackers.close()
+                self.trackers = None
         finally:
-            self.trackers.close()
-            self.trackers = None
+            release_run(self.out)
 
     def _fit(self, start: int, stop_at: int | None):
         cfg = self.config
@@ -207,7 +223,7 @@ class Trainer:
             baseline = self.evaluate()
             if baseline:
                 self.run.log({"step": 0, **baseline})
-        with make_progress(self.strategy.is_rank0) as progress:
+        with make_progress(self.strategy.is_rank0) as progress, StopRequest() as stop:
             task = progress.add_task(self.stage, total=cfg.max_steps, completed=start, info="")
             for step in range(start + 1, last + 1):
                 t0 = time.perf_counter()
@@ -226,14 +242,33 @@ class Trainer:
                 metrics["peak_mem_gb"] = self.strategy.max_over_ranks(peak_memory_bytes(self.strategy.device)) / 2**30
                 self.run.log({"step": step, **metrics})
                 progress.update(task, advance=1, info=self.progress_info(metrics))
-                if cfg.save_every and (step % cfg.save_every == 0 or step == last):
+                stopping = step < last and self.strategy.all_reduce_sum(float(stop.asked)) > 0  # all ranks agree
+                if cfg.save_every and (step % cfg.save_every == 0 or step == last or stopping):
                     self.save_checkpoint(step)
+                if stopping:
+                    raise Interrupted(f"interrupted after step {step}" + (
+                        f": its checkpoint is in {self.ckpt_root}; continue with --resume" if cfg.save_every
+                        else " (no checkpoints: --save-every 0)"))
         if last == cfg.max_steps:
             self.refuse_nonfinite("the final model")
             with self.strategy.full_models(*self.models.values()):  # exports need whole models
-                self.finish()
+                self.write_results()
         self.strategy.barrier()
         return self.run.read_metrics() if self.strategy.is_rank0 else []
+
+    def write_results(self):
+        """finish() (the exports), with a full disk or a path that cannot be written reported in
+        one line naming it; what an export left half-written is removed, the last checkpoint kept."""
+        try:
+            self.finish()
+        except (OSError, SafetensorError) as e:
+            clean_temporaries(self.out)
+            where = getattr(e, "filename", None) or self.out
+            free = shutil.disk_usage(self.out).free / 2**20
+            again = (f"the checkpoints in {self.ckpt_root} are kept: free some space and run again with --resume"
+                     if self.checkpoints() else "free some space and run again with --overwrite")
+            raise UserError(f"could not write the results into {where}: {getattr(e, 'strerror', None) or e} "
+                            f"({free:.0f} MiB free); {again}") from None
 
     def progress_info(self, metrics: dict) -> str:
         keys = [k for k in ("loss", "reward", "kl", "accuracy", "eval_loss") if k in metrics]
@@ -298,7 +333,7 @@ class Trainer:
         tmp = self.ckpt_root / f".tmp-step-{step:07d}"
         try:
             self._write_checkpoint(step, tmp)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, SafetensorError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             free = shutil.disk_usage(self.out).free / 2**20
             raise UserError(f"could not write checkpoint {tmp}: {str(e).strip().splitlines()[0]} ({free:.0f} MiB "
@@ -321,8 +356,7 @@ class Trainer:
             state = {"step": step, "rng": _portable_rng(),
                      "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
             torch.save(state, tmp / "state.pt")
-            files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "stage": self.stage, "files": files,
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "stage": self.stage, **checkpoint_meta(tmp),
                                                        **self.identity}))
             fsync_tree(tmp)
             if final.exists():
