@@ -1,5 +1,6 @@
 """Verifiable rewards from specs (rl/rewards.py), prompt rows with answers, the math generator."""
 import json
+import threading
 
 import pytest
 
@@ -7,6 +8,7 @@ from frugal_rlhf.cli import main
 from frugal_rlhf.data.formats import DataError, load_dataset_file, normalize
 from frugal_rlhf.data.math_problems import generate, split_of
 from frugal_rlhf.rl.rewards import RewardError, RewardSet, final_answer, parse_reward
+from test_run_safety import run_cli
 
 ROWS = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "reference": "5", "answer": "5"},
         {"prompt": [{"role": "user", "content": "What is 10 + 4?"}], "reference": "14", "answer": "14"}]
@@ -27,6 +29,40 @@ def gives_nan(prompts, completions, rows):
 
 def fails_on_fourteen(prompts, completions, rows):
     return [1.0 / (r["answer"] != "14") for r in rows]
+
+
+HANG = threading.Event()  # set when a test is done: the hung reward threads it left then return
+
+
+def hangs(prompts, completions, rows):
+    HANG.wait(120)
+    return [0.0] * len(completions)
+
+
+CALLS = {"n": 0}
+
+
+def hangs_after_the_probe(prompts, completions, rows):
+    CALLS["n"] += 1
+    return hangs(prompts, completions, rows) if CALLS["n"] > 1 else [0.0] * len(completions)
+
+
+def exits_quietly(prompts, completions, rows):
+    raise SystemExit(0)
+
+
+def fails_on_batches(prompts, completions, rows):
+    if len(completions) > 1:
+        raise MemoryError("a batch is too much for me")
+    return [1.0]
+
+
+@pytest.fixture
+def release_hung_rewards():
+    HANG.clear()
+    CALLS["n"] = 0
+    yield
+    HANG.set()
 
 
 @pytest.mark.parametrize("text, strict, lenient", [
@@ -134,3 +170,42 @@ def test_math_problems_are_exact_deterministic_and_splits_never_overlap():
         assert all(r["answer"].lstrip("-").isdigit() for r in generate(20, level, split="test"))
     with pytest.raises(ValueError, match="only about"):
         generate(500, 1)
+
+
+# ---- issue 37: user code cannot hang the run or end it quietly ------------------------------------
+@pytest.mark.parametrize("spec, message", [
+    ("python:..evil:fn", "'..evil' is not a module path"),
+    ("math=1e400", "the weight 1e400 is not a finite number"),
+])
+def test_specs_that_cannot_work_are_refused_when_parsed(spec, message):
+    with pytest.raises(RewardError, match=message):
+        RewardSet([spec])
+
+
+def test_a_hanging_exiting_or_batch_failing_reward_is_one_error(release_hung_rewards):
+    with pytest.raises(RewardError, match=r"reward hangs did not return within 0.2 s on 2 completions "
+                                          r"\(--reward-timeout\)"):
+        RewardSet(["python:test_rlvr_rewards:hangs"], timeout=0.2).probe(ROWS)
+    with pytest.raises(RewardError, match=r"reward exits_quietly called sys.exit\(0\)"):
+        RewardSet(["python:test_rlvr_rewards:exits_quietly"]).probe(ROWS)
+    with pytest.raises(RewardError, match=r"reward fails_on_batches raised MemoryError: a batch is too much for me on "
+                                          r"a batch of 2 completions \(on none of them alone\)"):
+        RewardSet(["python:test_rlvr_rewards:fails_on_batches"]).probe(ROWS)
+
+
+@pytest.mark.parametrize("reward, flags, message", [
+    ("hangs_after_the_probe", ["--reward-timeout", 1], "reward hangs_after_the_probe did not return within 1 s"),
+    ("exits_quietly", [], "reward exits_quietly called sys.exit(0)"),
+])
+def test_a_reward_that_hangs_mid_run_or_exits_stops_the_run_with_one_line(tmp_path, capsys, release_hung_rewards,
+                                                                          reward, flags, message):
+    """Past the probe, in a training step: a non-zero exit and one line, never exit 0 without a model."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "ppo", "--model", "tiny-llama", "--prompts", data, "--reward",
+                           f"python:test_rlvr_rewards:{reward}", "--advantage", "group", "--group-size", 2,
+                           "--rollout-batch-size", 2, "--batch-size", 4, "--max-new-tokens", 4, "--max-steps", 2,
+                           "--eval-prompts", 2, "--save-every", 0, *flags, "--dtype", "fp32", "--output", out)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (out / "final").exists()

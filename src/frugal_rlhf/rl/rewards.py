@@ -15,13 +15,19 @@ number; default 1.0):
   messages, ``reference``, ``answer`` and so on)
 
 Specs are checked when parsed (unknown kind, bad regex, missing module or function, missing
-reward model), before any model is loaded. Each component's raw value is logged as
-``reward_<name>``; the score is the weighted sum.
+reward model, a weight that is not a finite number), before any model is loaded. Each
+component's raw value is logged as ``reward_<name>``; the score is the weighted sum.
+
+A program reward runs in a worker thread with a time limit (``--reward-timeout``, in the
+probe before training as in every step): a call that hangs, calls ``sys.exit`` or raises
+stops the run with one line naming the reward (and the row, when one row alone fails).
 """
 from __future__ import annotations
 
 import importlib
+import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -95,12 +101,17 @@ def _python(path: str):
     module, _, name = path.rpartition(":")
     if not module or not name:
         raise RewardError(f"reward python:{path}: expected python:package.module:function")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+        raise RewardError(f"reward python:{path}: {module!r} is not a module path (package.module, no relative "
+                          "imports)")
     try:
         fn = getattr(importlib.import_module(module), name)
     except ImportError as e:
         raise RewardError(f"reward python:{path}: cannot import module {module!r} ({e})") from None
     except AttributeError:
         raise RewardError(f"reward python:{path}: module {module!r} has no function {name!r}") from None
+    except BaseException as e:  # noqa: BLE001 - the module's own code failed (or exited) at import
+        raise RewardError(f"reward python:{path}: importing {module!r} raised {type(e).__name__}: {e}") from None
     if not callable(fn):
         raise RewardError(f"reward python:{path}: {name!r} is not callable")
     return lambda prompts, completions, rows, lengths: fn(prompts, completions, rows)
@@ -112,6 +123,8 @@ def parse_reward(spec: str) -> Component:
     head, sep, tail = spec.rpartition("=")
     if sep and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", tail.strip(), re.I):
         body, weight = head, float(tail)
+        if not math.isfinite(weight):
+            raise RewardError(f"reward {spec!r}: the weight {tail.strip()} is not a finite number")
     kind, _, arg = body.partition(":")
     kind = kind.strip().lower()
     if kind == "rm":
@@ -144,7 +157,8 @@ def parse_reward(spec: str) -> Component:
 class RewardSet:
     """Weighted reward components parsed from specs; see the module doc."""
 
-    def __init__(self, specs):
+    def __init__(self, specs, timeout: float = 60.0):
+        self.timeout = timeout  # seconds one call of a program reward may take
         if isinstance(specs, str):
             specs = [specs]
         if not specs:
@@ -191,7 +205,8 @@ class RewardSet:
                     continue
                 values = model_scores.float().cpu()
             else:
-                values = _checked(c, _call(c, prompts, completions, rows, lengths), prompts, completions)
+                values = _checked(c, _call(c, self.timeout, prompts, completions, rows, lengths), prompts,
+                                  completions)
             parts[f"reward_{c.name}"] = values
         total = sum(c.weight * parts[f"reward_{c.name}"] for c in self.components if f"reward_{c.name}" in parts)
         return (total if torch.is_tensor(total) else torch.zeros(len(completions))), parts
@@ -211,17 +226,50 @@ def _short(text, n=80) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
-def _call(c: Component, prompts, completions, rows, lengths):
+def _call(c: Component, timeout: float, prompts, completions, rows, lengths):
     try:
-        return c.fn(prompts, completions, rows, lengths)
-    except Exception:  # noqa: BLE001 - find the row it fails on, for the message
+        return _within(timeout, c, prompts, completions, rows, lengths)
+    except RewardError:
+        raise
+    except Exception as batch_error:  # noqa: BLE001 - find the row it fails on, for the message
         for i in range(len(completions)):
             try:
-                c.fn(prompts[i:i + 1], completions[i:i + 1], rows[i:i + 1], lengths[i:i + 1])
+                _within(timeout, c, prompts[i:i + 1], completions[i:i + 1], rows[i:i + 1], lengths[i:i + 1])
+            except RewardError:
+                raise
             except Exception as e:  # noqa: BLE001
                 raise RewardError(f"reward {c.name} raised {type(e).__name__}: {e} on "
                                   f"{_where(i, prompts, completions)}") from e
-        raise
+        raise RewardError(f"reward {c.name} raised {type(batch_error).__name__}: {batch_error} on a batch of "
+                          f"{len(completions)} completions (on none of them alone)") from batch_error
+
+
+def _within(timeout: float, c: Component, *args):
+    """c.fn(*args) in a worker thread, waited for at most `timeout` seconds. A thread cannot be
+    stopped: one that hangs is left behind (a daemon) and the run ends with the error."""
+    box = {}
+
+    def call():
+        try:
+            box["value"] = c.fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=call, name=f"reward-{c.name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardError(f"reward {c.name} did not return within {timeout:g} s on {len(args[1])} completions "
+                          "(--reward-timeout)")
+    error = box.get("error")
+    if isinstance(error, SystemExit):
+        raise RewardError(f"reward {c.name} called sys.exit({error.code!r}): a reward function must return one "
+                          "number per completion")
+    if error is not None and not isinstance(error, Exception):
+        raise RewardError(f"reward {c.name} raised {type(error).__name__}") from error
+    if error is not None:
+        raise error
+    return box["value"]
 
 
 def _checked(c: Component, values, prompts, completions) -> torch.Tensor:

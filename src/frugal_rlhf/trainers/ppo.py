@@ -168,7 +168,7 @@ class PPOTrainer(Trainer):
         """The short path: roles on one shared base, prompts and demonstrations from files."""
         check_estimator(cfg, cfg.advantage == "gae", strategy.world_size)
         # --reward specs are checked, and program rewards probed on the data, before any model loads.
-        rewards = RewardSet(cfg.reward) if cfg.reward else None
+        rewards = RewardSet(cfg.reward, cfg.reward_timeout) if cfg.reward else None
         rows = load_dataset_file(cfg.prompts, "prompt", cfg.skip_bad_rows, cfg.max_rows)
         if cfg.eval_data:
             train, held_out = rows, load_dataset_file(cfg.eval_data, "prompt", cfg.skip_bad_rows)[:cfg.eval_prompts]
