@@ -410,3 +410,40 @@ def test_whole_sharegpt_file_is_recovered(caplog):
     assert len(records) == 17_671
     assert "recovered 17671 complete records" in caplog.text and "truncated" in caplog.text
     assert formats.detect_format(records[-1]) == "sharegpt"
+
+
+# --------------------------------------------------------------------------- issue 37: hostile files
+
+PAIRS = [{"prompt": f"Say {i}", "chosen": "yes " * 20, "rejected": "no"} for i in range(600)]
+
+
+def test_a_cut_gzip_file_is_one_error_and_skip_bad_rows_keeps_its_complete_records(tmp_path):
+    lines = gzip.compress("".join(json.dumps(r) + "\n" for r in PAIRS).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(lines[: len(lines) // 2])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz, row (\d+): the compressed data ends early.*--skip-bad-rows "
+                                        r"keeps the \d+ complete records") as info:
+        load_dataset_file(str(tmp_path / "cut.jsonl.gz"), "preference")
+    kept = load_dataset_file(str(tmp_path / "cut.jsonl.gz"), "preference", skip_bad_rows=True)
+    assert len(kept) == info.value.row - 1 > 0 and kept[-1]["prompt"][0]["content"] == f"Say {len(kept) - 1}"
+    array = gzip.compress(json.dumps(PAIRS).encode())
+    (tmp_path / "cut.json.gz").write_bytes(array[: len(array) // 2])
+    with pytest.raises(DataError, match=r"cut.json.gz, row \d+: the file ends inside this record"):
+        load_dataset_file(str(tmp_path / "cut.json.gz"), "preference")
+    assert len(load_dataset_file(str(tmp_path / "cut.json.gz"), "preference", skip_bad_rows=True)) > 0
+    (tmp_path / "not.json.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"not.json.gz: not a readable gzip file"):
+        load_dataset_file(str(tmp_path / "not.json.gz"), "preference")
+
+
+def test_deep_nesting_and_a_huge_csv_cell(tmp_path):
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (tmp_path / "deep.jsonl").write_text(json.dumps(PAIRS[0]) + "\n" + deep + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl, row 2: the JSON is nested deeper than the parser can follow"):
+        load_dataset_file(str(tmp_path / "deep.jsonl"), "preference")
+    assert len(load_dataset_file(str(tmp_path / "deep.jsonl"), "preference", skip_bad_rows=True)) == 1
+    (tmp_path / "deep.json").write_text("[" + deep + "]")
+    with pytest.raises(DataError, match=r"deep.json: the JSON is nested deeper"):
+        load_dataset_file(str(tmp_path / "deep.json"), "preference")
+    long = "x" * (200 << 10)  # over the csv module's default cap of 128 KiB per cell
+    (tmp_path / "long.csv").write_text(f"prompt,chosen,rejected\nSay it,{long},no\n")
+    assert load_dataset_file(str(tmp_path / "long.csv"), "preference")[0]["chosen"] == long

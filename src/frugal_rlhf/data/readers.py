@@ -9,8 +9,8 @@ the file type:
   array value (``{"data": [...]}``); the row number is the 1-based RECORD index.
 * ``.parquet`` - read batch by batch with pyarrow; 1-based record index.
 * ``.csv`` - read with the ``csv`` module (header line = column names, all values are
-  strings); an empty cell means the field is missing; 1-based record index (the header
-  line is not counted).
+  strings, a cell may be as long as the file); an empty cell means the field is missing;
+  1-based record index (the header line is not counted).
 * a directory written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``,
   in which case the ``"train"`` split, or the only split, is used); 1-based record index.
 
@@ -19,6 +19,8 @@ the file type:
 record); it streams the file in chunks instead of loading it whole.
 
 Problems in the data raise :class:`DataError`, which names the file, the row and the field.
+A ``.gz`` file cut off mid-stream yields its complete records and then the cut one as a bad
+row; a record nested deeper than Python's JSON parser can follow is a bad row too.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import io
 import json
 import logging
 import re
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -120,14 +123,35 @@ def read_records(path, bad_rows: bool = False) -> Iterator[tuple[int, dict | Dat
         yield row, record
 
 
+_CUT_GZ = (EOFError, gzip.BadGzipFile, zlib.error)  # a compressed stream cut off or damaged
+
+
+def _gz_problem(e: Exception, complete: int) -> str:
+    if isinstance(e, gzip.BadGzipFile) and not complete:
+        return f"not a readable gzip file ({e})"
+    return (f"the compressed data ends early or is damaged ({e}); --skip-bad-rows keeps the {complete} complete "
+            "records before it")
+
+
+def _lines(f) -> Iterator[bytes]:
+    """The lines of a binary file; a .gz cut off mid-stream ends with its error as the last item."""
+    try:
+        yield from f
+    except _CUT_GZ as e:
+        yield e
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     """A line that is not UTF-8 or not JSON is yielded as a DataError in place of its record:
     normalize() stops there, or skips and counts it with skip_bad_rows (a last line cut off
     by an interrupted write is the usual case)."""
     name = str(path)
-    offset = 0
+    offset, complete = 0, 0
     with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f), 1):
+            if isinstance(raw, Exception):
+                yield lineno, DataError(_gz_problem(raw, complete), file=name, row=lineno)
+                return
             start, offset = offset, offset + len(raw)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, start = raw[3:], start + 3
@@ -146,10 +170,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
                                         + ("; the last line is cut off (an interrupted write?): --skip-bad-rows "
                                            "drops it" if cut else ""), file=name, row=lineno)
                 continue
+            except RecursionError:
+                yield lineno, DataError(_TOO_DEEP, file=name, row=lineno)
+                continue
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object on line {lineno}, got {_type_name(record)}",
                                 file=name, row=lineno)
+            complete += 1
             yield lineno, record
+
+
+_TOO_DEEP = "the JSON is nested deeper than the parser can follow (thousands of levels): not a data record"
 
 
 def _not_utf8(e: UnicodeDecodeError, start: int, path: Path) -> str:
@@ -159,8 +190,10 @@ def _not_utf8(e: UnicodeDecodeError, start: int, path: Path) -> str:
 
 
 def _read_text(path: Path) -> str:
-    """The whole file as text; a byte that is not UTF-8 is an error naming its offset."""
-    data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    """The whole file as text; a byte that is not UTF-8 is an error naming its offset. A .gz
+    cut off mid-stream gives the text decompressed before the cut (a JSON array then yields
+    its complete records and the cut one as a bad row)."""
+    data = _gunzip(path) if path.name.lower().endswith(".gz") else path.read_bytes()
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
         return data[bom:].decode("utf-8")
@@ -168,11 +201,28 @@ def _read_text(path: Path) -> str:
         raise DataError(_not_utf8(e, bom, path), file=str(path)) from None
 
 
+def _gunzip(path: Path) -> bytes:
+    data, out = path.read_bytes(), []
+    while data:  # a .gz may hold several members, one after the other
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out.append(d.decompress(data))
+        except zlib.error as e:
+            raise DataError(f"not a readable gzip file ({e})", file=str(path)) from None
+        if not d.eof:
+            log.warning("%s: the compressed data ends early (cut off): reading what came before", path)
+            break
+        data = d.unused_data
+    return b"".join(out)
+
+
 def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
     name = str(path)
     text = _read_text(path)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(_TOO_DEEP, file=name) from None
     except json.JSONDecodeError as e:
         if (e.pos >= _content_end(e.doc) - 8 or e.msg.startswith("Unterminated string")) \
                 and text.lstrip().startswith("["):
@@ -215,7 +265,17 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     name = str(path)
-    with io.StringIO(_read_text(path), newline="") as f:
+    text = _read_text(path)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # no cell is longer than the file (the default cap is 128 KiB)
+    try:
+        yield from _csv_rows(text, name)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(text: str, name: str) -> Iterator[tuple[int, dict]]:
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return
@@ -317,6 +377,8 @@ class _ArrayStream:
                     return
                 self._more()  # the record continues in the next chunk
                 continue
+            except RecursionError:
+                raise DataError(_TOO_DEEP, file=self.name, row=index + 1) from None
             if end >= len(self.buf) and not self.eof:
                 self._more()  # a bare number could go on in the next chunk: decode again
                 continue
