@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -68,13 +68,20 @@ async def _read_body(request: Request) -> bytes:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise APIError(415, f"The body must be JSON sent with 'Content-Type: application/json' (got '{kind}').")
+    too_large = APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
-    return body
+        raise too_large
+    # Counted while it arrives: a chunked body declares no length, and reading it whole first
+    # would hold any size in memory before the check.
+    parts, size = [], 0
+    async with aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 def _adapter(state: ServeState, model: str | None) -> str | None:
@@ -340,7 +347,10 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "adapters": list(engine.adapters), **engine.stats()}
+        body = {"status": "ok", "model": model_name, "adapters": list(engine.adapters), **engine.stats()}
+        if engine.failure:  # the worker is gone: every request would fail
+            return JSONResponse({**body, "status": "error", "error": engine.failure}, status_code=503)
+        return body
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

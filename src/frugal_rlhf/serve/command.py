@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -18,15 +19,33 @@ from pathlib import Path
 from frugal_rlhf.device import compute_dtype, default_device
 from frugal_rlhf.models.loading import load_model
 from frugal_rlhf.serve.engine import Engine
+from frugal_rlhf.serve.sampler import BASE
 
 log = logging.getLogger("frugal_rlhf")
+# Adapter names a request cannot reach or that mean something else: the engine's name for "no
+# adapter", and the name a run's exported model is served under when none is given.
+RESERVED_ADAPTER_NAMES = (BASE, "final")
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi], else a one-line usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {lo}.." + (str(hi) if hi else ""))
+        return value
+    parse.__name__ = "int"  # argparse names the type in its message
+    return parse
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", default="default",
                         help="model spec: default, tiny-llama, a HF directory, a .gguf file or a PEFT adapter")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_int_in(1, 65535), default=8000)
     parser.add_argument("--api-key-file", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/*, KEY read from this file "
                              "(or set FRUGAL_API_KEY)")
@@ -38,10 +57,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "--host; a wildcard --host without this accepts any)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (default: none)")
-    parser.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    parser.add_argument("--max-batch", type=_int_in(1), default=8, help="requests generated together in one batch")
+    parser.add_argument("--max-queue", type=_int_in(1), default=64, help="waiting requests before answering 503")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_int_in(1), default=None,
                         help="torch threads for generation (default: the CPUs this process may use, minus one)")
     parser.add_argument("--served-model-name", default=None, help="model id reported by the API")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -60,13 +79,19 @@ def load_for_inference(spec: str, dtype: str = "auto", trust_remote_code: bool =
     return model.to(device).eval(), tokenizer
 
 
-def parse_adapters(specs: list[str]) -> dict[str, str]:
-    """["ppo=runs/ppo/adapter", ...] -> {"ppo": "runs/ppo/adapter", ...}."""
+def parse_adapters(specs: list[str], model_name: str | None = None) -> dict[str, str]:
+    """["ppo=runs/ppo/adapter", ...] -> {"ppo": "runs/ppo/adapter", ...}. A name must be a plain
+    word (peft names modules after it) other than the reserved ones and the base's `model_name`."""
     adapters = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
+        if name in RESERVED_ADAPTER_NAMES or name == model_name:
+            raise ValueError(f"--adapter {name}: the name is taken (" + (
+                "the base model's" if name == model_name else "reserved") + "); choose another")
+        if not re.fullmatch(r"[A-Za-z0-9][\w-]*", name):
+            raise ValueError(f"--adapter {name}: a name is letters, digits, '_' and '-'")
         if name in adapters:
             raise ValueError(f"--adapter {name}: given twice")
         adapters[name] = path
@@ -121,24 +146,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         print("frugal serve needs the serve extra: pip install 'frugal-rlhf[serve]'", file=sys.stderr)
         return 2
-    if args.max_batch < 1 or args.max_queue < 1:
-        print("--max-batch and --max-queue must be at least 1", file=sys.stderr)
-        return 2
+    name = args.served_model_name or model_name_for(args.model)
     try:
-        adapters = parse_adapters(args.adapter)
+        adapters = parse_adapters(args.adapter, name)
         api_key = resolve_api_key(args)
     except (ValueError, OSError) as err:
         print(f"frugal serve: {err}", file=sys.stderr)
         return 2
     model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
     model = attach_adapters(model, adapters)
-    app = make_app(model, tokenizer, args.served_model_name or model_name_for(args.model), api_key,
+    app = make_app(model, tokenizer, name, api_key,
                    args.max_batch, args.max_queue, args.threads, tuple(adapters), args.host,
                    tuple(args.allow_host), tuple(args.cors_origin))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", args.host)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Ctrl-C stops the server even while requests are open (uvicorn would wait for them forever).
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
 

@@ -13,7 +13,9 @@ EOS, a stop string, its max_tokens, a cancel (client gone) or non-finite scores 
 alone fails). Rows of different LoRA adapters share a batch (peft's mixed-batch inference).
 
 The engine knows nothing about HTTP or asyncio: each Job carries an `emit` callback that
-receives Delta / Finished / Failed events on the worker thread.
+receives Delta / Finished / Failed events on the worker thread. A worker that dies (an error
+outside a generation step) fails every waiting job, refuses new ones and says why (`failure`,
+which /health reports): no request waits for a worker that is gone.
 """
 from __future__ import annotations
 
@@ -147,6 +149,7 @@ class Engine:
         self._cond = threading.Condition()
         self._rows: list[_Row] = []  # the running batch's rows, for stats() and close()
         self._closed = False
+        self.failure: str | None = None  # why the worker died, once it has
         # batches: groups of requests that joined together; decode_steps: steps of the running batch
         self._counters = {"batches": 0, "largest_batch": 0, "cancelled": 0, "decode_steps": 0}
         self._thread = threading.Thread(target=self._loop, name="frugal-serve-worker", daemon=True)
@@ -171,6 +174,8 @@ class Engine:
     def submit(self, jobs: list[Job]) -> None:
         """Queue all of `jobs` (the n choices of one request) or none of them."""
         with self._cond:
+            if self.failure:
+                raise QueueFull(f"the generation worker has stopped ({self.failure})")
             if self._closed:
                 raise QueueFull("server shutting down")
             if len(self._queue) + len(jobs) > self.max_queue:
@@ -214,12 +219,25 @@ class Engine:
 
     def _loop(self) -> None:
         previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
         try:
+            torch.set_num_threads(self.threads)
             with torch.inference_mode():
                 self._serve()
+        except BaseException as err:  # noqa: BLE001 - the worker is gone: say so to every waiting request
+            log.exception("the generation worker stopped")
+            self._die(f"{type(err).__name__}: {err}")
         finally:
             torch.set_num_threads(previous)  # the setting also reaches process-wide pools (MKL)
+
+    def _die(self, reason: str) -> None:
+        with self._cond:
+            self.failure, self._closed = reason, True
+            for job in self._queue:
+                job.emit(Failed(f"the generation worker has stopped ({reason})"))
+            self._queue.clear()
+            for row in self._rows:
+                if not row.done:
+                    row.fail(f"the generation worker has stopped ({reason})")
 
     def _serve(self) -> None:
         self.model.eval()
