@@ -4,7 +4,7 @@ checkpoint is complete, and writes that survive a crash or a power loss.
 A run directory belongs to one run. One process at a time writes it (an exclusive lock on
 OUT/.lock). A fresh run refuses a directory that holds anything (unless `overwrite`, which
 removes the previous run's files); `resume` continues the run only with the settings that
-define it (RESUME_MAY_CHANGE lists the others), and never reads or writes inside its output.
+define it (RESUME_MAY_CHANGE lists the others). No run reads an input inside its output.
 """
 from __future__ import annotations
 
