@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+
 
 @dataclass
 class TrainConfig:
@@ -168,28 +170,25 @@ def load_yaml(path) -> dict:
     return data
 
 
-# ---- validation: every field's rule in one table, applied by from_dict (flags, YAML) and by
-# the trainers (the Python API), so that a bad value stops with one line before anything loads.
+# ---- validation: every field's rule in one table (field -> (test, what it asks)), applied by
+# from_dict (flags and YAML: one line before anything loads) and by the trainers (the Python API).
+_INF = float("inf")
 _FP32_MAX = 3.4028234663852886e38
 # Adam's first step moves a weight by lr / (1 - beta1) = 10 lr: past this it is no fp32 number.
 LR_MAX = _FP32_MAX / 10
 
 
-def _rule(test, text):
-    return test, text
-
-
 def _at_least(n):
-    return _rule(lambda v: v >= n, f">= {n}")
+    return (lambda v: v >= n), f">= {n}"
 
 
 def _interval(lo, hi, lo_open=False, hi_open=False):
     text = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    return _rule(lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi), text)
+    return (lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)), text
 
 
-_POSITIVE = _rule(lambda v: v > 0, "> 0")
-_LR = _rule(lambda v: 0 < v <= LR_MAX, f"in (0, {LR_MAX:.3g}] (Adam's first step, 10 x lr, must be an fp32 number)")
+_POSITIVE = (lambda v: v > 0), "> 0"
+_LR = (lambda v: 0 < v <= LR_MAX), f"in (0, {LR_MAX:.3g}] (Adam's first step, 10 x lr, must be an fp32 number)"
 FIELD_RULES = {
     **{name: _at_least(1) for name in ("max_steps", "batch_size", "grad_accum", "max_rows", "max_nonfinite_steps",
                                        "schedule_steps", "rollout_batch_size", "ppo_epochs", "group_size",
@@ -210,8 +209,11 @@ FIELD_RULES = {
 
 
 def _type_problem(f, value) -> str | None:
-    """What is wrong with the type of `value` for field `f` (its annotation), or None."""
+    """What is wrong with the type of `value` for field `f` (its annotation), or None. Only plain
+    annotations are checked (a pipeline's nested sections are their own configs)."""
     kinds = {k.strip() for k in str(f.type).split("|")}
+    if not kinds <= {"int", "float", "bool", "str", "list[str]", "None"}:
+        return None
     if value is None:  # a str field may be None too (ppo's reward_model with program rewards only)
         return None if kinds & {"None", "str"} else "a value (not null)"
     if "bool" in kinds:
@@ -229,10 +231,6 @@ def _type_problem(f, value) -> str | None:
 def validate(config, source: str = "config"):
     """Raise UserError (one line naming the flag and the value) for the first field whose type
     or range is wrong (FIELD_RULES); numbers must be finite."""
-    import math
-
-    from .errors import UserError
-
     where = "" if source in ("config", "flags") else f"{source}: "
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -240,7 +238,7 @@ def validate(config, source: str = "config"):
         wrong = _type_problem(f, value)
         if wrong:
             raise UserError(f"{where}{flag} must be {wrong}, not {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not -_INF < value < _INF:  # nan compares false too
             raise UserError(f"{where}{flag} must be a finite number, not {value!r}")
         test, text = FIELD_RULES.get(f.name, (None, None))
         if test and value is not None and not test(value):

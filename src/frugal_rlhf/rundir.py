@@ -8,6 +8,7 @@ define it (RESUME_MAY_CHANGE lists the others). No run reads an input inside its
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import fcntl
 import hashlib
@@ -119,6 +120,14 @@ def release_run(out: Path):
     if fd is not None:
         os.ftruncate(fd, 0)
         os.close(fd)
+
+
+@atexit.register
+def _release_all():
+    """A process that ends on an error raised after its trainer locked (bad data found while it
+    loads) ends cleanly too: only a killed run leaves its name in the lock file."""
+    for key in list(_held):
+        release_run(Path(key))
 
 
 def check_apart(cfg):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from safetensors import SafetensorError
 
 from ..config import validate
