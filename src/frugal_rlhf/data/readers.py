@@ -124,6 +124,7 @@ def read_records(path, bad_rows: bool = False) -> Iterator[tuple[int, dict | Dat
 
 
 _CUT_GZ = (EOFError, gzip.BadGzipFile, zlib.error)  # a compressed stream cut off or damaged
+_TOO_DEEP = "the JSON is nested deeper than the parser can follow (thousands of levels): not a data record"
 
 
 def _gz_problem(e: Exception, complete: int) -> str:
@@ -178,9 +179,6 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
                                 file=name, row=lineno)
             complete += 1
             yield lineno, record
-
-
-_TOO_DEEP = "the JSON is nested deeper than the parser can follow (thousands of levels): not a data record"
 
 
 def _not_utf8(e: UnicodeDecodeError, start: int, path: Path) -> str:
