@@ -132,7 +132,8 @@ def test_cli_rejects_a_bad_reward_in_one_line_before_loading_a_model(tmp_path, c
     monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": 2}) + "\n")
-    for spec in ("nonsense", "python:no_such_module_xyz:f", "python:test_rlvr_rewards:gives_nan"):
+    for spec in ("nonsense", "python:no_such_module_xyz:f", "python:test_rlvr_rewards:gives_nan", "python:..evil:fn",
+                 "math=1e400"):
         code = main(["ppo", "--model", "tiny-llama", "--prompts", str(data), "--reward", spec, "--advantage", "group",
                      "--group-size", "2", "--output", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()  # logs, then the error
