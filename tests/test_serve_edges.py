@@ -10,18 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from test_run_safety import SRC
-from test_serve import TIMEOUT, USER, _serve, httpx
+from test_serve import TIMEOUT, USER, _serve, httpx  # first: skips this module without the serve extra
 
-from frugal_rlhf.cli import main  # noqa: E402
-from frugal_rlhf.serve.app import MAX_BODY_BYTES, _read_body  # noqa: E402
-from frugal_rlhf.serve.command import parse_adapters  # noqa: E402
-from frugal_rlhf.serve.schemas import APIError  # noqa: E402
+from frugal_rlhf.cli import main
+from frugal_rlhf.serve.app import MAX_BODY_BYTES, _read_body
+from frugal_rlhf.serve.command import parse_adapters
+from frugal_rlhf.serve.schemas import APIError
 
 
 @pytest.fixture(autouse=True)
