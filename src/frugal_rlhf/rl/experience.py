@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..generation import SampleConfig, sample
+from ..generation import SampleConfig
+from ..generation.engines import RolloutEngine, TorchEngine
 from . import losses as L
 
 
@@ -86,16 +87,10 @@ class RolloutSettings:
     scale_rewards: str = "group"       # group | batch | none: what divides GRPO's centered scores
 
 
-def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generator, autocast):
-    """Sample responses from the actor (its adapter active, KV cache, bf16 autocast)."""
-    with autocast, actor.lm.role(actor.adapter) as model:
-        return sample(model, input_ids, attention_mask, settings.sample, generator, group=settings.group_size)
-
-
 @torch.no_grad()
 def make_experience(actor, critic, reward_fn, reference, input_ids, attention_mask, settings: RolloutSettings,
                     kl_coef: float, generator, strategy, moments: RunningMoments | None = None,
-                    policy_logprobs: bool = True):
+                    policy_logprobs: bool = True, engine: RolloutEngine | None = None):
     """One rollout batch (this rank's share) -> Experience, plus timings {gen, score} in seconds.
 
     reward_fn(sequences, attention_mask, prompt_length) -> [B] scores. The strategy gives the
@@ -104,13 +99,15 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
     copies adjacent. With no critic (GRPO) the values are 0 and advantages are group-relative.
     `policy_logprobs=False` (GRPO updating once on this batch) skips the actor's forward: the
     policy that sampled is the one the update starts from, whose forward gives the same numbers.
+    `engine` samples (generation/engines.py; default: our torch engine on the actor's weights).
     """
     if settings.group_size > 1:
         input_ids = input_ids.repeat_interleave(settings.group_size, 0)
         attention_mask = attention_mask.repeat_interleave(settings.group_size, 0)
     autocast_factory = strategy.autocast
     t0 = time.perf_counter()
-    out = rollout(actor, input_ids, attention_mask, settings, generator, autocast_factory())
+    engine = engine or TorchEngine(autocast_factory)
+    out = engine.generate(actor, input_ids, attention_mask, settings.sample, generator, group=settings.group_size)
     t1 = time.perf_counter()
     seq, attn, mask = out.sequences, out.attention_mask, out.action_mask.float()
     n, temp = mask.shape[1], settings.sample.temperature if settings.sample.temperature > 0 else 1.0

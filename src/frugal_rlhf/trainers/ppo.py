@@ -22,6 +22,7 @@ from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_convers
                              stop_tokens)
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
+from ..generation.engines import make_engine
 from ..models.build import build_ppo_roles
 from ..models.modes import inference, train_without_dropout
 from ..rl import losses as L
@@ -96,6 +97,7 @@ class PPOTrainer(Trainer):
                        else FixedKLController(cfg.kl_coef))
         self.moments = RunningMoments()
         self.gen = GeneratorState(cfg.seed)
+        self.engine = make_engine("torch", autocast=strategy.autocast)  # samples the rollouts (generation/engines.py)
         self.settings = RolloutSettings(
             SampleConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop_tokens(self.tokenizer),
                          self.tokenizer.pad_token_id),
@@ -196,7 +198,8 @@ class PPOTrainer(Trainer):
             exp, timing = make_experience(self.actor, self.critic, self.with_rows(batch["rows"]), self.reference,
                                           batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
                                           self.kl_ctl.value, self.gen.generator, self.strategy, self.moments,
-                                          policy_logprobs=not self.one_update(batch["input_ids"].shape[0]))
+                                          policy_logprobs=not self.one_update(batch["input_ids"].shape[0]),
+                                          engine=self.engine)
         memory = {"mem_rollout_gb": reset_phase_peak(dev) / 2**30}  # generation and scoring
         t0 = time.perf_counter()
         parts = {k: float(v.mean()) for k, v in self.reward_parts.items()}
@@ -205,6 +208,7 @@ class PPOTrainer(Trainer):
         memory["mem_update_gb"] = reset_phase_peak(dev) / 2**30
         for sched in self.schedulers.values():
             sched.step()
+        self.engine.sync(self.policy())  # the next rollout samples from the updated actor
         mask = exp.action_mask
         kl = float((exp.kl * mask).sum(1).mean()) if exp.kl is not None else stats.pop("kl", float("nan"))
         local = {"kl": kl, "response_length": float(mask.sum(1).mean()),
@@ -345,7 +349,7 @@ class PPOTrainer(Trainer):
             with self.strategy.unsharded(self.actor):
                 exp, _ = make_experience(self.actor, self.critic, self.with_rows(batch["rows"]), self.reference,
                                          batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
-                                         0.0, gen, self.strategy)
+                                         0.0, gen, self.strategy, engine=self.engine)
             scores.append(exp.score)
             kls.append((exp.kl * exp.action_mask).sum(1))
             for k, v in self.reward_parts.items():
