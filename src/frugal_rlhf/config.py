@@ -79,6 +79,7 @@ class PPOConfig(TrainConfig):
     reward_model: str = "runs/rm"      # a reward-model artifact directory
     critic_model: str | None = None    # a separate critic base; default: critic on the shared base
     critic_init: str = "reward"        # reward (start from the reward adapter+head) | fresh
+    critic_warmup_steps: int = 0       # the first N steps update the critic alone (the actor waits for its values)
     prompts: str = "sharegpt"
     eval_data: str | None = None       # held-out prompts file; default: eval_prompts split off --prompts
     ptx_data: str | None = None        # demonstrations for the PPO-ptx loss

@@ -13,7 +13,7 @@ from ..generation import SampleConfig
 from ..models.gguf_writer import write_gguf
 from ..models.loading import load_model
 from ..models.reward_io import load_reward_model
-from ..trainers.ppo import PPOTrainer
+from ..rl.algorithms import preference_loss
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer, evaluate_reward_model
 from ..trainers.supervised import SFTTrainer
@@ -22,7 +22,7 @@ from .pipeline import Pipeline, load_pipeline_config, packaged_config
 from .prefs import build_pairs
 from .recipes import load_recipe_config, run_math_recipe
 from .report import edge_window, first_mean, last_mean
-from .stages import run_stage
+from .stages import build_ppo, run_stage
 
 
 def cmd_sft(cfg):
@@ -60,7 +60,7 @@ def _rm_eval_only(cfg):
 
 
 def cmd_ppo(cfg):
-    metrics = run_stage(cfg, PPOTrainer.from_config)
+    metrics = run_stage(cfg, build_ppo)
     if metrics:
         ev = [m for m in metrics if "eval_reward" in m]
         train = [m for m in metrics if "reward" in m]
@@ -77,7 +77,7 @@ def cmd_dpo(cfg):
         start = next((m["eval_accuracy"] for m in metrics if "eval_accuracy" in m), None)
         accuracy = f"{start:.3f} -> {result['accuracy']:.3f}" if result["accuracy"] is not None else "n/a"
         print(f"{cfg.loss}: {len([m for m in metrics if m['step'] > 0])} steps, held-out implicit-reward accuracy "
-              f"{accuracy} on {result['n_held_out']} {'pairs' if cfg.loss != 'kto' else 'rows'}; "
+              f"{accuracy} on {result['n_held_out']} {'pairs' if preference_loss(cfg.loss).paired else 'rows'}; "
               f"model in {cfg.output}/final")
 
 

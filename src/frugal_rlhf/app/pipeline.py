@@ -26,14 +26,13 @@ from ..device import autocast, compute_dtype, default_device, peak_memory_bytes,
 from ..models.loading import load_model
 from ..rundir import atomic_write
 from ..runlog import setup_logging
-from ..trainers.ppo import PPOTrainer
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer
 from ..trainers.supervised import SFTTrainer
 from .prefs import build_pairs
 from .report import write_report
 from .report_dpo import write_dpo_report
-from .stages import run_stage
+from .stages import build_ppo, run_stage
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -198,7 +197,7 @@ class Pipeline:
                                         "output": str(self.out / "ppo"), "reward_model": str(self.out / "rm"),
                                         "prompts": str(self.out / "data" / "ppo_prompts.jsonl"),
                                         "eval_data": str(self.out / "data" / "held_out.jsonl")}, self.cfg.ppo, "ppo")
-        run_stage(cfg, PPOTrainer.from_config)
+        run_stage(cfg, build_ppo)
 
     def run_dpo(self):
         self._requantize_note()

@@ -27,9 +27,8 @@ from ..data.math_problems import generate, write_jsonl
 from ..data.tokenize import stop_tokens
 from ..generation import SampleConfig
 from ..rl.rewards import parse_reward
-from ..trainers.ppo import PPOTrainer
 from .prefs import generate_responses
-from .stages import make_strategy
+from .stages import build_ppo, run_stage
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -103,18 +102,21 @@ def run_math_recipe(cfg: MathRecipeConfig) -> dict:
     ppo = from_dict(PPOConfig, {"model": cfg.model, "dtype": cfg.dtype, "seed": cfg.seed, "output": str(out / "grpo"),
                                 "prompts": str(train_file), "eval_data": str(test_file), "reward": ["math"],
                                 **cfg.ppo}, source="recipe math: ppo")
-    strategy = make_strategy(ppo)  # every strategy field of the config (stages.py)
-    strategy.setup_distributed()
-    try:
-        trainer = PPOTrainer.from_config(strategy, ppo)
-        held_out = load_dataset_file(str(test_file), "prompt")
+    held_out = load_dataset_file(str(test_file), "prompt")
+    before = {}
+
+    def build(strategy, ppo_cfg):  # the trainer, and the accuracy before any update
+        trainer = build_ppo(strategy, ppo_cfg)
         log.info("recipe math: held-out accuracy before training (%d problems, greedy)", len(held_out))
-        before = accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size)
-        metrics = trainer.fit()
-        after = accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size)
+        before.update(accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size))
+        return trainer
+
+    def report(strategy, trainer, metrics):
         trainer.run.plot(["reward", "reward_math", "response_length", "kl"], "rlvr.png", "GRPO on a verifiable reward")
-    finally:
-        strategy.cleanup()
+        return metrics, accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size)
+
+    # run_stage: the stage's memory plan and strategy, as every other command
+    metrics, after = run_stage(ppo, build, report)
     result = {"config": dataclasses.asdict(cfg), "n_eval": len(held_out), **compare(before, after),
               "wall_seconds": round(time.time() - t0, 1), "steps": len([m for m in metrics if m["step"] > 0])}
     result["verdict"] = verdict(result)

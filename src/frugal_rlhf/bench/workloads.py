@@ -26,6 +26,7 @@ from ..device import compute_dtype, default_device, peak_memory_bytes
 from ..generation import SampleConfig, sample
 from ..models.loading import DUMMY_SIZES, dummy_config, load_model
 from ..models.memory import parse_size, predicted_peak
+from ..rl.algorithms import held_roles
 from ..trainers.ppo import PPOTrainer
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer
@@ -123,7 +124,7 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
                "gradient_checkpointing": planned.gradient_checkpointing,
                rate_key: stats(rates), "step_time_s": stats([m["step_time"] for m in metrics]),
                "peak_mem_gb": peak_mem / 2**30}
-        predicted = predicted_peak(planned)  # after the peak: the planner's one-layer probe must not move it
+        predicted = predicted_peak(planned, held_roles(planned))  # after the peak: the planner's one-layer probe must not move it
         if predicted is not None:
             out["predicted_peak_gb"] = predicted / 2**30
         if step_flops:

@@ -192,18 +192,26 @@ def unmodelled(cfg) -> str | None:
     return None
 
 
-def work_of(cfg) -> Work:
+@dataclass(frozen=True)
+class Held:
+    """What a stage's algorithm holds beside the policy (its caller asks rl/algorithms.py)."""
+
+    critic: bool = False     # PPO with a learned value function: a second trained adapter
+    reference: bool = False  # a reference forward (in full fine-tuning, a frozen copy of the model)
+
+
+def work_of(cfg, held: Held = Held()) -> Work:
     reason = unmodelled(cfg)
     if reason:
         raise UserError(reason)
     if isinstance(cfg, PPOConfig):
         return Work("ppo", cfg.batch_size, 1, cfg.max_prompt_length + cfg.max_new_tokens,
-                    cfg.rollout_batch_size * cfg.group_size, 2 if cfg.advantage == "gae" else 1)
+                    cfg.rollout_batch_size * cfg.group_size, 2 if held.critic else 1)
     stage = "dpo" if isinstance(cfg, PreferenceConfig) else "rm" if isinstance(cfg, RewardConfig) else "sft"
     return Work(stage, cfg.batch_size, cfg.grad_accum, cfg.max_length)
 
 
-def shape_of(cfg) -> tuple[Shape, Costs]:
+def shape_of(cfg, held: Held = Held()) -> tuple[Shape, Costs]:
     """The model's shape from its config and its per-layer costs measured on a one-layer
     copy: no weights are loaded."""
     hf_config = load_config(cfg.model, cfg.trust_remote_code)
@@ -213,8 +221,7 @@ def shape_of(cfg) -> tuple[Shape, Costs]:
     layers, heads = text.num_hidden_layers, text.num_attention_heads
     params = counts["embedding"] + layers * counts["layer"]
     full = not cfg.lora_rank
-    reference = full and getattr(cfg, "loss", None) not in (None, "simpo", "orpo") and not getattr(
-        cfg, "precompute_ref", True)  # DPO: a frozen copy for the reference
+    reference = full and held.reference  # a frozen copy of the model for the reference
     shape = Shape(params=params, layers=layers, hidden=text.hidden_size, vocab=text.vocab_size,
                   kv_width=(getattr(text, "num_key_value_heads", None) or heads) * (text.hidden_size // heads),
                   weight_bytes=4 if full else dtype.itemsize,
@@ -280,13 +287,13 @@ def measure_costs(hf_config, dtype, lora_rank: int, lora_alpha, lora_targets):
     return costs, counts
 
 
-def apply_plan(cfg):
+def apply_plan(cfg, held: Held = Held()):
     """A copy of a stage config with the plan for cfg.memory_budget applied (the config as it
     is without a budget); logs the table. Raises UserError when nothing fits."""
     if not cfg.memory_budget:
         return cfg
-    shape, costs = shape_of(cfg)
-    work = work_of(cfg)
+    shape, costs = shape_of(cfg, held)
+    work = work_of(cfg, held)
     chosen = plan(shape, costs, work, budget_bytes(cfg.memory_budget))
     log.info("memory plan (%s, --memory-budget %s):\n%s", work.stage, cfg.memory_budget, table(chosen, work))
     if chosen.checkpointing:
@@ -300,10 +307,10 @@ def apply_plan(cfg):
                                gradient_checkpointing=chosen.checkpointing or cfg.gradient_checkpointing)
 
 
-def predicted_peak(cfg) -> int | None:
+def predicted_peak(cfg, held: Held = Held()) -> int | None:
     """The estimate for a config as it stands (the bench prints it beside the measured peak);
     None where the planner does not model the stage (PPO's four full models)."""
     if unmodelled(cfg):
         return None
-    shape, costs = shape_of(cfg)
-    return estimate(shape, costs, work_of(cfg), cfg.batch_size, cfg.gradient_checkpointing)["peak"]
+    shape, costs = shape_of(cfg, held)
+    return estimate(shape, costs, work_of(cfg, held), cfg.batch_size, cfg.gradient_checkpointing)["peak"]
