@@ -103,9 +103,9 @@ class RewardConfig(TrainConfig):
     center_coef: float = opt(0.0, "reward centering: adds coef x mean((r_chosen + r_rejected)^2), holding scores "
                              "near 0 without changing their order (e.g. 0.01); 0 = off")
     pooling: str = opt("last", "what the score reads: last = the hidden state at the answer's end-of-turn token; "
-                       "mean = the mean over the answer's tokens (answer-wide qualities)")
-    head_lr: float | None = opt(None, "learning rate of the new score head; unset: --lr. Higher (e.g. 1e-3) lets "
-                                "the head leave its random start on few pairs")
+                       "mean = the mean over the answer's tokens (the demo's: answer-wide qualities, few pairs)")
+    head_lr: float | None = opt(None, "learning rate of the new score head; unset: --lr. About 10x --lr (the "
+                                "demo's) lets the head leave its random start on few pairs")
     eval_split: float = opt(0.1, "fraction of the pairs held out for the reported accuracy, at most "
                             "--max-eval-rows")
     eval_only: bool = opt(False, "do not train: score the reward model --model on --data (accuracy, margin -> "
