@@ -23,7 +23,9 @@ ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_ra
 
 
 def add_bench_args(p):
-    p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
+    p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"],
+                   help="generate, sft, rm, ppo, dpo: one stage's rate and peak; all: each in its own process; "
+                        "compare: against a peer; serve, sizes, capacity, strategies, quantize: their own tables")
     p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "grpo", "generate", "dpo"],
                    help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
                         "(sft, rm, grpo, dpo; generate: our sampler vs HF generate); strategies: sft or ppo")
@@ -31,17 +33,20 @@ def add_bench_args(p):
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
     p.add_argument("--recipes", default=None, type=lambda v: v.split(","),
                    help="capacity: search only these rows, comma-separated (plain, frugal, frugal-<format>)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--model", default="default", help="model spec, or a dummy size (s m l 1b xl 3b 7b 13b: "
+                   "`frugal bench sizes`)")
+    p.add_argument("--steps", type=int, default=6, help="training steps per run; the first is warm-up, not timed")
+    p.add_argument("--batch-size", type=int, default=8, help="rows a step (ppo, generate: prompts sampled together)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per answer (generate, ppo, serve)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per training sequence (sft, rm, dpo); "
+                   "quantize: the tokens scored")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the trained stages; 0 = full fine-tuning")
     p.add_argument("--prompt-tokens", type=int, default=0,
                    help="compare sft|rm: prompts of about this many tokens (a multi-turn conversation) "
                         "instead of 32-token questions; the answers fill the rest of --max-length")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of generate, compare and quantize (median, "
+                   "min, max)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast, else fp32), bf16 or fp32")
     p.add_argument("--quantize-base", default="none", choices=["none", "int8", "nf4", "int4"],
                    help="generate, sft, rm, ppo, dpo: the frozen base stored quantized (QLoRA); capacity: adds a "
                         "row for the recipe on a base quantized so")
@@ -53,7 +58,7 @@ def add_bench_args(p):
                         "runs them all)")
     p.add_argument("--memory-budget", default=None,
                    help="sft, rm, ppo: plan micro-batch, accumulation and checkpointing for this budget (4GiB, auto)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--mixed", action="store_true",
                    help="serve: mixed lengths (a 5-token request behind a 250-token one, Poisson arrivals of "
                         "short and long requests): continuous vs static batching vs one-at-a-time generate")
