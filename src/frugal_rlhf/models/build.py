@@ -74,7 +74,7 @@ def build_ppo_roles(cfg, with_critic: bool = True) -> PPORoles:
     elif cfg.critic_init == "reward" and rm_on_base:
         # InstructGPT initializes the value function from the reward model.
         lm.load_adapter(rm_path / rm_meta["adapter"], "critic", trainable=True)
-        critic = Critic(lm, "critic")
+        critic = Critic(lm, "critic", pooling=rm_meta.get("pooling", "last"))  # values a prefix as the RM scores it
         critic.head.load_state_dict(load_file(rm_path / HEAD))
     else:
         if cfg.critic_init == "reward":
