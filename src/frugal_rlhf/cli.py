@@ -122,6 +122,8 @@ def add_pipeline_args(p):
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="every trained stage recomputes activations in backward: less memory, more time")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
+    p.add_argument("--advantage", help="the PPO stage's advantage estimator (gae: the critic; group: GRPO's, the "
+                   "same samples); overrides the config's")
 
 
 def add_eval_args(p):

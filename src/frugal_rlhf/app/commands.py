@@ -100,10 +100,13 @@ def cmd_pipeline(args, default_config=None):
                            args.quick else None)
     if path is None:
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
-    Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
-                                         "dtype": args.dtype, "quantize_base": args.quantize_base,
-                                         "gradient_checkpointing": args.gradient_checkpointing,
-                                         "report_to": args.report_to})).run()
+    cfg = load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
+                                      "dtype": args.dtype, "quantize_base": args.quantize_base,
+                                      "gradient_checkpointing": args.gradient_checkpointing,
+                                      "report_to": args.report_to})
+    if args.advantage:
+        cfg.ppo = {**cfg.ppo, "advantage": args.advantage}
+    Pipeline(cfg).run()
 
 
 def cmd_demo(args):
