@@ -209,6 +209,7 @@ class LlamaCppEngine(RolloutEngine):
 
         lm = policy.lm
         lora = policy.adapter is not None and lm.is_peft
+        self.dir.mkdir(exist_ok=True)
         if not lora or self.base_of is not lm:  # a plain model changes at every sync: written whole
             quant = BASE_QUANT[quantize_base(lm.hf_model())] if self.quant == "base" else self.quant
             tokenizer = self.tokenizer or getattr(policy, "tokenizer", None)
@@ -248,7 +249,9 @@ class LlamaCppEngine(RolloutEngine):
                        out.prompt_length, out.logprobs.to(device))
 
     def close(self) -> None:
-        self._finalizer()
+        """Free the llama.cpp model and remove the files; a later `generate` makes them again."""
+        _release(self.state, self.dir)
+        self.base_of = self.synced = None
 
 
 def _release(state: dict, folder: Path):
