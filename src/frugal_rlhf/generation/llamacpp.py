@@ -64,7 +64,12 @@ class LlamaModel:
 
     def __init__(self, path: Path, kv_type: str):
         self.lib = lib = llama_cpp()
-        self.model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        params = lib.llama_model_default_params()
+        # No "extra" buffer types (AMX, repacked layouts): on our AMX-capable CPU llama.cpp's AMX
+        # matmul crashed (SIGILL/SIGSEGV in ggml_backend_amx_mul_mat) on any batch of more than one
+        # token, in this engine and in llama-cpp-python's own Llama class alike.
+        params.use_extra_bufts = False
+        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
