@@ -89,3 +89,25 @@ def assert_greedy_agrees(model, prompt, ours: list[int], theirs: list[int], thei
         assert abs(their_logprobs[step] - logp) <= logp_bound, (step, their_logprobs[step], logp, logp_bound)
         steps += 1
     return steps
+
+
+def llama_greedy(path, prompt: list[int], n: int, eos: tuple[int, ...] = ()):
+    """llama.cpp's greedy answer to `prompt` from the GGUF file at `path` (KV cache in f32: the
+    only rounding is the matmul inputs'), with its log-probs: our engine's decode batch and loop."""
+    from frugal_rlhf.generation import SampleConfig
+    from frugal_rlhf.generation.llamacpp import LlamaBatch, LlamaModel
+    from frugal_rlhf.generation.rollout import decode_loop
+
+    llm = LlamaModel(path, "f32")
+    try:
+        ids = torch.tensor([prompt])
+        ctx = llm.context(1, len(prompt) + n)
+        batch = []
+        ro = decode_loop(lambda slots: batch.append(LlamaBatch(llm, ctx, len(prompt))) or batch[-1], ids,
+                         torch.ones_like(ids), SampleConfig(n, 0.0, 0, 1.0, eos, 0))
+        for b in batch:
+            b.free()
+    finally:
+        llm.free()
+    keep = ro.action_mask[0].bool()
+    return ro.sequences[0, len(prompt):][keep].tolist(), ro.logprobs[0][keep].tolist()
