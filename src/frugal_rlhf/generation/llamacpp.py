@@ -253,6 +253,22 @@ class LlamaCppEngine(RolloutEngine):
         return Rollout(out.sequences.to(device), out.attention_mask.to(device), out.action_mask.to(device),
                        out.prompt_length, out.logprobs.to(device))
 
+    @torch.no_grad()
+    def decode_only(self, policy, input_ids, attention_mask, steps: int) -> None:
+        """llama.cpp's decoding alone, for the benchmark's anchor: the prefill of every row, then
+        `steps - 1` decode steps with each row fed its last prompt token, nothing sampled."""
+        if policy is not self.synced:
+            self.sync(policy)
+        llm = self.state["llm"]
+        ctx = llm.context(input_ids.shape[0], input_ids.shape[1] + steps)
+        batch = LlamaBatch(llm, ctx, input_ids.numel())
+        try:
+            batch.join(input_ids.cpu(), attention_mask.cpu(), list(range(input_ids.shape[0])), steps)
+            for _ in range(steps - 1):
+                batch.step(input_ids[:, -1].cpu())
+        finally:
+            batch.free()
+
     def close(self) -> None:
         """Free the llama.cpp model and remove the files; a later `generate` makes them again."""
         _release(self.state, self.dir)
