@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.export import export_gguf_base, export_gguf_lora
+from ..models.quantize import quantize_base
 from .engines import RolloutEngine
 from .rollout import Rollout, decode_loop
 
@@ -209,9 +211,6 @@ class LlamaCppEngine(RolloutEngine):
         self._finalizer = weakref.finalize(self, _release, self.state, self.dir)
 
     def sync(self, policy) -> None:
-        from ..models.export import export_gguf_base, export_gguf_lora
-        from ..models.quantize import quantize_base
-
         lm = policy.lm
         lora = policy.adapter is not None and lm.is_peft
         self.dir.mkdir(exist_ok=True)

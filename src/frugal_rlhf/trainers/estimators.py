@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..generation.engines import check_engine
+from ..generation.llamacpp import QUANTS as LLAMACPP_QUANTS
 from ..rl import losses as L
 
 
@@ -32,11 +33,9 @@ def check_estimator(cfg, has_critic: bool, world_size: int = 1):
 def check_rollout_engine(cfg):
     """--rollout-engine (known, its extra installed), --rollout-quant and --tis-cap fit together:
     checked before models load."""
-    from ..generation.llamacpp import QUANTS
-
     check_engine(cfg.rollout_engine)
-    if cfg.rollout_quant not in QUANTS:
-        raise ValueError(f"--rollout-quant: expected one of {', '.join(QUANTS)}, got {cfg.rollout_quant!r}")
+    if cfg.rollout_quant not in LLAMACPP_QUANTS:
+        raise ValueError(f"--rollout-quant: expected one of {', '.join(LLAMACPP_QUANTS)}, got {cfg.rollout_quant!r}")
     if not (math.isfinite(cfg.tis_cap) and cfg.tis_cap > 0):
         raise ValueError(f"--tis-cap: expected a finite number > 0, got {cfg.tis_cap}")
     if cfg.rollout_engine not in ("torch", "auto") and cfg.strategy in ("fsdp", "deepspeed"):
