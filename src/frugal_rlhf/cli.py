@@ -105,6 +105,16 @@ def add_prefs_args(p):
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast, else fp32), bf16 or fp32")
+    add_engine_args(p, default="torch")
+
+
+def add_engine_args(p, default=None):
+    """--rollout-engine and --rollout-quant of the commands that sample (the stage configs have them as fields)."""
+    p.add_argument("--rollout-engine", default=default, choices=["torch", "llamacpp", "vllm", "auto"],
+                   help="what samples the answers: torch (ours), llamacpp, vllm (optional extras), auto (the fastest "
+                        "installed for the device)" + (f"; default {default}" if default else ""))
+    p.add_argument("--rollout-quant", default="f16" if default else None, choices=["f16", "q8_0", "q4_0", "base"],
+                   help="llamacpp: its copy of the weights (base: the format nearest the base's --quantize-base)")
 
 
 def add_pipeline_args(p):
@@ -124,6 +134,7 @@ def add_pipeline_args(p):
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
     p.add_argument("--advantage", help="the PPO stage's advantage estimator (gae: the critic; group: GRPO's, the "
                    "same samples); overrides the config's")
+    add_engine_args(p)
 
 
 def add_eval_args(p):
@@ -138,6 +149,7 @@ def add_eval_args(p):
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of both models' answers")
     p.add_argument("--seed", type=int, default=1, help="sampling seed (the same for both models)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast, else fp32), bf16 or fp32")
+    add_engine_args(p, default="torch")
 
 
 def add_export_args(p):
@@ -173,6 +185,7 @@ def add_recipe_args(p):
     p.add_argument("--max-steps", type=int, help="GRPO steps (the recipe's ppo.max_steps); default: the config's")
     p.add_argument("--seed", type=int, help="seed of the problems and of training; default: the config's")
     p.add_argument("--dtype", help="compute dtype: auto, bf16 or fp32; default: the config's")
+    add_engine_args(p)
 
 
 # name -> (what runs it, help, the stage config of its flags or what adds its arguments); "module:name"

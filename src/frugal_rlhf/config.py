@@ -192,6 +192,12 @@ class PPOConfig(TrainConfig):
                                 "--max-new-tokens lose up to 1, linearly; 0 = off")
     gold_eval: bool = opt(False, "also log eval_gold, the hidden gold judge's score of the held-out answers (the "
                           "demo's check, never a reward)")
+    rollout_engine: str = opt("torch", "what samples the rollouts: torch (ours, the trainer's own weights), llamacpp, "
+                              "vllm (optional extras, corrected by --tis-cap) or auto (the fastest installed here)")
+    rollout_quant: str = opt("f16", "llamacpp: its copy of the base: f16, q8_0, q4_0 or base (the format nearest "
+                             "--quantize-base)")
+    tis_cap: float = opt(2.0, "truncated importance sampling: each token's weight min(p_trainer / p_engine, cap) "
+                         "corrects an engine whose numbers differ from the trainer's (TRL's, verl's 2)")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_convers
                              stop_tokens)
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
-from ..generation.engines import make_engine
+from ..generation.engines import check_rollout_engine, make_engine, resolve_engine
 from ..models.build import build_ppo_roles
 from ..models.modes import inference, train_without_dropout
 from ..rl import losses as L
@@ -72,6 +72,7 @@ class PPOTrainer(Trainer):
         cfg = self.config
         check_estimator(cfg, critic is not None, strategy.world_size)
         self.estimator = estimator(cfg.advantage)
+        check_rollout_engine(cfg)
         self.tokenizer = tokenizer or actor.tokenizer
         self.reward_model, self.reference = reward_model, reference
         trained = {"actor": (actor, actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
@@ -99,7 +100,7 @@ class PPOTrainer(Trainer):
         self.moments = RunningMoments()
         self.gen = GeneratorState(cfg.seed)
         self.temperature = cfg.temperature if cfg.temperature > 0 else 1.0  # greedy rollouts: log-probs at T=1
-        self.engine = make_engine("torch", autocast=strategy.autocast)  # samples the rollouts (generation/engines.py)
+        self.engine = self.make_engine()  # samples the rollouts (generation/engines.py)
         self.settings = RolloutSettings(
             SampleConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop_tokens(self.tokenizer),
                          self.tokenizer.pad_token_id),
@@ -115,6 +116,16 @@ class PPOTrainer(Trainer):
             self.stateful["ptx_loader"] = self.ptx_loader
         if prompts is not None:
             self.set_prompts(prompts, eval_prompts)
+
+    def make_engine(self):
+        cfg, strategy = self.config, self.strategy
+        # `auto` leaves sharded weights to torch (check_rollout_engine refuses the other engines there)
+        name = "torch" if cfg.strategy in ("fsdp", "deepspeed") else resolve_engine(cfg.rollout_engine,
+                                                                                   strategy.device.type)
+        engine = make_engine(name, autocast=strategy.autocast, tokenizer=self.tokenizer, quant=cfg.rollout_quant)
+        log.info("rollouts sampled by the %s engine%s", engine.name, "" if engine.matches_trainer else
+                 f" (its log-probs differ from the trainer's: truncated importance sampling, cap {cfg.tis_cap})")
+        return engine
 
     # ---- data --------------------------------------------------------------------------------
     def set_prompts(self, prompts, eval_prompts=None):
@@ -171,6 +182,7 @@ class PPOTrainer(Trainer):
     def from_config(cls, strategy, cfg):
         """The short path: roles on one shared base, prompts and demonstrations from files."""
         check_estimator(cfg, estimator(cfg.advantage).critic, strategy.world_size)
+        check_rollout_engine(cfg)
         # --reward specs are checked, and program rewards probed on the data, before any model loads.
         rewards = RewardSet(cfg.reward) if cfg.reward else None
         rows = load_dataset_file(cfg.prompts, "prompt", cfg.skip_bad_rows, cfg.max_rows)
@@ -304,11 +316,17 @@ class PPOTrainer(Trainer):
             logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=self.temperature,
                                        with_entropy=True, shared_prefix=shared)
             old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
+            # Truncated importance weights where the engine samples from other numbers than the
+            # trainer's (rl/losses.py); none where it runs the trainer's own.
+            weights, tis = (None, {}) if self.engine.matches_trainer else L.tis_weights(
+                old, mb.sample_logprobs, mb.action_mask, cfg.tis_cap)
             loss, row = L.actor_objective(
                 logp.float(), old, mb.advantages, mb.action_mask, clip_eps=cfg.clip_eps,
-                clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=cfg.max_new_tokens, entropy=entropy,
-                entropy_coef=cfg.entropy_coef, ref_logp=mb.ref_logprobs if self.estimator.kl_in_loss else None,
-                kl_coef=self.kl_ctl.value, ptx_nll=self.ptx_nll(), ptx_coef=cfg.ptx_coef)
+                clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=cfg.max_new_tokens, weights=weights,
+                entropy=entropy, entropy_coef=cfg.entropy_coef,
+                ref_logp=mb.ref_logprobs if self.estimator.kl_in_loss else None, kl_coef=self.kl_ctl.value,
+                ptx_nll=self.ptx_nll(), ptx_coef=cfg.ptx_coef)
+            row.update(tis)
         if self.nonfinite_on_any_rank(loss):
             self.skip_update("policy loss")
             return None
@@ -383,6 +401,7 @@ class PPOTrainer(Trainer):
             if self.reward_names:
                 self.run.plot(sorted(self.reward_names), "rewards.png", "reward components")
             self.export_policy(self.estimator.method)
+        self.engine.close()  # its copy of the policy (made again if the trainer samples after)
 
     def policy(self):
         return self.strategy.unwrap(self.actor)
