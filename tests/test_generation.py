@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import fp32_logprob_bound
 from frugal_rlhf.generation import Rollout, SampleConfig, choose_next, reference_sample, sample
 
 VOCAB = 97
@@ -227,20 +228,6 @@ def test_greedy_equals_hf_generate_with_rows_leaving_early(model):
     assert torch.equal(ours.sequences, reference_sample(model, ids, mask, cfg).sequences)
 
 
-def _fp32_logprob_bound(model, logits_scale: float) -> float:
-    """Rounding bound for one log-prob computed by two fp32 forwards that differ only in
-    summation order (cached single-token steps vs one pass over the whole sequence).
-
-    A dot product of n fp32 terms carries a relative error up to n*eps (Higham's gamma_n); the
-    longest sums on the path are over the hidden or MLP width, once per layer and once in the
-    LM head; a log-prob is logit - logsumexp, so twice a logit's error. Scaled by the logits'
-    magnitude: 2 * (layers + 1) * width * eps * max|logit|.
-    """
-    cfg = model.config
-    width = max(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size, cfg.hidden_size)
-    return 2 * (cfg.num_hidden_layers + 1) * width * torch.finfo(torch.float32).eps * logits_scale
-
-
 def test_engine_logprobs_equal_the_trainers_forward(model):
     from frugal_rlhf.models.roles import token_logprobs
 
@@ -254,7 +241,7 @@ def test_engine_logprobs_equal_the_trainers_forward(model):
         trainer, _ = token_logprobs(out.hidden_states[-1][:, -n - 1:-1], model.get_output_embeddings(),
                                     r.sequences[:, -n:], temperature=0.7)
     act = r.action_mask.bool()
-    bound = _fp32_logprob_bound(model, float(out.logits.abs().max()) / 0.7)
+    bound = fp32_logprob_bound(model.config, float(out.logits.abs().max()) / 0.7)
     mismatch = float((r.logprobs - trainer)[act].abs().max())
     assert mismatch <= bound, (mismatch, bound)
     assert torch.all(r.logprobs[~act] == 0) and torch.all(r.logprobs[act] < 0)

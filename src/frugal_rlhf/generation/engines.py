@@ -64,7 +64,7 @@ class TorchEngine(RolloutEngine):
 
 
 # name -> "module:class" under this package (imported when chosen: the extras are optional)
-ENGINES = {"torch": "engines:TorchEngine"}
+ENGINES = {"torch": "engines:TorchEngine", "vllm": "vllm_engine:VLLMEngine"}
 
 
 def engine_class(name: str) -> type[RolloutEngine]:
