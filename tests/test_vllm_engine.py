@@ -13,7 +13,7 @@ from conftest import fp32_logprob_bound
 from frugal_rlhf.errors import FrugalError, UserError
 from frugal_rlhf.generation import SampleConfig
 from frugal_rlhf.generation.engines import TorchEngine, make_engine
-from frugal_rlhf.generation.vllm_engine import INSTALL, to_rollout, vllm_python
+from frugal_rlhf.generation.vllm_engine import INSTALL, VLLMEngine, to_rollout, vllm_python
 from frugal_rlhf.models.roles import Actor
 
 needs_vllm = pytest.mark.skipif(vllm_python() is None, reason=f"no vLLM environment: {INSTALL}")
@@ -78,7 +78,7 @@ def _assert_same_as_torch(engine, policy, config, generator_seed=None):
 
 @pytest.fixture(scope="module")
 def lora_engine():
-    engine = make_engine("vllm", enforce_eager=True)
+    engine = VLLMEngine(enforce_eager=True)
     yield engine
     engine.close()
 
@@ -133,7 +133,7 @@ def test_an_adapter_pushed_to_a_remote_server_is_uploaded(lora_engine):
     policy = _lora_policy()
     _set_adapter(policy, 7)
     lora_engine.generate(policy, *_batch(), _config(steps=1))  # the server is up
-    remote = make_engine("vllm", server=lora_engine.url)
+    remote = VLLMEngine(server=lora_engine.url)
     try:
         _assert_same_as_torch(remote, policy, _config())
     finally:
@@ -163,7 +163,7 @@ def test_the_server_refuses_an_upload_that_escapes_its_folder(lora_engine, tmp_p
 @needs_vllm
 def test_full_weights_are_loaded_in_place_where_lora_is_off():
     policy = Actor("tiny-llama", dtype="fp32").eval()  # fully trained: no adapter
-    engine = make_engine("vllm", enforce_eager=True)
+    engine = VLLMEngine(enforce_eager=True)
     try:
         before = _assert_same_as_torch(engine, policy, _config())
         gen = torch.Generator().manual_seed(8)
@@ -204,5 +204,6 @@ def test_a_missing_vllm_environment_is_one_line_naming_the_install(monkeypatch):
     with pytest.raises(UserError, match="make vllm-env") as err:
         make_engine("vllm")
     assert "\n" not in str(err.value)
+    monkeypatch.setenv("FRUGAL_ROLLOUT_SERVER", "localhost:8100")
     with pytest.raises(UserError, match="http://host:port"):
-        make_engine("vllm", server="localhost:8100")
+        make_engine("vllm")

@@ -79,6 +79,16 @@ def add_prefs_args(p):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
+    add_engine_args(p, default="torch")
+
+
+def add_engine_args(p, default=None):
+    """--rollout-engine and --rollout-quant of the commands that sample (the stage configs have them as fields)."""
+    p.add_argument("--rollout-engine", default=default, choices=["torch", "llamacpp", "vllm", "auto"],
+                   help="what samples the answers: torch (ours), llamacpp, vllm (optional extras), auto (the fastest "
+                        "installed for the device)" + (f"; default {default}" if default else ""))
+    p.add_argument("--rollout-quant", default="f16" if default else None, choices=["f16", "q8_0", "q4_0", "base"],
+                   help="llamacpp: its copy of the weights (base: the format nearest the base's --quantize-base)")
 
 
 def add_pipeline_args(p):
@@ -93,6 +103,7 @@ def add_pipeline_args(p):
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="every trained stage recomputes activations in backward: less memory, more time")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
+    add_engine_args(p)
 
 
 def add_eval_args(p):
@@ -106,6 +117,7 @@ def add_eval_args(p):
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dtype", default="auto")
+    add_engine_args(p, default="torch")
 
 
 def add_export_args(p):
@@ -138,6 +150,7 @@ def add_recipe_args(p):
     p.add_argument("--max-steps", type=int, help="GRPO steps (the recipe's ppo.max_steps)")
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype")
+    add_engine_args(p)
 
 
 # name -> (what runs it, help, the stage config of its flags or what adds its arguments); "module:name"

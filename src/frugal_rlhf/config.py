@@ -124,6 +124,9 @@ class PPOConfig(TrainConfig):
     dynamic_sampling: bool = False     # DAPO: drop groups whose rewards are all equal from the update
     overlong_penalty: int = 0          # DAPO's soft overlong punishment over the last N tokens (0 = off)
     gold_eval: bool = False            # also log the hidden gold judge's held-out score (eval_gold; never a reward)
+    rollout_engine: str = "torch"      # torch | llamacpp | vllm | auto: what samples the rollouts (generation/engines.py)
+    rollout_quant: str = "f16"         # llamacpp: the engine's copy of the base in f16 | q8_0 | q4_0 | base (as stored)
+    tis_cap: float = 2.0               # truncated importance sampling cap C for an engine that differs from the trainer
 
 
 @dataclass

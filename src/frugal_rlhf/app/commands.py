@@ -17,7 +17,7 @@ from ..trainers.ppo import PPOTrainer
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer, evaluate_reward_model
 from ..trainers.supervised import SFTTrainer
-from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
+from .evaluation import compare_models, load_policy, sampling_engine, summary_markdown, write_comparison
 from .pipeline import Pipeline, load_pipeline_config, packaged_config
 from .prefs import build_pairs
 from .recipes import load_recipe_config, run_math_recipe
@@ -87,10 +87,14 @@ def cmd_prefs(args):
     model, tok = load_model(args.model, dtype)
     rows = load_dataset_file(args.prompts, "prompt", limit=args.num_prompts * 2)
     rows = [r for r in rows if r.get("reference") or args.labeler != "reference"][: args.num_prompts]
-    summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
-                          args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
-                          device=device, autocast=autocast(device, dtype), label_agreement=args.label_agreement,
-                          label_noise=args.label_noise, samples_per_prompt=args.samples_per_prompt)
+    engine = sampling_engine(args.rollout_engine, args.rollout_quant, tok, device, dtype)
+    try:
+        summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
+                              args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
+                              device=device, label_agreement=args.label_agreement, label_noise=args.label_noise,
+                              samples_per_prompt=args.samples_per_prompt, engine=engine)
+    finally:
+        engine.close()
     print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
           f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
 
@@ -103,7 +107,8 @@ def cmd_pipeline(args, default_config=None):
     Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
                                          "dtype": args.dtype, "quantize_base": args.quantize_base,
                                          "gradient_checkpointing": args.gradient_checkpointing,
-                                         "report_to": args.report_to})).run()
+                                         "report_to": args.report_to, "rollout_engine": args.rollout_engine,
+                                         "rollout_quant": args.rollout_quant})).run()
 
 
 def cmd_demo(args):
@@ -132,7 +137,12 @@ def cmd_eval(args):
         m.to(device).eval()
     cfg = SampleConfig(args.max_new_tokens, args.temperature, 0, 0.95, stop_tokens(tok), tok.pad_token_id)
     rows = load_dataset_file(prompts, "prompt")
-    summary = compare_models(model, baseline, tok, rm, rows, cfg, seed=args.seed, autocast=autocast(device, dtype))
+    engine = sampling_engine(args.rollout_engine, args.rollout_quant, tok, device, dtype)
+    try:
+        summary = compare_models(model, baseline, tok, rm, rows, cfg, seed=args.seed, autocast=autocast(device, dtype),
+                                 engine=engine)
+    finally:
+        engine.close()
     out = Path(args.output or Path(args.model).parent)
     write_comparison(summary, out, "eval")
     print(summary_markdown(summary))
@@ -156,8 +166,9 @@ def cmd_recipe(args):
     path = args.config or packaged_config("rlvr-math-quick" if args.quick else "rlvr-math")
     cfg = load_recipe_config(path, {"output": args.output, "model": args.model, "level": args.level,
                                     "eval_problems": args.eval_problems, "seed": args.seed, "dtype": args.dtype})
-    if args.max_steps:
-        cfg.ppo = {**cfg.ppo, "max_steps": args.max_steps}
+    for field in ("max_steps", "rollout_engine", "rollout_quant"):  # the recipe's ppo section
+        if getattr(args, field):
+            cfg.ppo = {**cfg.ppo, field: getattr(args, field)}
     r = run_math_recipe(cfg)
     print(" ".join(f"{m} accuracy {r[m]['before']:.3f} -> {r[m]['after']:.3f} ({r[m]['change']:+.3f} ± "
                    f"{r[m]['change_se']:.3f});" for m in ("strict", "lenient"))

@@ -55,13 +55,13 @@ def load_recipe_config(path, overrides: dict) -> MathRecipeConfig:
 
 
 def accuracy(trainer, rows, max_new_tokens: int, batch_size: int) -> dict:
-    """Greedy answers of the trainer's actor to `rows`: strict and lenient correctness per row,
-    judged by the math reward functions themselves (what training rewards is what is measured)."""
-    tok, actor, strategy = trainer.tokenizer, trainer.actor, trainer.strategy
+    """Greedy answers of the trainer's actor to `rows`, sampled by the trainer's rollout engine:
+    strict and lenient correctness per row, judged by the math reward functions themselves (what
+    training rewards is what is measured)."""
+    tok = trainer.tokenizer
     cfg = SampleConfig(max_new_tokens, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)
-    with actor.lm.role(actor.adapter) as model:
-        answers = generate_responses(model, tok, [r["prompt"] for r in rows], cfg, batch_size, 256, 0,
-                                     strategy.device, strategy.autocast())
+    answers = generate_responses(trainer.engine, trainer.policy(), tok, [r["prompt"] for r in rows], cfg, batch_size,
+                                 256, 0, trainer.strategy.device)
     correct = lambda spec: parse_reward(spec).fn(None, answers, rows, None)  # noqa: E731
     return {"strict": correct("math:strict"), "lenient": correct("math"), "answers": answers}
 

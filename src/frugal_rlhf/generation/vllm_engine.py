@@ -41,7 +41,8 @@ from .engines import RolloutEngine
 from .rollout import Rollout
 
 SERVER = Path(__file__).with_name("vllm_server.py")
-INSTALL = "run `make vllm-env` (a separate virtualenv, .venv-vllm), or set FRUGAL_VLLM_PYTHON to a python with vLLM"
+INSTALL = ("run `make vllm-env` (its own virtualenv, .venv-vllm), set FRUGAL_VLLM_PYTHON to a python with vLLM, "
+           "or FRUGAL_ROLLOUT_SERVER to the URL of a running server")
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # No proxy between the trainer and its server, whatever http_proxy says.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -58,6 +59,13 @@ def vllm_python() -> str | None:
     import importlib.util
 
     return sys.executable if importlib.util.find_spec("vllm") else None
+
+
+def missing_environment() -> str | None:
+    """Why this engine cannot run here (one line), or None."""
+    if os.environ.get("FRUGAL_ROLLOUT_SERVER") or vllm_python() is not None:
+        return None
+    return f"--rollout-engine vllm needs vLLM in its own environment: {INSTALL}"
 
 
 def to_rollout(input_ids, attention_mask, tokens: list[list[int]], logprobs: list[list[float]],
@@ -91,19 +99,22 @@ class VLLMEngine(RolloutEngine):
     name = "vllm"
     matches_trainer = False  # other kernels (and, on a quantized base, de-quantized weights)
 
-    def __init__(self, server: str | None = None, autocast=None, enforce_eager: bool | None = None,
-                 sleep: bool | None = None, start_timeout: float = 1800.0):
+    def __init__(self, server: str | None = None, autocast=None, tokenizer=None, quant: str = "f16",
+                 enforce_eager: bool | None = None, sleep: bool | None = None, start_timeout: float = 1800.0):
         """`server`: URL of a running server (default FRUGAL_ROLLOUT_SERVER; none: start one here).
         `enforce_eager` (default: on CPU) skips torch.compile and CUDA graphs; `sleep` (default:
-        on CUDA, for a server started here) frees its GPU memory between rollouts. `autocast` is
-        the trainer's and unused: vLLM computes in the dtype of the weights it is given."""
+        on CUDA, for a server started here) frees its GPU memory between rollouts. `autocast` and
+        `tokenizer` are unused (vLLM computes in the dtype of the weights it is given, on token ids);
+        `quant` is llama.cpp's choice of weight format: vLLM serves the base's own dtype."""
+        if quant not in ("f16", "base"):  # f16: the flag's default, which every engine is given
+            raise UserError(f"--rollout-quant {quant} is for llamacpp; vllm serves the base in its own dtype")
         self.url = (server or os.environ.get("FRUGAL_ROLLOUT_SERVER") or "").rstrip("/") or None
         self.remote = self.url is not None
         if self.remote and not self.url.startswith(("http://", "https://")):
             raise UserError(f"rollout server: expected a URL like http://host:port, got {self.url!r}")
         self.python = None if self.remote else vllm_python()
         if not self.remote and self.python is None:
-            raise UserError(f"rollout engine vllm: no vLLM environment found; {INSTALL}")
+            raise UserError(missing_environment())
         self.enforce_eager, self.sleep, self.start_timeout = enforce_eager, sleep, start_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix="frugal-vllm-"))
         self.proc = None

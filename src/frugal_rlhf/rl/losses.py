@@ -181,7 +181,7 @@ def zero_spread(score: Tensor, group_size: int) -> Tensor:
 # ------------------------------------------------------------------------ PPO losses
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                 clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                agg: str = "token-mean", max_len: int | None = None):
+                agg: str = "token-mean", max_len: int | None = None, weights: Tensor | None = None):
     """PPO clipped surrogate (to minimise), token-level mean over the mask.
 
         ratio  = exp(logp - old_logp)
@@ -189,7 +189,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 
     ``clip_eps_high`` defaults to ``clip_eps`` (set it higher for asymmetric
     "clip-higher", DAPO). ``agg``/``max_len``: how token losses become one number
-    (:func:`aggregate_loss`). Stats (python floats): ``clipfrac`` (fraction of tokens where the
+    (:func:`aggregate_loss`). ``weights`` (detached, [B, T]) scale each token's loss before
+    aggregation (:func:`tis_weights`). Stats (python floats): ``clipfrac`` (fraction of tokens where the
     clipped term is strictly larger, i.e. no gradient), ``approx_kl`` (k3 estimate
     of KL(old || new): mean of (ratio - 1) - log ratio), ``ratio_mean``.
     """
@@ -199,7 +200,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     adv = _keep(advantages, mask).to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    token_loss = torch.maximum(unclipped, clipped)
+    loss = aggregate_loss(token_loss if weights is None else token_loss * weights, mask, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
@@ -231,12 +233,31 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 @torch.no_grad()
 def logprob_mismatch(sampled: Tensor, trained: Tensor, mask: Tensor) -> dict[str, float]:
     """Training-inference mismatch: how far the log-probs the generation engine reported for
-    the tokens it sampled are from the trainer's forward on the same tokens (same weights).
-    Rounding alone keeps it near the dtype's epsilon times the logits' size; more means the
-    two paths compute different things (masks, positions, adapters, dtypes)."""
-    gap = (sampled.float() - trained.float()).abs()
+    the tokens it sampled are from the trainer's forward on the same tokens (same weights):
+    the max and mean of |engine - trainer| over real tokens, and ``gen_kl``, the per-token
+    KL(engine || trainer) estimated on the engine's own samples (k3: non-negative, unbiased).
+    Rounding alone keeps them near the dtype's epsilon times the logits' size; more means the
+    two paths compute different things (masks, positions, adapters, dtypes, a quantized copy)."""
+    sampled, trained = sampled.float(), trained.float()
+    gap = (sampled - trained).abs()
     return {"gen_logprob_mismatch": float(gap[mask.bool()].max()) if mask.any() else 0.0,
-            "gen_logprob_mismatch_mean": float(masked_mean(gap, mask))}
+            "gen_logprob_mismatch_mean": float(masked_mean(gap, mask)),
+            "gen_kl": float(masked_mean(kl_penalty(sampled, trained, "k3"), mask))}
+
+
+@torch.no_grad()
+def tis_weights(trainer_logp: Tensor, engine_logp: Tensor, mask: Tensor, cap: float):
+    """Truncated importance sampling (TIS, Yao et al. 2025, "Your Efficient RL Framework Secretly
+    Brings You Off-Policy RL Training"): the tokens were sampled from the engine's distribution,
+    the policy loss assumes the trainer's, so each token's loss is weighted by
+    min(pi_trainer / pi_engine, cap) = min(exp(trainer_logp - engine_logp), cap). The cap bounds
+    the variance a token the engine found far less likely would add. Detached (no gradient
+    flows through a weight), 0 at masked tokens. Returns (weights [B, T], stats):
+    ``tis_weight_mean`` and ``tis_clipped_frac`` (tokens whose ratio exceeded the cap)."""
+    ratio = torch.exp(trainer_logp.float() - engine_logp.float())
+    weights = _keep(ratio.clamp(max=cap), mask)
+    return weights, {"tis_weight_mean": masked_mean(weights, mask).item(),
+                     "tis_clipped_frac": masked_mean((ratio > cap).float(), mask).item()}
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

@@ -2,8 +2,11 @@
 combination fails before any model is loaded."""
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..generation.engines import CHOICES
 from ..rl import losses as L
 
 
@@ -24,3 +27,19 @@ def check_estimator(cfg, has_critic: bool, world_size: int = 1):
     L.aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), cfg.loss_agg, cfg.max_new_tokens)  # a bad name fails now
     if cfg.scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards: expected group, batch or none, got {cfg.scale_rewards!r}")
+
+
+def check_rollout_engine(cfg):
+    """--rollout-engine, --rollout-quant and --tis-cap fit together (checked before models load;
+    whether the engine's extra is installed is checked when the engine is made)."""
+    from ..generation.llamacpp import QUANTS
+
+    if cfg.rollout_engine not in CHOICES:
+        raise ValueError(f"--rollout-engine: expected one of {', '.join(CHOICES)}, got {cfg.rollout_engine!r}")
+    if cfg.rollout_quant not in QUANTS:
+        raise ValueError(f"--rollout-quant: expected one of {', '.join(QUANTS)}, got {cfg.rollout_quant!r}")
+    if not (math.isfinite(cfg.tis_cap) and cfg.tis_cap > 0):
+        raise ValueError(f"--tis-cap: expected a finite number > 0, got {cfg.tis_cap}")
+    if cfg.rollout_engine not in ("torch", "auto") and cfg.strategy in ("fsdp", "deepspeed"):
+        raise ValueError(f"--rollout-engine {cfg.rollout_engine} copies the policy's weights from one process: "
+                         f"it needs --strategy naive or ddp, not {cfg.strategy}")

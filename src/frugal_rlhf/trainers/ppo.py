@@ -22,7 +22,7 @@ from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_convers
                              stop_tokens)
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
-from ..generation.engines import make_engine
+from ..generation.engines import make_engine, resolve_engine
 from ..models.build import build_ppo_roles
 from ..models.modes import inference, train_without_dropout
 from ..rl import losses as L
@@ -31,7 +31,7 @@ from ..rl.gold import gold_scores
 from ..rl.kl import AdaptiveKLController, FixedKLController
 from ..rl.rewards import RewardSet, prompt_texts
 from .base import Trainer, make_optimizer, make_scheduler
-from .estimators import check_estimator
+from .estimators import check_estimator, check_rollout_engine
 
 log = logging.getLogger("frugal_rlhf")
 # The method a model card names, by advantage estimator.
@@ -74,6 +74,7 @@ class PPOTrainer(Trainer):
         super().__init__(strategy, config or PPOConfig())
         cfg = self.config
         check_estimator(cfg, critic is not None, strategy.world_size)
+        check_rollout_engine(cfg)
         self.tokenizer = tokenizer or actor.tokenizer
         self.reward_model, self.reference = reward_model, initial_model
         trained = {"actor": (actor, actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
@@ -97,7 +98,7 @@ class PPOTrainer(Trainer):
                        else FixedKLController(cfg.kl_coef))
         self.moments = RunningMoments()
         self.gen = GeneratorState(cfg.seed)
-        self.engine = make_engine("torch", autocast=strategy.autocast)  # samples the rollouts (generation/engines.py)
+        self.engine = self.make_engine()  # samples the rollouts (generation/engines.py)
         self.settings = RolloutSettings(
             SampleConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop_tokens(self.tokenizer),
                          self.tokenizer.pad_token_id),
@@ -113,6 +114,16 @@ class PPOTrainer(Trainer):
             self.stateful["ptx_loader"] = self.ptx_loader
         if prompts is not None:
             self.set_prompts(prompts, eval_prompts)
+
+    def make_engine(self):
+        cfg, strategy = self.config, self.strategy
+        # `auto` leaves sharded weights to torch (check_rollout_engine refuses the other engines there)
+        name = "torch" if cfg.strategy in ("fsdp", "deepspeed") else resolve_engine(cfg.rollout_engine,
+                                                                                   strategy.device.type)
+        engine = make_engine(name, autocast=strategy.autocast, tokenizer=self.tokenizer, quant=cfg.rollout_quant)
+        log.info("rollouts sampled by the %s engine%s", engine.name, "" if engine.matches_trainer else
+                 f" (its log-probs differ from the trainer's: truncated importance sampling, cap {cfg.tis_cap})")
+        return engine
 
     # ---- data --------------------------------------------------------------------------------
     def set_prompts(self, prompts, eval_prompts=None):
@@ -169,6 +180,7 @@ class PPOTrainer(Trainer):
     def from_config(cls, strategy, cfg):
         """The short path: roles on one shared base, prompts and demonstrations from files."""
         check_estimator(cfg, cfg.advantage == "gae", strategy.world_size)
+        check_rollout_engine(cfg)
         # --reward specs are checked, and program rewards probed on the data, before any model loads.
         rewards = RewardSet(cfg.reward) if cfg.reward else None
         rows = load_dataset_file(cfg.prompts, "prompt", cfg.skip_bad_rows, cfg.max_rows)
@@ -279,8 +291,9 @@ class PPOTrainer(Trainer):
                     old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
                     if mb.logprobs is None:  # one update on the whole rollout: the sampling weights
                         mismatch = L.logprob_mismatch(mb.sample_logprobs, old, mb.action_mask)
+                    weights, tis = self.tis_weights(old, mb)
                     pg_loss, pg = L.policy_loss(logp.float(), old, mb.advantages, mb.action_mask, cfg.clip_eps,
-                                                cfg.clip_eps_high, cfg.loss_agg, cfg.max_new_tokens)
+                                                cfg.clip_eps_high, cfg.loss_agg, cfg.max_new_tokens, weights)
                     ent = L.masked_mean(entropy, mb.action_mask)
                     actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
                     if cfg.advantage in ("group", "rloo"):  # the KL to the reference is a loss term
@@ -295,7 +308,7 @@ class PPOTrainer(Trainer):
                     self.skip_update("policy loss")
                     continue
                 self.strategy.backward(actor_loss, self.actor, self.actor_optim)
-                row = {"policy_loss": float(pg_loss.detach()), "entropy": float(ent.detach()), **pg}
+                row = {"policy_loss": float(pg_loss.detach()), "entropy": float(ent.detach()), **pg, **tis}
                 if mb.logprobs is None:
                     row.update(mismatch)
                 if self.critic is not None:
@@ -313,6 +326,13 @@ class PPOTrainer(Trainer):
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         return {k: v / max(1, count) for k, v in sums.items()}
+
+    def tis_weights(self, old, mb):
+        """Per-token truncated importance weights where the engine samples from other numbers than
+        the trainer's (rl/losses.py); none (the loss unchanged) where it runs the trainer's own."""
+        if self.engine.matches_trainer:
+            return None, {}
+        return L.tis_weights(old, mb.sample_logprobs, mb.action_mask, self.config.tis_cap)
 
     def ptx_loss(self):
         if self.ptx_loader is None or not self.config.ptx_coef:
@@ -376,6 +396,7 @@ class PPOTrainer(Trainer):
             if self.reward_parts:
                 self.run.plot(sorted(self.reward_parts), "rewards.png", "reward components")
             self.export_policy(METHODS[self.config.advantage])
+        self.engine.close()  # its copy of the policy (made again if the trainer samples after)
 
     def policy(self):
         return self.strategy.unwrap(self.actor)
