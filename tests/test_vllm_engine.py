@@ -173,6 +173,9 @@ def test_full_weights_are_loaded_in_place_where_lora_is_off():
         engine.sync(policy)
         after = _assert_same_as_torch(engine, policy, _config())
         assert not torch.equal(before.sequences, after.sequences), "the update must change the greedy rollout"
+        engine.close()  # as a trainer does at its end; sampling after that starts a server again
+        again = engine.generate(policy, *_batch(), _config())
+        assert torch.equal(again.sequences, after.sequences)
     finally:
         engine.close()
 

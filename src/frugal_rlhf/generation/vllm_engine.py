@@ -149,6 +149,7 @@ class VLLMEngine(RolloutEngine):
         return to_rollout(input_ids, attention_mask, reply["tokens"], reply["logprobs"], config.pad_token_id)
 
     def close(self) -> None:
+        """Stop the server this engine started (a later rollout starts another) and drop its files."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -159,6 +160,7 @@ class VLLMEngine(RolloutEngine):
         self.proc = None
         if not self.remote:
             self.url = None
+        self.stale, self.asleep, self.pushed, self.adapter = True, False, None, None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # ---- the server --------------------------------------------------------------------------
