@@ -127,12 +127,13 @@ def test_sampled_rollouts_follow_the_run_generator_and_report_temperature_logpro
 
 
 @needs_vllm
-def test_an_adapter_pushed_to_a_remote_server_is_uploaded(lora_engine):
+def test_an_adapter_pushed_to_a_remote_server_is_uploaded(lora_engine, monkeypatch):
     """A server given by URL may be on another machine: the adapter goes as files, not as a path;
     the engine that started the server then finds its own adapter gone and says so."""
     policy = _lora_policy()
     _set_adapter(policy, 7)
     lora_engine.generate(policy, *_batch(), _config(steps=1))  # the server is up
+    monkeypatch.setenv("FRUGAL_ROLLOUT_KEY", lora_engine.key)  # as its owner would on the trainer's machine
     remote = VLLMEngine(server=lora_engine.url)
     try:
         _assert_same_as_torch(remote, policy, _config())
@@ -145,7 +146,20 @@ def test_an_adapter_pushed_to_a_remote_server_is_uploaded(lora_engine):
 
 
 @needs_vllm
-def test_the_server_refuses_an_upload_that_escapes_its_folder(lora_engine, tmp_path):
+def test_the_server_refuses_requests_without_its_key(lora_engine):
+    import urllib.error
+    import urllib.request
+
+    lora_engine.generate(_lora_policy(), *_batch(), _config(steps=1))  # the server is up
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            opener.open(urllib.request.Request(lora_engine.url + "/health", headers=headers))
+        assert err.value.code == 401
+
+
+@needs_vllm
+def test_the_server_refuses_an_upload_that_escapes_its_folder(lora_engine):
     import io
     import tarfile
 
@@ -210,3 +224,18 @@ def test_a_missing_vllm_environment_is_one_line_naming_the_install(monkeypatch):
     monkeypatch.setenv("FRUGAL_ROLLOUT_SERVER", "localhost:8100")
     with pytest.raises(UserError, match="http://host:port"):
         make_engine("vllm")
+
+
+def test_the_server_will_not_serve_beyond_this_machine_without_a_key():
+    """Checked before vLLM is imported: runs with any python."""
+    import os
+    import subprocess
+    import sys
+
+    from frugal_rlhf.generation.vllm_engine import SERVER
+
+    env = {k: v for k, v in os.environ.items() if k != "FRUGAL_ROLLOUT_KEY"}
+    for flags, complaint in ((["--host", "0.0.0.0"], "FRUGAL_ROLLOUT_KEY"), (["--port", "70000"], "--port")):
+        run = subprocess.run([sys.executable, str(SERVER), "--model", "unused", *flags], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and complaint in run.stderr.splitlines()[-1], run.stderr

@@ -21,6 +21,7 @@ import atexit
 import io
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -112,6 +113,8 @@ class VLLMEngine(RolloutEngine):
         self.remote = self.url is not None
         if self.remote and not self.url.startswith(("http://", "https://")):
             raise UserError(f"rollout server: expected a URL like http://host:port, got {self.url!r}")
+        # A server started here gets a fresh key; one given by URL the key its owner set (if any).
+        self.key = os.environ.get("FRUGAL_ROLLOUT_KEY") if self.remote else secrets.token_hex(16)
         self.python = None if self.remote else vllm_python()
         if not self.remote and self.python is None:
             raise UserError(missing_environment())
@@ -192,7 +195,8 @@ class VLLMEngine(RolloutEngine):
                *shlex.split(os.environ.get("FRUGAL_VLLM_ARGS", ""))]
         log = self.workdir / "server.log"
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "FRUGAL_ROLLOUT_KEY": self.key})
         deadline = time.monotonic() + self.start_timeout
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -241,7 +245,8 @@ class VLLMEngine(RolloutEngine):
             data, headers = json.dumps(payload).encode(), {"Content-Type": "application/json"}
         elif data is not None:
             headers = {"Content-Type": "application/x-tar", **(headers or {})}
-        request = urllib.request.Request(self.url + path, data=data, headers=headers or {},
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        request = urllib.request.Request(self.url + path, data=data, headers=headers,
                                          method="GET" if data is None else "POST")
         try:
             with _OPENER.open(request) as reply:  # no timeout: a rollout on a CPU can take many minutes

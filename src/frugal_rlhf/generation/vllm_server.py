@@ -20,11 +20,15 @@ The trainer side is generation/vllm_engine.py. The API (JSON over HTTP, one requ
 Log-probs are vLLM's `processed_logprobs`: those of the distribution the token was sampled from.
 With top-k/top-p off that is softmax(logits / temperature), the trainer's own definition (and
 softmax(logits) when greedy); with them on it is the truncated, renormalised distribution.
-No authentication: it binds 127.0.0.1 unless told otherwise; expose it on trusted networks only.
+With FRUGAL_ROLLOUT_KEY set, every request must carry it (`Authorization: Bearer KEY`): the engine
+that starts a server gives it a fresh key; a server bound beyond 127.0.0.1 refuses to start
+without one (a client could otherwise have it load any directory it can read).
 """
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import json
 import os
 import shutil
@@ -197,13 +201,24 @@ def handler(rollouts: Rollouts):
             self.end_headers()
             self.wfile.write(raw)
 
+        def authorized(self) -> bool:
+            key = os.environ.get("FRUGAL_ROLLOUT_KEY")
+            if not key or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+                return True
+            self.reply(401, {"error": "a valid key is required (Authorization: Bearer $FRUGAL_ROLLOUT_KEY)"})
+            return False
+
         def do_GET(self):
+            if not self.authorized():
+                return
             if self.path == "/health":
                 self.reply(200, rollouts.health())
             else:
                 self.reply(404, {"error": f"no such endpoint: GET {self.path}"})
 
         def do_POST(self):
+            if not self.authorized():
+                return
             try:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 self.reply(200, self.route(body))
@@ -250,9 +265,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.port < 65536:
         p.error(f"--port must be in 0..65535, got {args.port}")
+    if not _loopback(args.host) and not os.environ.get("FRUGAL_ROLLOUT_KEY"):
+        p.error(f"--host {args.host}: set FRUGAL_ROLLOUT_KEY (clients send it as a bearer token) to serve beyond "
+                "this machine")
     if args.max_lora_rank < 0 or args.kv_cache_gib <= 0 or not 0 < args.gpu_memory_utilization <= 1:
         p.error("--max-lora-rank must be >= 0, --kv-cache-gib > 0, --gpu-memory-utilization in (0, 1]")
     return args
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _exit_with(pid: int, uploads: Path):
