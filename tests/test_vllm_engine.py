@@ -139,6 +139,11 @@ def test_an_adapter_pushed_to_a_remote_server_is_uploaded(lora_engine, monkeypat
         _assert_same_as_torch(remote, policy, _config())
     finally:
         remote.close()
+    wide = Actor("tiny-llama", lora_rank=16, dtype="fp32")  # the server serves ranks up to 8 (4, rounded up)
+    remote = VLLMEngine(server=lora_engine.url)
+    with pytest.raises(UserError, match="max-lora-rank >= 16"):
+        remote.generate(wide, *_batch(), _config(steps=1))
+    remote.close()
     with pytest.raises(FrugalError, match="is not the one loaded"):
         lora_engine.generate(policy, *_batch(), _config(steps=1))
     lora_engine.sync(policy)  # pushes its adapter again
