@@ -244,3 +244,17 @@ def test_the_server_will_not_serve_beyond_this_machine_without_a_key():
         run = subprocess.run([sys.executable, str(SERVER), "--model", "unused", *flags], env=env,
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and complaint in run.stderr.splitlines()[-1], run.stderr
+
+
+def test_a_server_that_fails_to_start_is_one_line_with_its_reason(monkeypatch):
+    """The server checks its flags before importing vLLM, so any python shows the failure path."""
+    import sys
+
+    monkeypatch.setenv("FRUGAL_VLLM_PYTHON", sys.executable)
+    monkeypatch.setenv("FRUGAL_VLLM_ARGS", "--kv-cache-gib -1")
+    monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
+    engine = VLLMEngine()
+    with pytest.raises(FrugalError, match=r"vllm server exited with code 2: .*--kv-cache-gib") as err:
+        engine.generate(_lora_policy(), *_batch(), _config(steps=1))
+    assert "\n" not in str(err.value)
+    assert engine.proc is None and not engine.workdir.exists()
