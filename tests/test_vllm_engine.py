@@ -12,11 +12,12 @@ import torch
 from conftest import fp32_logprob_bound
 from frugal_rlhf.errors import FrugalError, UserError
 from frugal_rlhf.generation import SampleConfig
-from frugal_rlhf.generation.engines import TorchEngine, make_engine
-from frugal_rlhf.generation.vllm_engine import INSTALL, VLLMEngine, to_rollout, vllm_python
+from frugal_rlhf.generation.engines import VLLM_INSTALL, TorchEngine, make_engine, vllm_python
+from frugal_rlhf.generation import vllm_engine
+from frugal_rlhf.generation.vllm_engine import VLLMEngine, to_rollout
 from frugal_rlhf.models.roles import Actor
 
-needs_vllm = pytest.mark.skipif(vllm_python() is None, reason=f"no vLLM environment: {INSTALL}")
+needs_vllm = pytest.mark.skipif(vllm_python() is None, reason=f"no vLLM environment: {VLLM_INSTALL}")
 
 PAD = 258  # the byte tokenizer's pad; prompts are bytes (< 256)
 PROMPTS = [[72, 101, 108, 108, 111, 32, 119], [87, 104, 97], [49, 43, 49, 61, 50, 46]]
@@ -219,9 +220,9 @@ def test_answers_become_a_rollout_like_the_torch_engines():
 
 
 def test_a_missing_vllm_environment_is_one_line_naming_the_install(monkeypatch):
-    import frugal_rlhf.generation.vllm_engine as vllm_engine
+    import frugal_rlhf.generation.engines as engines
 
-    monkeypatch.setattr(vllm_engine, "vllm_python", lambda: None)
+    monkeypatch.setattr(engines, "vllm_python", lambda: None)
     monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
     with pytest.raises(UserError, match="make vllm-env") as err:
         make_engine("vllm")
@@ -237,11 +238,9 @@ def test_the_server_will_not_serve_beyond_this_machine_without_a_key():
     import subprocess
     import sys
 
-    from frugal_rlhf.generation.vllm_engine import SERVER
-
     env = {k: v for k, v in os.environ.items() if k != "FRUGAL_ROLLOUT_KEY"}
     for flags, complaint in ((["--host", "0.0.0.0"], "FRUGAL_ROLLOUT_KEY"), (["--port", "70000"], "--port")):
-        run = subprocess.run([sys.executable, str(SERVER), "--model", "unused", *flags], env=env,
+        run = subprocess.run([sys.executable, str(vllm_engine.SERVER), "--model", "unused", *flags], env=env,
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and complaint in run.stderr.splitlines()[-1], run.stderr
 

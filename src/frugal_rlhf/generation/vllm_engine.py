@@ -25,7 +25,6 @@ import secrets
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -38,35 +37,14 @@ import torch
 
 from ..errors import FrugalError, UserError
 from ..models.export import export_adapter, export_merged
+from . import engines
 from .engines import RolloutEngine
 from .rollout import Rollout
 
 SERVER = Path(__file__).with_name("vllm_server.py")
-INSTALL = ("run `make vllm-env` (its own virtualenv, .venv-vllm), set FRUGAL_VLLM_PYTHON to a python with vLLM, "
-           "or FRUGAL_ROLLOUT_SERVER to the URL of a running server")
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # No proxy between the trainer and its server, whatever http_proxy says.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def vllm_python() -> str | None:
-    """The python of the vLLM environment: FRUGAL_VLLM_PYTHON, else .venv-vllm here or in the
-    source checkout, else this one if it has vLLM; None when there is none."""
-    if os.environ.get("FRUGAL_VLLM_PYTHON"):
-        return os.environ["FRUGAL_VLLM_PYTHON"]
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        if (root / ".venv-vllm" / "bin" / "python").exists():
-            return str(root / ".venv-vllm" / "bin" / "python")
-    import importlib.util
-
-    return sys.executable if importlib.util.find_spec("vllm") else None
-
-
-def missing_environment() -> str | None:
-    """Why this engine cannot run here (one line), or None."""
-    if os.environ.get("FRUGAL_ROLLOUT_SERVER") or vllm_python() is not None:
-        return None
-    return f"--rollout-engine vllm needs vLLM in its own environment: {INSTALL}"
 
 
 def to_rollout(input_ids, attention_mask, tokens: list[list[int]], logprobs: list[list[float]],
@@ -115,9 +93,9 @@ class VLLMEngine(RolloutEngine):
             raise UserError(f"rollout server: expected a URL like http://host:port, got {self.url!r}")
         # A server started here gets a fresh key; one given by URL the key its owner set (if any).
         self.key = os.environ.get("FRUGAL_ROLLOUT_KEY") if self.remote else secrets.token_hex(16)
-        self.python = None if self.remote else vllm_python()
+        self.python = None if self.remote else engines.vllm_python()
         if not self.remote and self.python is None:
-            raise UserError(missing_environment())
+            raise UserError(engines.missing("vllm"))
         self.enforce_eager, self.sleep, self.start_timeout = enforce_eager, sleep, start_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix="frugal-vllm-"))
         self.proc = None
