@@ -388,6 +388,20 @@ def test_grpo_single_update_takes_old_logprobs_from_its_own_forward(tmp_path, mo
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+def test_grpo_on_the_torch_engine_takes_no_importance_weights(tmp_path):
+    """Our torch engine samples with the trainer's own weights and kernels: truncated importance
+    sampling leaves its loss exactly the uncorrected one, whatever the cap (a cap of 1e-9 would
+    scale every token's loss to ~0 if it were applied)."""
+    kw = dict(advantage="group", group_size=4, rollout_batch_size=4, batch_size=8, ppo_epochs=2, max_steps=2)
+    trainer, capped = run_ppo(tmp_path / "a", tis_cap=1e-9, **kw)
+    _, plain = run_ppo(tmp_path / "b", tis_cap=2.0, **kw)
+    assert trainer.engine.matches_trainer and trainer.tis_weights(None, None) == (None, {})
+    for a, b in zip(capped, plain):
+        assert "tis_weight_mean" not in a
+        for key in ("policy_loss", "ratio_mean", "kl_loss", "reward", "actor_grad_norm"):
+            assert a[key] == b[key], key
+
+
 def test_rollout_and_scoring_run_without_dropout(tmp_path):
     """On a model with dropout (GPT-2's 0.1 on residuals, attention and embeddings), after
     updates: two identical reference calls and two identical reward-model calls made where the

@@ -10,6 +10,7 @@ from ..data.math_problems import generate, write_jsonl
 from ..data.tokenize import stop_tokens
 from ..device import autocast, compute_dtype, default_device
 from ..generation import SampleConfig
+from ..generation.engines import check_engine
 from ..models.gguf_writer import write_gguf
 from ..models.loading import load_model
 from ..models.reward_io import load_reward_model
@@ -82,6 +83,7 @@ def cmd_dpo(cfg):
 
 
 def cmd_prefs(args):
+    check_engine(args.rollout_engine)  # a missing extra says so before the model loads
     device = default_device()
     dtype = compute_dtype(device, args.dtype)
     model, tok = load_model(args.model, dtype)
@@ -126,6 +128,7 @@ def _run_dir_of(model: str) -> Path:
 
 
 def cmd_eval(args):
+    check_engine(args.rollout_engine)
     prompts = str(_run_dir_of(args.model) / "data" / "held_out.jsonl") if args.prompts == "held-out" else args.prompts
     rm_path = args.reward_model or str(_run_dir_of(args.model) / "rm")
     device = default_device()

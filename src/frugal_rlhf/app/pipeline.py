@@ -23,6 +23,7 @@ from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig, from_
 from ..data.formats import load_dataset_file
 from ..data.loader import split_rows
 from ..device import compute_dtype, default_device, peak_memory_bytes, release_free_memory, reset_run_peak
+from ..generation.engines import check_engine
 from ..models.loading import load_model
 from ..rundir import atomic_write
 from ..runlog import setup_logging
@@ -134,6 +135,7 @@ class Pipeline:
         setup_logging()
         if self.cfg.method not in ("ppo", "dpo"):
             raise ValueError(f"method: expected 'ppo' or 'dpo', got {self.cfg.method!r}")
+        check_engine(self.cfg.rollout_engine)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
         data = self.out / "data"

@@ -17,6 +17,7 @@ from .peers import compare
 from .quantize import bench_quantize, format_table
 from .strategies import bench_strategies
 from .strategies import format_table as strategies_table
+from .generate import ENGINES
 from .workloads import WORKLOADS, bench_capacity, bench_generate, dummy_sizes
 
 ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_rank": 0})]
@@ -60,6 +61,11 @@ def add_bench_args(p):
     p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
     p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
     p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
+    p.add_argument("--engine", default="torch", choices=[*ENGINES, "all"],
+                   help="generate: the rollout engine(s) to time (torch: ours and HF generate; llamacpp: our llama.cpp "
+                        "engine and llama.cpp alone; all: every installed one)")
+    p.add_argument("--rollout-quant", default="f16", choices=["f16", "q8_0", "q4_0", "base"],
+                   help="generate --engine llamacpp|all: the weight format of llama.cpp's copy")
     p.add_argument("--reward", default="rm", choices=["rm", "math"],
                    help="compare grpo: rm = a reward model on both sides; math = the verifiable math reward "
                         "(two-digit addition problems, `frugal recipe math`'s) as a plain function on both sides")
@@ -70,11 +76,7 @@ def _row(r) -> str:
                  for k in ("tokens_per_s", "samples_per_s") if k in r), "")
     extra = ""
     if r["workload"] == "generate":
-        rate = (f"frugal {r['frugal']['tokens_per_s']['median']:.1f} tok/s vs HF generate "
-                f"{r['hf_generate']['tokens_per_s']['median']:.1f} (x{r['ratio']:.2f})")
-        ours, hf = r["frugal"]["bandwidth_fraction"], r["hf_generate"]["bandwidth_fraction"]
-        extra += (f" | {r['weight_gb']:.2f} GB of weights per step at {r['copy_gb_per_s']:.1f} GB/s copy rate: "
-                  f"{ours:.0%} of the bound (HF {hf:.0%})")
+        rate, extra = _generate_cells(r)
     if r.get("quantize_base", "none") != "none":
         extra += f" | base {r['quantize_base']}"
     if r["workload"] == "ppo":
@@ -88,6 +90,15 @@ def _row(r) -> str:
     predicted = f" (predicted {r['predicted_peak_gb']:.2f})" if "predicted_peak_gb" in r else ""
     return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')}{where} | {rate}{extra} | {compute} | "
             f"{r['peak_mem_gb']:.2f} GiB{predicted} |")
+
+
+def _generate_cells(r) -> tuple[str, str]:
+    """Every engine's tok/s, and its fraction of the bandwidth bound over its own weight bytes."""
+    rate = ", ".join(f"{e} {r[e]['tokens_per_s']['median']:.1f}" for e in r["engines"]) + " tok/s"
+    if "ratio" in r:
+        rate += f" (frugal/HF generate x{r['ratio']:.2f})"
+    bound = ", ".join(f"{e} {r[e]['bandwidth_fraction']:.0%} of {r[e]['weight_gb']:.3g} GB" for e in r["engines"])
+    return rate, f" | bound at {r['copy_gb_per_s']:.1f} GB/s copy rate: {bound}"
 
 
 def _capacity_table(r) -> str:
@@ -158,6 +169,8 @@ def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
                                         "repeats", "dtype", "gradient_checkpointing", "strategy", "memory_budget",
                                         "quantize_base")}
+    if args.workload == "generate":
+        kw.update(engine=args.engine, rollout_quant=args.rollout_quant)
     if args.workload in OWN_TABLE:
         result, table = OWN_TABLE[args.workload](args, kw)
         print(table)

@@ -126,12 +126,17 @@ def resolve_engine(name: str, device_type: str = "cpu") -> str:
     return name
 
 
-def engine_class(name: str) -> type[RolloutEngine]:
-    if name not in ENGINES:
+def check_engine(name: str) -> None:
+    """A known engine (or auto) whose extra is installed, else a one-line error naming the extra."""
+    if name not in CHOICES:
         raise UserError(f"--rollout-engine: expected one of {', '.join(CHOICES)}, got {name!r}")
     problem = missing(name)
     if problem:
         raise UserError(problem)
+
+
+def engine_class(name: str) -> type[RolloutEngine]:
+    check_engine(name)
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
 

@@ -64,7 +64,12 @@ class LlamaModel:
 
     def __init__(self, path: Path, kv_type: str):
         self.lib = lib = llama_cpp()
-        self.model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        params = lib.llama_model_default_params()
+        # No "extra" buffer types (AMX, repacked layouts): on our AMX-capable CPU llama.cpp's AMX
+        # matmul crashed (SIGILL/SIGSEGV in ggml_backend_amx_mul_mat) on any batch of more than one
+        # token, in this engine and in llama-cpp-python's own Llama class alike.
+        params.use_extra_bufts = False
+        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
@@ -247,6 +252,22 @@ class LlamaCppEngine(RolloutEngine):
         device = input_ids.device
         return Rollout(out.sequences.to(device), out.attention_mask.to(device), out.action_mask.to(device),
                        out.prompt_length, out.logprobs.to(device))
+
+    @torch.no_grad()
+    def decode_only(self, policy, input_ids, attention_mask, steps: int) -> None:
+        """llama.cpp's decoding alone, for the benchmark's anchor: the prefill of every row, then
+        `steps - 1` decode steps with each row fed its last prompt token, nothing sampled."""
+        if policy is not self.synced:
+            self.sync(policy)
+        llm = self.state["llm"]
+        ctx = llm.context(input_ids.shape[0], input_ids.shape[1] + steps)
+        batch = LlamaBatch(llm, ctx, input_ids.numel())
+        try:
+            batch.join(input_ids.cpu(), attention_mask.cpu(), list(range(input_ids.shape[0])), steps)
+            for _ in range(steps - 1):
+                batch.step(input_ids[:, -1].cpu())
+        finally:
+            batch.free()
 
     def close(self) -> None:
         """Free the llama.cpp model and remove the files; a later `generate` makes them again."""

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..generation.engines import CHOICES
+from ..generation.engines import check_engine
 from ..rl import losses as L
 
 
@@ -30,12 +30,11 @@ def check_estimator(cfg, has_critic: bool, world_size: int = 1):
 
 
 def check_rollout_engine(cfg):
-    """--rollout-engine, --rollout-quant and --tis-cap fit together (checked before models load;
-    whether the engine's extra is installed is checked when the engine is made)."""
+    """--rollout-engine (known, its extra installed), --rollout-quant and --tis-cap fit together:
+    checked before models load."""
     from ..generation.llamacpp import QUANTS
 
-    if cfg.rollout_engine not in CHOICES:
-        raise ValueError(f"--rollout-engine: expected one of {', '.join(CHOICES)}, got {cfg.rollout_engine!r}")
+    check_engine(cfg.rollout_engine)
     if cfg.rollout_quant not in QUANTS:
         raise ValueError(f"--rollout-quant: expected one of {', '.join(QUANTS)}, got {cfg.rollout_quant!r}")
     if not (math.isfinite(cfg.tis_cap) and cfg.tis_cap > 0):
