@@ -257,3 +257,21 @@ def test_a_server_that_fails_to_start_is_one_line_with_its_reason(monkeypatch):
         engine.generate(_lora_policy(), *_batch(), _config(steps=1))
     assert "\n" not in str(err.value)
     assert engine.proc is None and not engine.workdir.exists()
+
+
+@needs_vllm
+def test_grpo_samples_on_vllm_with_a_new_adapter_every_step_and_logs_mismatch_and_tis(tmp_path):
+    from test_ppo import run_ppo
+
+    trainer, metrics = run_ppo(tmp_path, advantage="group", group_size=4, rollout_batch_size=4, batch_size=16,
+                               ppo_epochs=1, max_steps=2, rollout_engine="vllm", tis_cap=2.0, dtype="fp32")
+    engine = trainer.engine
+    assert engine.name == "vllm" and not engine.matches_trainer
+    # The adapter as it starts (for the baseline evaluation and the first rollout), then one after each
+    # update: the second rollout's, and the final evaluation's.
+    assert engine.pushes == 3
+    assert engine.proc is None and not engine.workdir.exists(), "the trainer's end stops the server"
+    for m in metrics:
+        assert 0.0 <= m["gen_logprob_mismatch_mean"] <= m["gen_logprob_mismatch"], m
+        assert m["gen_kl"] >= 0.0 and 0.0 < m["tis_weight_mean"] <= 2.0 and 0.0 <= m["tis_clipped_frac"] <= 1.0, m
+    assert (tmp_path / "ppo" / "final" / "config.json").exists()
