@@ -275,3 +275,10 @@ def test_grpo_samples_on_vllm_with_a_new_adapter_every_step_and_logs_mismatch_an
         assert 0.0 <= m["gen_logprob_mismatch_mean"] <= m["gen_logprob_mismatch"], m
         assert m["gen_kl"] >= 0.0 and 0.0 < m["tis_weight_mean"] <= 2.0 and 0.0 <= m["tis_clipped_frac"] <= 1.0, m
     assert (tmp_path / "ppo" / "final" / "config.json").exists()
+
+
+def test_a_colocated_server_goes_to_the_trainers_own_gpu(monkeypatch):
+    """vLLM takes the first GPU it sees: the server is shown only the trainer's (a DDP rank's) GPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert vllm_engine._same_gpu(torch.device("cuda", 1)) == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert vllm_engine._same_gpu(torch.device("cpu")) == {}

@@ -174,7 +174,7 @@ class VLLMEngine(RolloutEngine):
         log = self.workdir / "server.log"
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "FRUGAL_ROLLOUT_KEY": self.key})
+                                         env={**os.environ, **_same_gpu(device), "FRUGAL_ROLLOUT_KEY": self.key})
         deadline = time.monotonic() + self.start_timeout
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -238,6 +238,16 @@ class VLLMEngine(RolloutEngine):
             raise FrugalError(f"vllm server {self.url}{path}: {message}") from None
         except (urllib.error.URLError, ConnectionError) as e:
             raise FrugalError(f"vllm server {self.url}: not reachable ({getattr(e, 'reason', e)})") from None
+
+
+def _same_gpu(device: torch.device) -> dict:
+    """The server on the trainer's own GPU (vLLM takes the first one it sees): under DDP each rank's."""
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"CUDA_VISIBLE_DEVICES": ids[index].strip()}
 
 
 def _lora_rank(policy) -> int:
