@@ -39,9 +39,11 @@ demo: install
 
 # Run alone: on a small machine any other busy process makes the numbers meaningless.
 bench: install
-	$(PIP) install -q $(PIN) -e ".[peers]"
+	$(PIP) install -q $(PIN) -e ".[peers,llamacpp]"
 	mkdir -p docs/bench
 	$(VENV)/bin/frugal bench all --json docs/bench/all.json
+	for b in 1 8 32; do $(VENV)/bin/frugal bench generate --engine all --batch-size $$b --new-tokens 128 \
+		--json docs/bench/generate-engines-b$$b.json; done
 	$(VENV)/bin/frugal bench capacity --stage ppo --memory 24GiB --json docs/bench/capacity-ppo.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage sft --steps 4 --repeats 2 --json docs/bench/compare-sft.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage rm --steps 4 --repeats 2 --json docs/bench/compare-rm.json

@@ -395,7 +395,7 @@ def test_grpo_on_the_torch_engine_takes_no_importance_weights(tmp_path):
     kw = dict(advantage="group", group_size=4, rollout_batch_size=4, batch_size=8, ppo_epochs=2, max_steps=2)
     trainer, capped = run_ppo(tmp_path / "a", tis_cap=1e-9, **kw)
     _, plain = run_ppo(tmp_path / "b", tis_cap=2.0, **kw)
-    assert trainer.engine.matches_trainer and trainer.tis_weights(None, None) == (None, {})
+    assert trainer.engine.matches_trainer
     for a, b in zip(capped, plain):
         assert "tis_weight_mean" not in a
         for key in ("policy_loss", "ratio_mean", "kl_loss", "reward", "actor_grad_norm"):

@@ -129,7 +129,8 @@ def report_markdown(result: dict, metrics: list[dict]) -> str:
     steps = [m for m in metrics if m["step"] > 0]
     lines = [f"# Math recipe: GRPO on a verifiable reward (level {result['config']['level']})", "",
              f"{result['steps']} steps, {result['n_eval']} held-out problems (greedy), "
-             f"wall time {result['wall_seconds'] / 60:.1f} min.", "",
+             f"wall time {result['wall_seconds'] / 60:.1f} min, rollouts and accuracy sampled by the "
+             f"{result['config']['ppo'].get('rollout_engine', 'torch')} engine.", "",
              "| accuracy | before | after | change |", "|---|---|---|---|"]
     for mode in ("strict", "lenient"):
         r = result[mode]
@@ -142,7 +143,9 @@ def report_markdown(result: dict, metrics: list[dict]) -> str:
         first, last = steps[:edge], steps[-edge:]
         lines.append(f"Over training (means of the first and last {edge} steps):")
         lines.append("")
-        for key in ("reward", "reward_math", "response_length", "kl"):
+        # the engine's log-probs against the trainer's, and the importance weights correcting for them
+        for key in ("reward", "reward_math", "response_length", "kl", "gen_logprob_mismatch_mean", "gen_kl",
+                    "tis_weight_mean", "tis_clipped_frac"):
             if all(key in m for m in first + last):
                 lines.append(f"- {key}: {sum(m[key] for m in first) / edge:.3f} -> {sum(m[key] for m in last) / edge:.3f}")
     lines += ["", "![training](grpo/rlvr.png)", "", "## Examples (held-out)", "",

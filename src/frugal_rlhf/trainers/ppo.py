@@ -291,7 +291,10 @@ class PPOTrainer(Trainer):
                     old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
                     if mb.logprobs is None:  # one update on the whole rollout: the sampling weights
                         mismatch = L.logprob_mismatch(mb.sample_logprobs, old, mb.action_mask)
-                    weights, tis = self.tis_weights(old, mb)
+                    # Truncated importance weights where the engine samples from other numbers than
+                    # the trainer's (rl/losses.py); none where it runs the trainer's own.
+                    weights, tis = (None, {}) if self.engine.matches_trainer else L.tis_weights(
+                        old, mb.sample_logprobs, mb.action_mask, cfg.tis_cap)
                     pg_loss, pg = L.policy_loss(logp.float(), old, mb.advantages, mb.action_mask, cfg.clip_eps,
                                                 cfg.clip_eps_high, cfg.loss_agg, cfg.max_new_tokens, weights)
                     ent = L.masked_mean(entropy, mb.action_mask)
@@ -326,13 +329,6 @@ class PPOTrainer(Trainer):
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         return {k: v / max(1, count) for k, v in sums.items()}
-
-    def tis_weights(self, old, mb):
-        """Per-token truncated importance weights where the engine samples from other numbers than
-        the trainer's (rl/losses.py); none (the loss unchanged) where it runs the trainer's own."""
-        if self.engine.matches_trainer:
-            return None, {}
-        return L.tis_weights(old, mb.sample_logprobs, mb.action_mask, self.config.tis_cap)
 
     def ptx_loss(self):
         if self.ptx_loader is None or not self.config.ptx_coef:
