@@ -16,13 +16,18 @@ def test_bench_generate_times_every_installed_engine(tmp_path):
     assert main(["bench", "generate", "--model", "tiny-llama", "--engine", "all", "--new-tokens", "2",
                  "--batch-size", "2", "--repeats", "1", "--dtype", "fp32", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
+    from frugal_rlhf.generation.engines import installed
+
     llama = ["llamacpp", "llamacpp_standalone"] if importlib.util.find_spec("llama_cpp") else []
-    assert r["engines"] == ["frugal", "hf_generate", *llama]
+    vllm = ["vllm"] if installed("vllm") else []
+    assert r["engines"] == ["frugal", "hf_generate", *llama, *vllm]
     for name in r["engines"]:
         steps_per_s = r[name]["tokens_per_s"]["median"] / 2
         assert r[name]["bandwidth_fraction"] == pytest.approx(steps_per_s * r[name]["weight_gb"] / r["copy_gb_per_s"])
     for name in llama:  # f16 weights: half the fp32 model's bytes, give or take the f32 norms
         assert r[name]["quant"] == "f16" and r[name]["weight_gb"] == pytest.approx(r["weight_gb"] / 2, rel=0.02)
+    for name in vllm:  # the fp32 checkpoint it serves: the model's bytes and a safetensors header
+        assert r[name]["weight_gb"] == pytest.approx(r["weight_gb"], rel=0.02)
 
 
 def test_bench_generate_and_ppo_write_valid_json(tmp_path):

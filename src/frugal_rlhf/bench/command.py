@@ -68,7 +68,7 @@ def add_bench_args(p):
     p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
     p.add_argument("--engine", default="torch", choices=[*ENGINES, "all"],
                    help="generate: the rollout engine(s) to time (torch: ours and HF generate; llamacpp: our llama.cpp "
-                        "engine and llama.cpp alone; all: every installed one)")
+                        "engine and llama.cpp alone; vllm: the vLLM server; all: every installed one)")
     p.add_argument("--rollout-quant", default="f16", choices=["f16", "q8_0", "q4_0", "base"],
                    help="generate --engine llamacpp|all: the weight format of llama.cpp's copy")
     p.add_argument("--reward", default="rm", choices=["rm", "math"],

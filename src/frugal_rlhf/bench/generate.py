@@ -4,11 +4,13 @@ fraction of the memory-bandwidth bound each reaches.
 Rows (`--engine`): `torch` = our engine (`frugal`) and Hugging Face `generate` beside it;
 `llamacpp` = our llama.cpp engine (its sampling loop is ours) and `llamacpp_standalone`, llama.cpp
 decoding the same batch with nothing sampled (every row fed a fixed token): the anchor, what
-llama.cpp itself does; `all` = every installed engine. An engine is timed on its own copy of the
+llama.cpp itself does; `vllm` = the vLLM server in its own environment, timed from the trainer's
+side (HTTP and JSON included, its start not); `all` = every installed engine. An engine is timed on its own copy of the
 weights (llama.cpp: the GGUF file in --rollout-quant), its bound computed from those bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -18,12 +20,13 @@ from ..data.tokenize import PromptCollator, encode_prompt
 from ..device import compute_dtype, default_device, peak_memory_bytes
 from ..generation import SampleConfig, sample
 from ..generation.engines import installed, make_engine
+from ..generation.vllm_engine import VLLMEngine
 from ..models.loading import load_model
 from ..models.roles import Actor, SharedLM
 from . import flops
 from .common import bench_prompts, stats
 
-ENGINES = ("torch", "llamacpp")  # --engine choices beside `all`
+ENGINES = ("torch", "llamacpp", "vllm")  # --engine choices beside `all`
 
 
 def _timed(run, repeats: int, tokens: int) -> dict:
@@ -78,6 +81,20 @@ def _llamacpp_rows(hf, tok, ids, mask, cfg, repeats, quant):
         engine.close()
 
 
+def _vllm_rows(hf, ids, mask, cfg, repeats):
+    engine = VLLMEngine(sleep=False)  # awake between the timed runs, as between rollouts on a CPU
+    policy = Actor(SharedLM(hf), None)
+    try:
+        # Starts the server on these weights (written in their dtype, de-quantized): setup, not timed.
+        engine.generate(policy, ids[:1], mask[:1], dataclasses.replace(cfg, max_new_tokens=1))
+        weights = sum(f.stat().st_size for f in (engine.workdir / "base").glob("*.safetensors"))
+        tokens = ids.shape[0] * cfg.max_new_tokens
+        run = lambda seed: engine.generate(policy, ids, mask, cfg, torch.Generator().manual_seed(seed))  # noqa: E731
+        return {"vllm": {**_timed(run, repeats, tokens), "weight_bytes": weights}}
+    finally:
+        engine.close()
+
+
 def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtype="auto", quantize_base="none",
                    engine="torch", rollout_quant="f16", **_):
     """Tokens/s and bandwidth-bound fraction of each engine: same model, batch and settings."""
@@ -96,6 +113,8 @@ def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtyp
         results.update(_torch_rows(hf, tok, ids, mask, cfg, repeats))
     if "llamacpp" in chosen:
         results.update(_llamacpp_rows(hf, tok, ids, mask, cfg, repeats, rollout_quant))
+    if "vllm" in chosen:
+        results.update(_vllm_rows(hf, ids, mask, cfg, repeats))
     # Decode reads every weight once per step, so steps/s x weight bytes cannot pass the rate
     # the memory moves bytes at, measured now in the same process. Prefill is in the timed run,
     # so the fraction is a lower bound on the decode steps' own.

@@ -126,7 +126,8 @@ def _write_safetensors(path: Path, entries, dtype):
 @torch.no_grad()
 def export_merged(role, tokenizer, path, dtype=torch.float32):
     """Write the role's LM, adapter merged, as a Hugging Face checkpoint (sharded like
-    save_pretrained when large), one tensor at a time; then the tokenizer."""
+    save_pretrained when large), one tensor at a time; then the tokenizer (if given). A role
+    with `adapter` None on a peft model writes the base alone (adapters off)."""
     path = Path(path)
     tmp = _tmpdir(path)
     model, entries = _merged_tensors(role.lm, role.adapter, dtype)
@@ -147,7 +148,8 @@ def export_merged(role, tokenizer, path, dtype=torch.float32):
     config.save_pretrained(tmp)
     if model.can_generate():
         model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:  # None: weights for a program that takes token ids (generation/vllm_engine.py)
+        tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, path)
     return path
 
@@ -166,7 +168,8 @@ def export_adapter(role, tokenizer, path, base: str):
         config.base_model_name_or_path = saved_base
     # peft writes adapters other than "default" into a subfolder named after them.
     src = tmp / role.adapter if (tmp / role.adapter).is_dir() else tmp
-    tokenizer.save_pretrained(src)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(src)
     _replace_dir(src, path)
     if src != tmp:
         shutil.rmtree(tmp, ignore_errors=True)
