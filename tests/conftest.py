@@ -55,6 +55,20 @@ def pytest_collection_modifyitems(config, items):
         random.Random(TEST_SEED).shuffle(items)
 
 
+def fp32_logprob_bound(cfg, logits_scale: float) -> float:
+    """Rounding bound for one log-prob computed by two fp32 forwards of a model with config
+    `cfg` that differ only in summation order (cached single-token steps vs one pass over the
+    whole sequence; another engine's kernels).
+
+    A dot product of n fp32 terms carries a relative error up to n*eps (Higham's gamma_n); the
+    longest sums on the path are over the hidden or MLP width, once per layer and once in the
+    LM head; a log-prob is logit - logsumexp, so twice a logit's error. Scaled by the logits'
+    magnitude: 2 * (layers + 1) * width * eps * max|logit|.
+    """
+    width = max(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size, cfg.hidden_size)
+    return 2 * (cfg.num_hidden_layers + 1) * width * torch.finfo(torch.float32).eps * logits_scale
+
+
 def embedded_available() -> bool:
     import importlib.util
 

@@ -7,6 +7,29 @@ from frugal_rlhf.models.memory import parse_size
 from frugal_rlhf.cli import main
 
 
+def test_bench_generate_times_every_installed_engine(tmp_path):
+    """--engine all: a row per installed engine (llama.cpp alone as the anchor), each bound over
+    its own copy of the weights (llama.cpp's GGUF in f16: about the bf16/fp32 model's bytes / 1 or 2)."""
+    import importlib.util
+
+    out = tmp_path / "gen.json"
+    assert main(["bench", "generate", "--model", "tiny-llama", "--engine", "all", "--new-tokens", "2",
+                 "--batch-size", "2", "--repeats", "1", "--dtype", "fp32", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    from frugal_rlhf.generation.engines import installed
+
+    llama = ["llamacpp", "llamacpp_standalone"] if importlib.util.find_spec("llama_cpp") else []
+    vllm = ["vllm"] if installed("vllm") else []
+    assert r["engines"] == ["frugal", "hf_generate", *llama, *vllm]
+    for name in r["engines"]:
+        steps_per_s = r[name]["tokens_per_s"]["median"] / 2
+        assert r[name]["bandwidth_fraction"] == pytest.approx(steps_per_s * r[name]["weight_gb"] / r["copy_gb_per_s"])
+    for name in llama:  # f16 weights: half the fp32 model's bytes, give or take the f32 norms
+        assert r[name]["quant"] == "f16" and r[name]["weight_gb"] == pytest.approx(r["weight_gb"] / 2, rel=0.02)
+    for name in vllm:  # the fp32 checkpoint it serves: the model's bytes and a safetensors header
+        assert r[name]["weight_gb"] == pytest.approx(r["weight_gb"], rel=0.02)
+
+
 def test_bench_generate_and_ppo_write_valid_json(tmp_path):
     out = tmp_path / "gen.json"
     assert main(["bench", "generate", "--model", "tiny-llama", "--new-tokens", "8", "--batch-size", "4",
@@ -15,8 +38,10 @@ def test_bench_generate_and_ppo_write_valid_json(tmp_path):
     assert r["frugal"]["tokens_per_s"]["median"] > 0 and r["hf_generate"]["tokens_per_s"]["median"] > 0
     assert r["ratio"] == r["frugal"]["tokens_per_s"]["median"] / r["hf_generate"]["tokens_per_s"]["median"]
     # The bandwidth fraction is steps/s x weight bytes / copy rate: recomputed here from its parts.
+    assert r["engines"] == ["frugal", "hf_generate"]
     for name in ("frugal", "hf_generate"):
         steps_per_s = r[name]["tokens_per_s"]["median"] / 4
+        assert r[name]["weight_gb"] == r["weight_gb"]
         assert r[name]["bandwidth_fraction"] == pytest.approx(steps_per_s * r["weight_gb"] / r["copy_gb_per_s"])
     out = tmp_path / "ppo.json"
     assert main(["bench", "ppo", "--model", "tiny-llama", "--steps", "2", "--batch-size", "4", "--new-tokens", "8",

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import fp32_logprob_bound
 from frugal_rlhf.generation import Rollout, SampleConfig, choose_next, reference_sample, sample
 
 VOCAB = 97
@@ -227,20 +228,6 @@ def test_greedy_equals_hf_generate_with_rows_leaving_early(model):
     assert torch.equal(ours.sequences, reference_sample(model, ids, mask, cfg).sequences)
 
 
-def _fp32_logprob_bound(model, logits_scale: float) -> float:
-    """Rounding bound for one log-prob computed by two fp32 forwards that differ only in
-    summation order (cached single-token steps vs one pass over the whole sequence).
-
-    A dot product of n fp32 terms carries a relative error up to n*eps (Higham's gamma_n); the
-    longest sums on the path are over the hidden or MLP width, once per layer and once in the
-    LM head; a log-prob is logit - logsumexp, so twice a logit's error. Scaled by the logits'
-    magnitude: 2 * (layers + 1) * width * eps * max|logit|.
-    """
-    cfg = model.config
-    width = max(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size, cfg.hidden_size)
-    return 2 * (cfg.num_hidden_layers + 1) * width * torch.finfo(torch.float32).eps * logits_scale
-
-
 def test_engine_logprobs_equal_the_trainers_forward(model):
     from frugal_rlhf.models.roles import token_logprobs
 
@@ -254,7 +241,7 @@ def test_engine_logprobs_equal_the_trainers_forward(model):
         trainer, _ = token_logprobs(out.hidden_states[-1][:, -n - 1:-1], model.get_output_embeddings(),
                                     r.sequences[:, -n:], temperature=0.7)
     act = r.action_mask.bool()
-    bound = _fp32_logprob_bound(model, float(out.logits.abs().max()) / 0.7)
+    bound = fp32_logprob_bound(model.config, float(out.logits.abs().max()) / 0.7)
     mismatch = float((r.logprobs - trainer)[act].abs().max())
     assert mismatch <= bound, (mismatch, bound)
     assert torch.all(r.logprobs[~act] == 0) and torch.all(r.logprobs[act] < 0)
@@ -315,3 +302,57 @@ def test_compiled_decode_step_gives_the_eager_tokens(monkeypatch):
     monkeypatch.setenv("FRUGAL_COMPILE", "yes")
     with pytest.raises(ValueError, match="FRUGAL_COMPILE"):
         sample(model, ids, mask, cfg)
+
+
+# ---- the rollout engines' registry (generation/engines.py) -----------------------------------
+def test_engine_choice_auto_and_a_missing_extra(monkeypatch):
+    import frugal_rlhf.generation.engines as E
+    from frugal_rlhf.errors import UserError
+
+    assert isinstance(E.make_engine("torch"), E.TorchEngine) and E.TorchEngine.matches_trainer
+    with pytest.raises(UserError, match="expected one of torch, llamacpp, vllm, auto, got 'tensorrt'"):
+        E.make_engine("tensorrt")
+    present = {"llama_cpp"}
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: object() if name in present else None)
+    monkeypatch.setattr(E, "vllm_python", lambda: None)  # vLLM runs in its own environment: none here
+    monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
+    # auto: the installed engines in the measured order for the device
+    assert E.resolve_engine("auto", "cpu") == "llamacpp" and E.resolve_engine("auto", "cuda") == "torch"
+    assert E.resolve_engine("auto", "mps") == "torch" and E.resolve_engine("torch", "cpu") == "torch"
+    with pytest.raises(UserError, match=r"--rollout-engine vllm needs vLLM in its own environment: run `make vllm"):
+        E.make_engine("vllm")
+    monkeypatch.setenv("FRUGAL_ROLLOUT_SERVER", "http://127.0.0.1:8100")  # a server elsewhere counts as installed
+    assert E.resolve_engine("auto", "cuda") == "vllm" and E.resolve_engine("auto", "cpu") == "llamacpp"
+    monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER")
+    from frugal_rlhf.config import PPOConfig
+    from frugal_rlhf.generation.engines import check_rollout_engine
+
+    check_rollout_engine(PPOConfig(rollout_engine="auto", strategy="fsdp"))  # auto leaves sharded weights to torch
+    with pytest.raises(ValueError, match="copies the policy's weights from one process: it needs --strategy naive"):
+        check_rollout_engine(PPOConfig(rollout_engine="llamacpp", strategy="fsdp"))
+    present.clear()
+    assert E.resolve_engine("auto", "cpu") == "torch"
+    with pytest.raises(UserError, match=r"needs the llama_cpp package: pip install -e \.\[llamacpp\]"):
+        E.make_engine("llamacpp")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rollout-engine", "tensorrt"], "--rollout-engine: expected one of torch, llamacpp, vllm, auto"),
+    (["--rollout-engine", "vllm"], r"--rollout-engine vllm needs vLLM in its own environment: run `make vllm-env`"),
+    (["--rollout-quant", "q5_k"], "--rollout-quant: expected one of f16, q8_0, q4_0, base"),
+    (["--tis-cap", "0"], "--tis-cap: expected a finite number > 0"),
+    (["--tis-cap", "nan"], "--tis-cap: expected a finite number > 0"),
+])
+def test_rollout_flags_are_checked_before_anything_loads(tmp_path, capsys, monkeypatch, flags, message):
+    import re
+
+    import frugal_rlhf.generation.engines as E
+    from test_run_safety import run_cli
+
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: object() if name == "llama_cpp" else None)
+    monkeypatch.setattr(E, "vllm_python", lambda: None)
+    monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
+    code, _, errors = run_cli(capsys, "ppo", "--model", "tiny-llama", "--output", tmp_path / "ppo", "--reward", "math",
+                              "--advantage", "group", "--group-size", "2", *flags)
+    assert code == 2 and len(errors) == 1 and re.search(message, errors[0]), errors
+    assert not (tmp_path / "ppo").exists()

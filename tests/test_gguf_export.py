@@ -1,5 +1,7 @@
 """GGUF export round trip: the written file loads back through transformers' GGUF loader (the
-path that reads our embedded default) as the same model and tokenizer.
+path that reads our embedded default) as the same model and tokenizer, and runs in llama.cpp
+itself, whose greedy answers equal transformers' on the file's own weights up to llama.cpp's
+rounding of its matmul inputs (tests/llamacpp_bounds.py; where the [llamacpp] extra is installed).
 
 Tolerances come from the formats, never from a run on this machine:
 - per weight: f16 rounds to nearest, |dw| <= 2^-11 |w| (plus 2^-25 below f16's normal range);
@@ -78,6 +80,34 @@ def check_round_trip(model, tok, tmp_path, quant, prompt):
     return model, loaded, ids
 
 
+def assert_llama_cpp_agrees(path, tok, prompt: str, n=16) -> int:
+    """The file runs in llama.cpp: its greedy answer (and log-probs) equal transformers' on the
+    weights transformers reads from the same file (exactly llama.cpp's: f16, or the blocks' codes
+    times their scale), up to the rounding bound of llama.cpp's matmul inputs in that format."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [llamacpp] extra) is not installed")
+    from llamacpp_bounds import assert_greedy_agrees, llama_greedy
+
+    quant = path.stem.rsplit("-", 1)[-1]
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text)["input_ids"]
+    ours = greedy(loaded, torch.tensor([ids]), n)
+    theirs, logprobs = llama_greedy(path, ids, n)
+    assert len(theirs) == n
+    return assert_greedy_agrees(loaded, ids, ours, theirs, logprobs, quant)
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
+def test_tiny_llama_export_runs_in_llama_cpp(tmp_path, quant):
+    model, tok = build_tiny("tiny-llama")
+    path = write_gguf(model.config, ((k, lambda v=v: v) for k, v in model.state_dict().items()), tok,
+                      tmp_path / f"model-{quant}.gguf", quant)
+    compared = assert_llama_cpp_agrees(path, tok, "What is 2 plus 2?")
+    # f16: every step's margin is beyond the bound, so the whole text is equal; q8_0 and q4_0
+    # round activations ~8x coarser (blocks of 32), and the tiny model's answers may part at a tie.
+    assert compared == 16 if quant == "f16" else compared >= 1
+
+
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
 def test_tiny_llama_round_trip(tmp_path, quant):
     model, tok = build_tiny("tiny-llama")
@@ -86,7 +116,7 @@ def test_tiny_llama_round_trip(tmp_path, quant):
         assert greedy(loaded, ids) == greedy(model, ids)
 
 
-def test_tiny_qwen2_round_trip(tmp_path):
+def tiny_qwen2():
     from transformers import AutoConfig
 
     _, tok = build_tiny("tiny-llama")
@@ -98,8 +128,20 @@ def test_tiny_qwen2_round_trip(tmp_path):
     for layer in model.model.layers:  # Qwen2's q/k/v biases start at 0: make them count
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             torch.nn.init.normal_(proj.bias, std=0.1)
+    return model.eval(), tok
+
+
+def test_tiny_qwen2_round_trip(tmp_path):
+    model, tok = tiny_qwen2()
     model, loaded, ids = check_round_trip(model, tok, tmp_path, "f16", "Hello")
     assert greedy(loaded, ids) == greedy(model, ids)
+
+
+def test_tiny_qwen2_export_runs_in_llama_cpp(tmp_path):
+    model, tok = tiny_qwen2()
+    path = write_gguf(model.config, ((k, lambda v=v: v) for k, v in model.state_dict().items()), tok,
+                      tmp_path / "model-f16.gguf", "f16")
+    assert assert_llama_cpp_agrees(path, tok, "Hello") == 16
 
 
 def test_families_we_cannot_write_are_named(tmp_path):
@@ -115,6 +157,7 @@ def test_embedded_default_round_trip_at_f16(tmp_path):
     model, tok = load_model("default")
     model, loaded, ids = check_round_trip(model, tok, tmp_path, "f16", "What is the capital of France?")
     assert greedy(loaded, ids, 24) == greedy(model, ids, 24)
+    assert assert_llama_cpp_agrees(tmp_path / "model-f16.gguf", tok, "What is the capital of France?", 24) >= 1
 
 
 def test_training_with_export_gguf_writes_it_and_a_model_card(tmp_path, rows):
@@ -133,6 +176,14 @@ def test_training_with_export_gguf_writes_it_and_a_model_card(tmp_path, rows):
     assert meta["license"] == "unknown" and "sft" in meta["tags"] and "base_model" not in meta  # tiny: random
     assert "frugal sft --config frugal_config.yaml" in card and "| eval_loss |" in card
     assert yaml.safe_load((final / "frugal_config.yaml").read_text())["lora_rank"] == 4
+
+
+def test_training_export_runs_in_llama_cpp(tmp_path, rows):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [llamacpp] extra) is not installed")
+    from test_sft import run_sft
+
+    trainer, _ = run_sft(tmp_path, rows, max_steps=2, lora_rank=4, export_gguf="q8_0")
+    assert assert_llama_cpp_agrees(trainer.out / "final" / "model-q8_0.gguf", trainer.tokenizer, "Hi") >= 1
 
 
 def test_model_card_inherits_the_embedded_default_license():

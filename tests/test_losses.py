@@ -267,6 +267,41 @@ def test_policy_loss_higher_advantage_lower_loss():
     assert hi.item() < lo.item()
 
 
+def test_tis_weights_hand_values_cap_and_mask():
+    # trainer / engine probabilities 0.6/0.4, 0.1/0.4, 0.9/0.05, 0.5/0.5, 0.3/0.6 -> ratios 1.5,
+    # 0.25, 18 (capped at 2), 1, 0.5; the last token is padding with a ratio of e^30
+    trainer = t([[math.log(0.6), math.log(0.1), math.log(0.9)], [math.log(0.5), math.log(0.3), 0.0]])
+    engine = t([[math.log(0.4), math.log(0.4), math.log(0.05)], [math.log(0.5), math.log(0.6), -30.0]])
+    w, stats = L.tis_weights(trainer, engine, MASK, cap=2.0)
+    close(w, [[1.5, 0.25, 2.0], [1.0, 0.5, 0.0]], 1e-6)
+    assert w[0, 2].item() == 2.0 and w[1, 0].item() == 1.0 and w[1, 2].item() == 0.0
+    close(stats["tis_weight_mean"], (1.5 + 0.25 + 2.0 + 1.0 + 0.5) / 5, 1e-6)
+    assert stats["tis_clipped_frac"] == pytest.approx(1 / 5)  # the padding's ratio never counts
+    assert not w.requires_grad
+    same, stats = L.tis_weights(trainer, trainer, MASK, cap=2.0)  # the trainer's own numbers: exactly 1
+    assert torch.equal(same, MASK.float()) and stats == {"tis_weight_mean": 1.0, "tis_clipped_frac": 0.0}
+
+
+def test_policy_loss_takes_tis_weights_per_token():
+    logp, old, adv = t([[-1.0, -0.5]]), t([[-1.1, -0.5]]), t([[1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    loss, _ = L.policy_loss(logp, old, adv, mask, weights=t([[0.5, 2.0]]))
+    r = math.exp(0.1)
+    close(loss, (0.5 * -1.0 * r + 2.0 * 2.0 * 1.0) / 2, 1e-6)
+    plain, _ = L.policy_loss(logp, old, adv, mask)
+    ones, _ = L.policy_loss(logp, old, adv, mask, weights=torch.ones(1, 2))
+    assert torch.equal(ones, plain)
+
+
+def test_logprob_mismatch_max_mean_and_kl():
+    engine, trainer = t([[-1.0, -2.0, -9.0]]), t([[-1.5, -2.0, 0.0]])
+    mask = t([[1.0, 1.0, 0.0]])
+    m = L.logprob_mismatch(engine, trainer, mask)
+    assert m["gen_logprob_mismatch"] == 0.5 and m["gen_logprob_mismatch_mean"] == 0.25
+    # k3 on the engine's samples, log r = trainer - engine: (e^-0.5 - 1 + 0.5) and 0, over 2 tokens
+    close(m["gen_kl"], (math.exp(-0.5) - 0.5) / 2, 1e-6)
+
+
 # -------------------------------------------------------------------- value loss
 def test_value_loss_clipping_hand_values():
     values, old, ret, mask = t([[1.0, 0.0]]), t([[0.5, 0.1]]), t([[2.0, 0.0]]), torch.ones(1, 2)

@@ -74,7 +74,7 @@ def mixed_rows():
                                   for i in range(24)]
 
 
-def sft_run(tmp_path, rows, budget=None):
+def sft_run(tmp_path, rows, budget):
     cfg = SFTConfig(model="tiny-llama", output=str(tmp_path), max_steps=4, batch_size=8, lr=0.05, max_length=96,
                     save_every=0, eval_every=0, eval_split=0, dtype="fp32", warmup_ratio=0.0,
                     memory_budget=budget)
@@ -90,7 +90,7 @@ def test_tight_budget_accumulates_and_checkpoints_with_the_same_loss_curve(tmp_p
     held = []  # the real call would change this test process's heap for the tests after it
     monkeypatch.setattr(M, "use_lean_heap", lambda: held.append(True))
     rows = mixed_rows()
-    free, curve = sft_run(tmp_path / "free", rows)
+    free, curve = sft_run(tmp_path / "free", rows, "off")
     assert not held
     cfg = SFTConfig(model="tiny-llama", batch_size=8, max_length=96, dtype="fp32")
     shape, costs = M.shape_of(cfg)
@@ -114,3 +114,66 @@ def test_budget_too_small_refuses_before_anything_is_written(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
     assert err[-1].startswith("frugal sft: error: --memory-budget 0.10 GiB: nothing fits")
+
+
+def test_auto_tries_the_smallest_efficient_micro_batch_first():
+    work = M.Work("sft", batch=8, accum=1, seq_len=100)
+    # micro-batches of at least 300 tokens: 4 (400 tokens) first, then 8, then the smaller ones
+    assert M.choices(work, lean_from=300) == [(4, False), (8, False), (2, False), (1, False),
+                                             (4, True), (8, True), (2, True), (1, True)]
+    # a pair is two sequences: one pair of 2 x 100 tokens already reaches 200
+    assert M.choices(M.Work("rm", 4, 1, 100), lean_from=200)[:2] == [(1, False), (2, False)]
+    # nothing big enough: the whole batch first, as without lean_from
+    assert M.choices(work, lean_from=10**6) == M.choices(work)
+    p = M.plan(SHAPE, COSTS, M.Work("sft", batch=4, accum=2, seq_len=8), 10**12, lean_from=16)
+    assert (p.micro, p.accum, p.checkpointing) == (2, 4, False)  # 2 rows x 8 tokens, 4 x 2 = the 8 asked for
+
+
+def test_auto_is_the_default_and_keeps_the_loss_curve(tmp_path, monkeypatch):
+    """The default budget (auto) splits the batch into the smallest micro-batch of at least
+    LEAN_MICRO_TOKENS tokens, accumulated exactly: the loss curve of the unplanned run."""
+    assert SFTConfig().memory_budget == "auto" and SFTConfig().lora_rank == 16
+    monkeypatch.setattr(supervised, "make_optimizer", lambda params, lr, wd: torch.optim.SGD(
+        [p for p in params if p.requires_grad], lr=lr))
+    monkeypatch.setattr(M, "use_lean_heap", lambda: None)
+    monkeypatch.setattr(M, "LEAN_MICRO_TOKENS", 2 * 96)  # two rows of max_length 96
+    rows = mixed_rows()
+    off, curve = sft_run(tmp_path / "off", rows, "off")
+    auto, lean = sft_run(tmp_path / "auto", rows, "auto")
+    assert (off.batch_size, off.grad_accum) == (8, 1)
+    assert (auto.batch_size, auto.grad_accum, auto.gradient_checkpointing) == (2, 4, False)
+    for a, b in zip(curve, lean, strict=True):
+        assert a["tokens"] == b["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=a["tokens"] * torch.finfo(torch.float32).eps)
+
+
+def test_a_quantized_base_is_planned_with_its_stored_bytes():
+    cfg = SFTConfig(model="tiny-llama", batch_size=2, max_length=32, dtype="fp32")
+    dense, _ = M.shape_of(cfg)
+    nf4, _ = M.shape_of(SFTConfig(**{**cfg.__dict__, "quantize_base": "nf4"}))
+    assert nf4.params == dense.params and dense.base_bytes == dense.params * 4
+    # the layers' weights at 0.5625 bytes (codes and absmax), the embeddings stay fp32
+    layer_elems = (dense.base_bytes - nf4.base_bytes) / (4 - 0.5625)
+    assert 0 < layer_elems < dense.params
+    assert M.unmodelled(SFTConfig(quantize_base="nf4")) is None
+
+
+def test_auto_runs_an_unmodelled_stage_as_configured():
+    from frugal_rlhf.config import PPOConfig
+
+    cfg = PPOConfig(model="tiny-llama", lora_rank=0)  # four separate models: not modelled
+    assert M.apply_plan(cfg) is cfg
+    with pytest.raises(UserError, match="needs --lora-rank"):
+        M.apply_plan(PPOConfig(model="tiny-llama", lora_rank=0, memory_budget="4GiB"))
+
+
+def test_sampling_batch_fits_the_kv_cache_and_logits_in_the_budget():
+    from frugal_rlhf.models.loading import load_config
+
+    config = load_config("tiny-llama")
+    text = config.get_text_config()
+    kv = text.num_hidden_layers * 2 * (text.num_key_value_heads * text.hidden_size // text.num_attention_heads)
+    per_row = kv * 100 * 2 + M.LOGIT_COPIES * text.vocab_size * 4  # 100 tokens in bf16, fp32 logits rows
+    assert M.sampling_batch(config, 2, 32, 100, budget=10 * per_row) == 10
+    assert M.sampling_batch(config, 2, 8, 100, budget=10 * per_row) == 8
+    assert M.sampling_batch(config, 2, 8, 100, budget=per_row // 2) == 1  # at least one row

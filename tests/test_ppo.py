@@ -200,15 +200,15 @@ def test_seed_shaped_api_with_separate_models(tmp_path):
     with strategy.model_init_context():
         actor = Actor("tiny-llama", lora_rank=4, dtype="fp32")
         critic = Critic("tiny-llama", lora_rank=4, dtype="fp32")
-        initial_model = Actor("tiny-llama", trainable=False, dtype="fp32")
-    assert not any(p.requires_grad for p in initial_model.parameters())
+        reference = Actor("tiny-llama", trainable=False, dtype="fp32")
+    assert not any(p.requires_grad for p in reference.parameters())
     actor_optim = torch.optim.AdamW(actor.trainable_parameters(), lr=1e-3)
     critic_optim = torch.optim.AdamW(critic.trainable_parameters(), lr=1e-3)
-    (actor, actor_optim), (critic, critic_optim), initial_model = strategy.prepare(
-        (actor, actor_optim), (critic, critic_optim), initial_model)
+    (actor, actor_optim), (critic, critic_optim), reference = strategy.prepare(
+        (actor, actor_optim), (critic, critic_optim), reference)
     cfg = PPOConfig(output=str(tmp_path / "ppo"), max_steps=2, rollout_batch_size=4, batch_size=4,
                     max_new_tokens=6, save_every=0, dtype="fp32", model="tiny-llama")
-    trainer = PPOTrainer(strategy, actor, critic, None, initial_model, actor_optim, critic_optim, config=cfg,
+    trainer = PPOTrainer(strategy, actor, critic, None, reference, actor_optim, critic_optim, config=cfg,
                          reward_fn=letter_reward(actor.tokenizer))
     before = {n: p.clone() for n, p in actor.named_parameters() if p.requires_grad}
     metrics = trainer.fit(PROMPTS[:8])
@@ -246,10 +246,11 @@ def test_ppo_scores_responses_as_the_reward_model_was_trained(tmp_path):
     rmask = torch.tensor([[1] * len(cut) + [0] * (width - len(cut)), [1] * len(done) + [0] * (width - len(done))])
     seq, attn = torch.cat([batch["input_ids"], resp], 1), torch.cat([batch["attention_mask"], rmask], 1)
     with torch.no_grad():
-        got = trainer.reward_fn(seq, attn, batch["input_ids"].shape[1])
+        got, parts = trainer.reward_fn(seq, attn, batch["input_ids"].shape[1])
         expected = rm.score(prompts, ["hello wor", "ok"])
         unclosed = rm(seq, attn)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert parts == {}  # a reward model alone has no components
     assert abs(float(unclosed[0] - expected[0])) > 1e-3  # scoring without the appended token differs
     torch.testing.assert_close(unclosed[1], expected[1], rtol=1e-5, atol=1e-5)
 
@@ -386,6 +387,20 @@ def test_grpo_single_update_takes_old_logprobs_from_its_own_forward(tmp_path, mo
     for a, b in zip(reused, recomputed):
         for key in ("reward", "kl", "kl_loss", "policy_loss", "ratio_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_grpo_on_the_torch_engine_takes_no_importance_weights(tmp_path):
+    """Our torch engine samples with the trainer's own weights and kernels: truncated importance
+    sampling leaves its loss exactly the uncorrected one, whatever the cap (a cap of 1e-9 would
+    scale every token's loss to ~0 if it were applied)."""
+    kw = dict(advantage="group", group_size=4, rollout_batch_size=4, batch_size=8, ppo_epochs=2, max_steps=2)
+    trainer, capped = run_ppo(tmp_path / "a", tis_cap=1e-9, **kw)
+    _, plain = run_ppo(tmp_path / "b", tis_cap=2.0, **kw)
+    assert trainer.engine.matches_trainer
+    for a, b in zip(capped, plain):
+        assert "tis_weight_mean" not in a
+        for key in ("policy_loss", "ratio_mean", "kl_loss", "reward", "actor_grad_norm"):
+            assert a[key] == b[key], key
 
 
 def test_rollout_and_scoring_run_without_dropout(tmp_path):

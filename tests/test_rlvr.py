@@ -50,7 +50,7 @@ def test_estimator_raises_the_reward(tmp_path, name):
 
 
 def test_estimator_options_are_checked_before_models_load(tmp_path):
-    from frugal_rlhf.trainers.estimators import check_estimator
+    from frugal_rlhf.rl.algorithms import check_estimator
 
     bad = [(dict(advantage="ppo"), "expected one of"), (dict(advantage="rloo", group_size=1), "group_size >= 2"),
            (dict(advantage="gae", dynamic_sampling=True), "dynamic-sampling"),
@@ -136,11 +136,11 @@ def test_rm_component_is_the_reward_models_score_weighted(tmp_path):
     seq = torch.cat([batch["input_ids"].repeat(2, 1), resp], 1)
     attn = torch.cat([batch["attention_mask"].repeat(2, 1), (resp != tok.pad_token_id).long()], 1)
     with torch.no_grad():
-        alone = plain.reward_fn(seq, attn, batch["input_ids"].shape[1])
-        both = mixed.reward_fn(seq, attn, batch["input_ids"].shape[1], rows)
+        alone, _ = plain.reward_fn(seq, attn, batch["input_ids"].shape[1])
+        both, parts = mixed.reward_fn(seq, attn, batch["input_ids"].shape[1], rows)
     length = torch.tensor([1.0, 0.5])  # 4 and 2 tokens against the target 4
     torch.testing.assert_close(both, 2 * alone + length)
-    torch.testing.assert_close(mixed.reward_parts["reward_rm"], alone)
+    torch.testing.assert_close(parts["reward_rm"], alone)
 
 
 def test_recipe_comparison_and_verdict_by_hand():

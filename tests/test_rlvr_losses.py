@@ -74,12 +74,12 @@ def test_discounted_returns_by_hand():
     assert L.discounted_returns(rewards, mask, 1.0).tolist() == [[3.0, 2.0, 2.0], [3.0, 3.0, 0.0]]
 
 
-def test_informative_groups_drop_groups_of_equal_scores():
+def test_zero_spread_finds_groups_of_equal_scores():
     score = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
-    assert L.informative_groups(score, 2).tolist() == [False, False, True, True, False, False]
-    # a group apart by one float32 ulp is a tie: the advantage gives it 0, so it is dropped too
+    assert L.zero_spread(score, 2).tolist() == [True, False, True]
+    # a group apart by one float32 ulp is a tie: the advantage gives it 0
     tie = torch.tensor([0.3, torch.nextafter(torch.tensor(0.3), torch.tensor(1.0)).item(), 0.0, 1.0])
-    assert L.informative_groups(tie, 2).tolist() == [False, False, True, True]
+    assert L.zero_spread(tie, 2).tolist() == [True, False]
     assert L.group_advantages(tie, 2)[:2].abs().max() == 0
 
 

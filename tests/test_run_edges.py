@@ -215,7 +215,9 @@ def test_ctrl_c_stops_after_the_steps_checkpoint(tmp_path, capsys):
 # ---- 7. a full disk: one line naming the path, nothing already written lost ----------------------------
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 12 MiB tmpfs (root only): tiny-llama's first checkpoint (~9.9 MB) fits, a second does not."""
+    """A 12 MiB tmpfs (root only): a full fine-tune of tiny-llama (--lora-rank 0) writes checkpoints of
+    ~9.9 MB (3.3 MB weights, 6.6 MB Adam moments) and a 3.3 MB export: one checkpoint fits, two do
+    not, nor a checkpoint and the export."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)],
@@ -227,7 +229,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_mid_checkpoint_and_at_the_export(tmp_path, capsys, small_disk):
     out = small_disk / "ckpt"
-    code, _, errors = run_cli(capsys, *sft_args(tmp_path, out, "--max-steps", 3, "--save-every", 1))
+    code, _, errors = run_cli(capsys, *sft_args(tmp_path, out, "--max-steps", 3, "--save-every", 1, "--lora-rank", 0))
     tmp = out / "checkpoints" / ".tmp-step-0000002"
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"frugal sft: error: could not write checkpoint "
                                                                    f"{tmp}: Error while serializing"), errors
@@ -236,7 +238,7 @@ def test_a_full_disk_mid_checkpoint_and_at_the_export(tmp_path, capsys, small_di
     shutil.rmtree(out)
     # the last checkpoint fits, the final export does not: one line naming it; more room, --resume finishes
     out = small_disk / "export"
-    args = sft_args(tmp_path, out, "--max-steps", 2, "--save-every", 2)
+    args = sft_args(tmp_path, out, "--max-steps", 2, "--save-every", 2, "--lora-rank", 0)
     code, _, errors = run_cli(capsys, *args)
     assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith(f"frugal sft: error: could not write the results into {out / 'final'}") and \

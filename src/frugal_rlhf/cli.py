@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 import types
 import typing
 
@@ -25,20 +26,41 @@ def _field_type(f):
     return tp
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` gives each flag's help followed by its default (shown_default)."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", shown_default(action)
+        if default is None or text is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {str(default).replace('%', '%%')})".lstrip()
+
+
+def shown_default(action):
+    """What a flag is when not given: a config field's default (the flag's own default stays None,
+    so that a YAML file can fill it) or argparse's; None: nothing to show."""
+    default = getattr(action, "field_default", action.default)
+    return None if default is argparse.SUPPRESS or default == [] else default
+
+
 def add_config_flags(parser, cls):
-    """One --flag per dataclass field; unset flags stay None so YAML/defaults fill them."""
-    parser.add_argument("--config", help="YAML file with field: value pairs (flags override it)")
+    """One --flag per dataclass field, with the field's help; unset flags stay None so YAML/defaults fill them."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of field: value pairs, the flags' names with underscores (lora_rank: 8); "
+                             "flags given too override it")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = _field_type(f)
+        text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help texts
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            action = parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                         help=text)
         elif typing.get_origin(tp) is list:  # repeatable: --reward math --reward format:...=0.2
-            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="SPEC",
-                                help="repeatable")
+            action = parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="SPEC", help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, metavar=tp.__name__.upper(),
-                                help=f"default: {f.default}")
+            action = parser.add_argument(flag, dest=f.name, type=tp, default=None, metavar=tp.__name__.upper(),
+                                         help=text)
+        action.field_default = f.default
 
 
 def config_from_args(cls, args):
@@ -52,8 +74,10 @@ def config_from_args(cls, args):
 
 def add_preference_aliases(p):
     """The names the papers (and other frameworks) use, beside our field names."""
-    p.add_argument("--gamma", dest="simpo_gamma", type=float, default=argparse.SUPPRESS, help="= --simpo-gamma")
-    p.add_argument("--lambda", dest="orpo_lambda", type=float, default=argparse.SUPPRESS, help="= --orpo-lambda")
+    p.add_argument("--gamma", dest="simpo_gamma", type=float, default=argparse.SUPPRESS,
+                   help="the SimPO paper's name for --simpo-gamma")
+    p.add_argument("--lambda", dest="orpo_lambda", type=float, default=argparse.SUPPRESS,
+                   help="the ORPO paper's name for --orpo-lambda")
 
 
 def add_prefs_args(p):
@@ -70,22 +94,37 @@ def add_prefs_args(p):
                         "any label flipped with the same probability")
     p.add_argument("--samples-per-prompt", type=int, default=2,
                    help="gold labeler: answers sampled a prompt; the pair is the labeler's first against its last")
-    p.add_argument("--output", default="prefs.jsonl")
-    p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--contrast-temperature", type=float, default=1.2, help="temperature of the rejected sample")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--output", default="prefs.jsonl", help="the JSONL file of pairs written (prompt, chosen, rejected)")
+    p.add_argument("--num-prompts", type=int, default=256, help="prompts to make pairs for (one pair each)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer sampled, in tokens")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature of the answers (contrast: of the chosen one)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling of those answers; 1 = off")
+    p.add_argument("--contrast-temperature", type=float, default=1.2,
+                   help="contrast labeler: temperature of the rejected sample (no top-p cut)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast, else fp32), bf16 or fp32")
+    add_engine_args(p, default="torch")
+
+
+def add_engine_args(p, default=None):
+    """--rollout-engine and --rollout-quant of the commands that sample (the stage configs have them as fields)."""
+    p.add_argument("--rollout-engine", default=default, choices=["torch", "llamacpp", "vllm", "auto"],
+                   help="what samples the answers: torch (ours), llamacpp, vllm (optional extras), auto (the fastest "
+                        "installed for the device)" + (f"; default {default}" if default else ""))
+    p.add_argument("--rollout-quant", default="f16" if default else None, choices=["f16", "q8_0", "q4_0", "base"],
+                   help="llamacpp: its copy of the weights (base: the format nearest the base's --quantize-base)")
 
 
 def add_pipeline_args(p):
-    p.add_argument("--config", help="pipeline YAML (see configs/example.yaml)")
-    p.add_argument("--output")
+    p.add_argument("--config", metavar="FILE", help="pipeline YAML: model, data, split and a section per stage "
+                   "(configs/example.yaml); default: the packaged demo (demo) or quick (--quick) file")
+    p.add_argument("--output", help="run directory (data/, sft/, prefs.jsonl, rm/, ppo/, report.md); default: the "
+                   "config's (demo: runs/demo, --quick: runs/demo-quick)")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test in ~1 minute")
-    p.add_argument("--method", choices=["ppo", "dpo"], help="ppo: RM -> PPO (default); dpo: DPO on the pairs")
+    p.add_argument("--method", choices=["ppo", "dpo"], help="ppo: RM -> PPO; dpo: DPO on the pairs; default: the "
+                   "config's (ppo)")
     p.add_argument("--seed", type=int, help="overrides the config's seed (every stage)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="overrides the config's compute dtype")
     p.add_argument("--quantize-base", choices=["none", "int8", "nf4", "int4"],
@@ -93,19 +132,24 @@ def add_pipeline_args(p):
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="every trained stage recomputes activations in backward: less memory, more time")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
+    p.add_argument("--advantage", help="the PPO stage's advantage estimator (gae: the critic; group: GRPO's, the "
+                   "same samples); overrides the config's")
+    add_engine_args(p)
 
 
 def add_eval_args(p):
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the model to evaluate (e.g. runs/demo/ppo/final)")
     p.add_argument("--baseline", required=True, help="the model to compare against (and the KL reference)")
     p.add_argument("--prompts", default="held-out",
                    help="a prompt file, or held-out: the held-out prompts of the run the model belongs to")
-    p.add_argument("--reward-model", help="default: the rm/ of the model's run directory")
-    p.add_argument("--output", help="directory for eval.json and eval.md (default: beside --model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--reward-model", help="the reward model scoring both; default: the rm/ of the model's run "
+                   "directory")
+    p.add_argument("--output", help="directory for eval.json and eval.md; default: beside --model")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer sampled, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of both models' answers")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed (the same for both models)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast, else fp32), bf16 or fp32")
+    add_engine_args(p, default="torch")
 
 
 def add_export_args(p):
@@ -113,7 +157,8 @@ def add_export_args(p):
     p.add_argument("--gguf", required=True, metavar="FILE", help="write a GGUF file (llama.cpp, Ollama, LM Studio)")
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0"],
                    help="weight format (norms stay f32): f16 ~ the trained model; q8_0 half its size; q4_0 a quarter")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run Python code shipped with the model (only for a model you trust)")
 
 
 def add_data_args(p):
@@ -123,21 +168,24 @@ def add_data_args(p):
                    "subtraction story, 4 multiplication story, 5 two steps")
     p.add_argument("--split", choices=["train", "test"], default="train",
                    help="decided by a hash of each problem: the splits never overlap")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="math.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="which problems are drawn")
+    p.add_argument("--output", default="math.jsonl", help="the JSONL file written (prompt, answer)")
 
 
 def add_recipe_args(p):
     p.add_argument("name", choices=["math"], help="math: GRPO with a verifiable reward on arithmetic problems")
-    p.add_argument("--config", help="recipe YAML (default: the packaged configs/rlvr-math.yaml)")
+    p.add_argument("--config", metavar="FILE", help="recipe YAML; default: the packaged configs/rlvr-math.yaml "
+                   "(--quick: rlvr-math-quick.yaml)")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
-    p.add_argument("--output")
-    p.add_argument("--model")
-    p.add_argument("--level", type=int)
-    p.add_argument("--eval-problems", type=int)
-    p.add_argument("--max-steps", type=int, help="GRPO steps (the recipe's ppo.max_steps)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype")
+    p.add_argument("--output", help="run directory (data/, grpo/, result.json, report.md); default: the config's")
+    p.add_argument("--model", help="model to train; default: the config's (default, SmolLM2-135M-Instruct)")
+    p.add_argument("--level", type=int, help="problem level 1-5 (`frugal data --help`); default: the config's")
+    p.add_argument("--eval-problems", type=int, help="held-out problems measured before and after; default: the "
+                   "config's")
+    p.add_argument("--max-steps", type=int, help="GRPO steps (the recipe's ppo.max_steps); default: the config's")
+    p.add_argument("--seed", type=int, help="seed of the problems and of training; default: the config's")
+    p.add_argument("--dtype", help="compute dtype: auto, bf16 or fp32; default: the config's")
+    add_engine_args(p)
 
 
 # name -> (what runs it, help, the stage config of its flags or what adds its arguments); "module:name"
@@ -174,14 +222,33 @@ def _load(target: str):
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
+# What `frugal --help` lists, grouped by what the commands are for (each command once).
+GROUPS = {"train": ("sft", "rm", "dpo", "kto", "ppo"), "data": ("data", "prefs"),
+          "whole runs": ("pipeline", "demo", "recipe"), "use a model": ("eval", "chat", "serve", "export"),
+          "measure": ("bench",)}
+
+
+def _command_list() -> str:
+    """The commands by group, one line of help each (wrapped at 100 columns)."""
+    lines = []
+    for group, names in GROUPS.items():
+        lines.append(f"{group}:")
+        lines += [textwrap.fill(COMMANDS[name][1], 100, initial_indent=f"  {name:<10}", subsequent_indent=" " * 12)
+                  for name in names]
+    return "\n".join(lines)
+
+
 def build_parser(command: str | None = None):
     """Every command is listed; only `command`'s arguments are added, so that parsing one
     command imports only what its own arguments need."""
-    parser = argparse.ArgumentParser(prog="frugal", description="The whole RLHF process at the lowest cost.")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="frugal", formatter_class=HelpFormatter,
+                                     description="The whole RLHF process at the lowest cost.\n\n" + _command_list(),
+                                     epilog="`frugal COMMAND --help` explains a command's flags; docs/commands.md "
+                                            "lists every command's.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and the libraries' warnings")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
     for name, (target, help_text, stage) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, description=help_text, formatter_class=HelpFormatter)  # no help=: listed above
         p.set_defaults(target=target, config_stage=stage if stage in STAGE_CONFIGS else None)
         if name != command:
             continue
@@ -194,6 +261,39 @@ def build_parser(command: str | None = None):
         else:
             (_load(stage) if isinstance(stage, str) else stage)(p)
     return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one command, its arguments added."""
+    sub = next(a for a in build_parser(name)._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def commands_markdown() -> str:
+    """docs/commands.md: every command's flags with their defaults and help, from the parsers
+    themselves (`python -m frugal_rlhf.cli --markdown > docs/commands.md`)."""
+    lines = ["# Commands", "",
+             "Every `frugal` command and flag, with its default and meaning; `frugal COMMAND --help` prints the "
+             "same.", "Generated from the command line by `python -m frugal_rlhf.cli --markdown > docs/commands.md` "
+             "(a test fails when this page is out of date).", "",
+             "The flags of the training stages (sft, rm, dpo, kto, ppo) are the fields of their config dataclasses "
+             "(src/frugal_rlhf/config.py): `--config FILE` reads the same names, with underscores, from YAML "
+             "(`lora_rank: 8`), and flags given too override the file.", ""]
+    for group, names in GROUPS.items():
+        lines += [f"## {group}", ""]
+        for name in names:
+            lines += [f"### frugal {name}", "", COMMANDS[name][1], "", "| flag | default | meaning |", "|---|---|---|"]
+            for a in command_parser(name)._actions:
+                if a.help is argparse.SUPPRESS or isinstance(a, argparse._HelpAction):
+                    continue
+                value = "{" + ",".join(map(str, a.choices)) + "}" if a.choices else a.metavar or a.dest.upper()
+                flag = ", ".join(a.option_strings) or a.dest
+                flag += f" {value}" if a.nargs != 0 and (a.option_strings or a.choices) else ""
+                default = shown_default(a)
+                cells = (f"`{flag}`", "" if default is None else f"`{default}`", (a.help or "").replace("%%", "%"))
+                lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 def launch_torchrun(args, argv) -> int:
@@ -249,4 +349,7 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:  # writes docs/commands.md's text (tests/test_help.py checks the page)
+        print(commands_markdown(), end="")
+        sys.exit(0)
     sys.exit(main())

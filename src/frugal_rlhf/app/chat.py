@@ -26,13 +26,16 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 def add_chat_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", default="default",
                         help="model spec: default, tiny-llama, a HF directory, a .gguf file or a PEFT adapter")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: among the likeliest tokens "
+                        "holding this probability; 1 = off")
+    parser.add_argument("--system", default=None, help="system prompt at the start of the conversation")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable answers; unset: random")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="compute dtype: auto = bf16 where the device runs it fast, else fp32")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped with the model (only for a model you trust)")
     return parser
 
 

@@ -10,19 +10,20 @@ from ..data.math_problems import generate, write_jsonl
 from ..data.tokenize import stop_tokens
 from ..device import autocast, compute_dtype, default_device
 from ..generation import SampleConfig
+from ..generation.engines import check_engine
 from ..models.gguf_writer import write_gguf
 from ..models.loading import load_model
 from ..models.reward_io import load_reward_model
-from ..trainers.ppo import PPOTrainer
+from ..rl.algorithms import preference_loss
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer, evaluate_reward_model
 from ..trainers.supervised import SFTTrainer
-from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
+from .evaluation import compare_models, load_policy, sampling_engine, summary_markdown, write_comparison
 from .pipeline import Pipeline, load_pipeline_config, packaged_config
 from .prefs import build_pairs
 from .recipes import load_recipe_config, run_math_recipe
 from .report import edge_window, first_mean, last_mean
-from .stages import run_stage
+from .stages import build_ppo, run_stage
 
 
 def cmd_sft(cfg):
@@ -60,7 +61,7 @@ def _rm_eval_only(cfg):
 
 
 def cmd_ppo(cfg):
-    metrics = run_stage(cfg, PPOTrainer.from_config)
+    metrics = run_stage(cfg, build_ppo)
     if metrics:
         ev = [m for m in metrics if "eval_reward" in m]
         train = [m for m in metrics if "reward" in m]
@@ -77,20 +78,25 @@ def cmd_dpo(cfg):
         start = next((m["eval_accuracy"] for m in metrics if "eval_accuracy" in m), None)
         accuracy = f"{start:.3f} -> {result['accuracy']:.3f}" if result["accuracy"] is not None else "n/a"
         print(f"{cfg.loss}: {len([m for m in metrics if m['step'] > 0])} steps, held-out implicit-reward accuracy "
-              f"{accuracy} on {result['n_held_out']} {'pairs' if cfg.loss != 'kto' else 'rows'}; "
+              f"{accuracy} on {result['n_held_out']} {'pairs' if preference_loss(cfg.loss).paired else 'rows'}; "
               f"model in {cfg.output}/final")
 
 
 def cmd_prefs(args):
+    check_engine(args.rollout_engine)  # a missing extra says so before the model loads
     device = default_device()
     dtype = compute_dtype(device, args.dtype)
     model, tok = load_model(args.model, dtype)
     rows = load_dataset_file(args.prompts, "prompt", limit=args.num_prompts * 2)
     rows = [r for r in rows if r.get("reference") or args.labeler != "reference"][: args.num_prompts]
-    summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
-                          args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
-                          device=device, autocast=autocast(device, dtype), label_agreement=args.label_agreement,
-                          label_noise=args.label_noise, samples_per_prompt=args.samples_per_prompt)
+    engine = sampling_engine(args.rollout_engine, args.rollout_quant, tok, device, dtype)
+    try:
+        summary = build_pairs(model.to(device), tok, rows, args.output, args.labeler, args.max_new_tokens,
+                              args.temperature, args.top_p, args.contrast_temperature, args.batch_size, seed=args.seed,
+                              device=device, label_agreement=args.label_agreement, label_noise=args.label_noise,
+                              samples_per_prompt=args.samples_per_prompt, engine=engine)
+    finally:
+        engine.close()
     print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
           f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
 
@@ -100,10 +106,14 @@ def cmd_pipeline(args, default_config=None):
                            args.quick else None)
     if path is None:
         raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
-    Pipeline(load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
-                                         "dtype": args.dtype, "quantize_base": args.quantize_base,
-                                         "gradient_checkpointing": args.gradient_checkpointing,
-                                         "report_to": args.report_to})).run()
+    cfg = load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
+                                      "dtype": args.dtype, "quantize_base": args.quantize_base,
+                                      "gradient_checkpointing": args.gradient_checkpointing,
+                                      "report_to": args.report_to, "rollout_engine": args.rollout_engine,
+                                      "rollout_quant": args.rollout_quant})
+    if args.advantage:
+        cfg.ppo = {**cfg.ppo, "advantage": args.advantage}
+    Pipeline(cfg).run()
 
 
 def cmd_demo(args):
@@ -121,6 +131,7 @@ def _run_dir_of(model: str) -> Path:
 
 
 def cmd_eval(args):
+    check_engine(args.rollout_engine)
     prompts = str(_run_dir_of(args.model) / "data" / "held_out.jsonl") if args.prompts == "held-out" else args.prompts
     rm_path = args.reward_model or str(_run_dir_of(args.model) / "rm")
     device = default_device()
@@ -132,7 +143,12 @@ def cmd_eval(args):
         m.to(device).eval()
     cfg = SampleConfig(args.max_new_tokens, args.temperature, 0, 0.95, stop_tokens(tok), tok.pad_token_id)
     rows = load_dataset_file(prompts, "prompt")
-    summary = compare_models(model, baseline, tok, rm, rows, cfg, seed=args.seed, autocast=autocast(device, dtype))
+    engine = sampling_engine(args.rollout_engine, args.rollout_quant, tok, device, dtype)
+    try:
+        summary = compare_models(model, baseline, tok, rm, rows, cfg, seed=args.seed, autocast=autocast(device, dtype),
+                                 engine=engine)
+    finally:
+        engine.close()
     out = Path(args.output or Path(args.model).parent)
     write_comparison(summary, out, "eval")
     print(summary_markdown(summary))
@@ -156,8 +172,9 @@ def cmd_recipe(args):
     path = args.config or packaged_config("rlvr-math-quick" if args.quick else "rlvr-math")
     cfg = load_recipe_config(path, {"output": args.output, "model": args.model, "level": args.level,
                                     "eval_problems": args.eval_problems, "seed": args.seed, "dtype": args.dtype})
-    if args.max_steps:
-        cfg.ppo = {**cfg.ppo, "max_steps": args.max_steps}
+    for field in ("max_steps", "rollout_engine", "rollout_quant"):  # the recipe's ppo section
+        if getattr(args, field):
+            cfg.ppo = {**cfg.ppo, field: getattr(args, field)}
     r = run_math_recipe(cfg)
     print(" ".join(f"{m} accuracy {r[m]['before']:.3f} -> {r[m]['after']:.3f} ({r[m]['change']:+.3f} ± "
                    f"{r[m]['change_se']:.3f});" for m in ("strict", "lenient"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,9 @@ from pathlib import Path
 import torch
 
 from ..data.tokenize import PromptCollator, encode_prompt
-from ..generation import SampleConfig, sample
+from ..device import autocast as autocast_for
+from ..generation import SampleConfig
+from ..generation.engines import RolloutEngine, make_engine
 from ..models.loading import load_model
 from ..models.modes import inference
 from ..models.roles import Actor, SharedLM
@@ -48,11 +51,18 @@ def paired_gain(new: list[float], old: list[float]) -> tuple[float, float]:
     return mean, (var / n) ** 0.5
 
 
+def sampling_engine(name: str, quant: str, tokenizer, device, dtype) -> RolloutEngine:
+    """The rollout engine of a command that samples (--rollout-engine, --rollout-quant), computing
+    in `dtype` on `device` where it runs our own model."""
+    return make_engine(name, autocast=functools.partial(autocast_for, device, dtype), tokenizer=tokenizer, quant=quant,
+                       device_type=device.type)
+
+
 @torch.no_grad()
-def sample_with_logprobs(actor: Actor, tokenizer, prompts, cfg: SampleConfig, seed: int, batch_size: int,
-                         max_prompt_length: int, autocast, others=()):
-    """Sample answers; return texts, token counts and per-sequence log-prob sums under
-    `actor` and each model in `others` (evaluated on the same tokens)."""
+def sample_with_logprobs(engine: RolloutEngine, actor: Actor, tokenizer, prompts, cfg: SampleConfig, seed: int,
+                         batch_size: int, max_prompt_length: int, autocast, others=()):
+    """Sample answers with `engine`; return texts, token counts and per-sequence log-prob sums
+    under `actor` and each model in `others` (our forward under `autocast`, on the same tokens)."""
     collate = PromptCollator(tokenizer.pad_token_id)
     gen = torch.Generator().manual_seed(seed)
     device = next(actor.parameters()).device
@@ -61,8 +71,7 @@ def sample_with_logprobs(actor: Actor, tokenizer, prompts, cfg: SampleConfig, se
     for i in range(0, len(prompts), batch_size):
         batch = collate([{"prompt_ids": encode_prompt(tokenizer, p, max_prompt_length)}
                          for p in prompts[i:i + batch_size]])
-        with autocast, actor.lm.role(actor.adapter) as model:
-            ro = sample(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, gen)
+        ro = engine.generate(actor, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, gen)
         n = ro.action_mask.shape[1]
         mask = ro.action_mask.float()
         for k, m in enumerate((actor, *others)):
@@ -98,20 +107,22 @@ def gold_summary(new_texts, old_texts, prompts, r_old, gold, per_prompt, k) -> d
 
 def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows, cfg: SampleConfig, seed=1,
                    batch_size=8, max_prompt_length=256, autocast=None, n_examples=4, samples_per_prompt=1,
-                   gold=None) -> dict:
+                   gold=None, engine=None) -> dict:
     """rows: {"prompt": messages, "reference": str|None}. Returns a JSON-ready summary.
 
     With samples_per_prompt k > 1 each model answers every prompt k times: sampling noise,
     most of the noise in a small comparison, shrinks by sqrt(k); the gain's standard error is
     taken over the per-prompt means, since answers to one prompt are not independent.
-    `gold(prompts, texts) -> scores` adds the hidden judge's verdict (summary["gold"])."""
+    `gold(prompts, texts) -> scores` adds the hidden judge's verdict (summary["gold"]).
+    `engine` samples both models' answers (default: our torch engine under `autocast`)."""
     autocast = autocast or contextlib.nullcontext()
+    engine = engine or make_engine("torch", autocast=lambda: autocast)
     k = samples_per_prompt
     rows = [r for r in rows for _ in range(k)]
     prompts = [r["prompt"] for r in rows]
     new_texts, new_len, (lp_new, lp_base_on_new) = sample_with_logprobs(
-        model, tokenizer, prompts, cfg, seed, batch_size, max_prompt_length, autocast, others=(baseline,))
-    old_texts, old_len, _ = sample_with_logprobs(baseline, tokenizer, prompts, cfg, seed, batch_size,
+        engine, model, tokenizer, prompts, cfg, seed, batch_size, max_prompt_length, autocast, others=(baseline,))
+    old_texts, old_len, _ = sample_with_logprobs(engine, baseline, tokenizer, prompts, cfg, seed, batch_size,
                                                  max_prompt_length, autocast)
     inference(reward_model)
     r_new = reward_model.score(prompts, new_texts).tolist()

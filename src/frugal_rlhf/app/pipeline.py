@@ -22,18 +22,19 @@ import yaml
 from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig, from_dict
 from ..data.formats import load_dataset_file
 from ..data.loader import split_rows
-from ..device import autocast, compute_dtype, default_device, peak_memory_bytes, release_free_memory, reset_run_peak
+from ..device import compute_dtype, default_device, peak_memory_bytes, release_free_memory, reset_run_peak
+from ..generation.engines import check_engine
 from ..models.loading import load_model
 from ..rundir import atomic_write
 from ..runlog import setup_logging
-from ..trainers.ppo import PPOTrainer
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer
 from ..trainers.supervised import SFTTrainer
+from .evaluation import sampling_engine
 from .prefs import build_pairs
 from .report import write_report
 from .report_dpo import write_dpo_report
-from .stages import run_stage
+from .stages import build_ppo, run_stage
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -60,6 +61,9 @@ class PipelineConfig:
     zero_stage: int = 3         # fsdp | deepspeed (as the stages' own field)
     offload: str = "none"       # none | cpu
     report_to: str = "none"     # experiment trackers of every stage: tensorboard,wandb,mlflow | none
+    rollout_engine: str = "torch"  # what samples in prefs, ppo (unless its section says) and the report: torch |
+    #                                llamacpp | vllm | auto (generation/engines.py)
+    rollout_quant: str = "f16"  # llamacpp's copy of the weights: f16 | q8_0 | q4_0 | base
     split: SplitConfig = field(default_factory=SplitConfig)
     sft: dict = field(default_factory=dict)     # SFTConfig fields
     prefs: dict = field(default_factory=dict)   # prefs.build_pairs arguments: labeler, temperatures, ...
@@ -130,6 +134,7 @@ class Pipeline:
         setup_logging()
         if self.cfg.method not in ("ppo", "dpo"):
             raise ValueError(f"method: expected 'ppo' or 'dpo', got {self.cfg.method!r}")
+        check_engine(self.cfg.rollout_engine)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
         data = self.out / "data"
@@ -176,8 +181,12 @@ class Pipeline:
         dtype = compute_dtype(device, self.cfg.dtype)
         model, tok = load_model(str(self.out / "sft" / "final"), dtype, quantize=self.cfg.quantize_base)
         rows = load_dataset_file(str(self.out / "data" / "prefs_prompts.jsonl"), "prompt")
-        summary = build_pairs(model.to(device), tok, rows, self.out / "prefs.jsonl", seed=self.cfg.seed,
-                              device=device, autocast=autocast(device, dtype), **self.cfg.prefs)
+        engine = sampling_engine(self.cfg.rollout_engine, self.cfg.rollout_quant, tok, device, dtype)
+        try:
+            summary = build_pairs(model.to(device), tok, rows, self.out / "prefs.jsonl", seed=self.cfg.seed,
+                                  device=device, engine=engine, **self.cfg.prefs)
+        finally:
+            engine.close()
         (self.out / "prefs.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def _requantize_note(self):
@@ -197,8 +206,10 @@ class Pipeline:
         cfg = _stage_config(PPOConfig, {**self.common(), "model": str(self.out / "sft" / "final"),
                                         "output": str(self.out / "ppo"), "reward_model": str(self.out / "rm"),
                                         "prompts": str(self.out / "data" / "ppo_prompts.jsonl"),
-                                        "eval_data": str(self.out / "data" / "held_out.jsonl")}, self.cfg.ppo, "ppo")
-        run_stage(cfg, PPOTrainer.from_config)
+                                        "eval_data": str(self.out / "data" / "held_out.jsonl"),
+                                        "rollout_engine": self.cfg.rollout_engine,
+                                        "rollout_quant": self.cfg.rollout_quant}, self.cfg.ppo, "ppo")
+        run_stage(cfg, build_ppo)
 
     def run_dpo(self):
         self._requantize_note()

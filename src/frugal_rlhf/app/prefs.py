@@ -21,6 +21,7 @@ looks at one); docs/preferences.md documents each one's known biases.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 
 from ..data.tokenize import PromptCollator, encode_prompt, stop_tokens
-from ..generation import SampleConfig, sample
+from ..generation import SampleConfig
+from ..generation.engines import make_engine
+from ..models.roles import Actor, SharedLM
 from ..rl.gold import check_labeler, gold_scores, label_groups
 from ..rundir import atomic_write
 from ..runlog import make_progress
@@ -46,17 +49,18 @@ def cut_to_tokens(tokenizer, text: str, n: int) -> str:
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts, sample_cfg: SampleConfig, batch_size: int, max_prompt_length: int,
-                       seed: int, device, autocast, progress=None) -> list[str]:
-    """Batched, KV-cached sampling of one response per prompt (messages lists)."""
+def generate_responses(engine, policy, tokenizer, prompts, sample_cfg: SampleConfig, batch_size: int,
+                       max_prompt_length: int, seed: int, device, progress=None) -> list[str]:
+    """One response per prompt (messages lists) from `policy` (an Actor), sampled in batches by
+    the rollout engine (generation/engines.py)."""
     collate = PromptCollator(tokenizer.pad_token_id)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
         rows = [{"prompt_ids": encode_prompt(tokenizer, p, max_prompt_length)} for p in prompts[i:i + batch_size]]
         batch = collate(rows)
-        with autocast:
-            ro = sample(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), sample_cfg, gen)
+        ro = engine.generate(policy, batch["input_ids"].to(device), batch["attention_mask"].to(device), sample_cfg,
+                             gen)
         for seq, mask in zip(ro.sequences[:, ro.prompt_length:], ro.action_mask):
             ids = [int(t) for t, m in zip(seq, mask) if m and int(t) not in sample_cfg.eos_token_ids]
             out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
@@ -68,8 +72,9 @@ def generate_responses(model, tokenizer, prompts, sample_cfg: SampleConfig, batc
 def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_new_tokens=64, temperature=0.8,
                 top_p=0.95, contrast_temperature=1.2, batch_size=8, max_prompt_length=256, seed=0, device=None,
                 autocast=None, label_agreement=LABEL_AGREEMENT, label_noise="thurstone",
-                samples_per_prompt=2) -> dict:
-    """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary."""
+                samples_per_prompt=2, engine=None) -> dict:
+    """Write the labeler's chosen/rejected pairs as JSONL (prompt, chosen, rejected, labeler); return a summary.
+    `model` (a causal LM) is sampled by `engine` (default: our torch engine under `autocast`)."""
     if labeler not in LABELERS:
         raise ValueError(f"unknown labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
     if samples_per_prompt < 2 or (samples_per_prompt > 2 and labeler != "gold"):
@@ -89,11 +94,13 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
         configs += configs[:1] * (samples_per_prompt - 1)
     t0 = time.perf_counter()
     samples = []
+    policy = Actor(SharedLM(model), None)
+    engine = engine or make_engine("torch", autocast=lambda: autocast or contextlib.nullcontext())
     with make_progress() as progress:
         task = progress.add_task("prefs", total=len(rows) * len(configs), info="sampling")
         for k, cfg in enumerate(configs):
-            samples.append(generate_responses(model, tokenizer, prompts, cfg, batch_size, max_prompt_length, seed + k,
-                                              device, autocast,
+            samples.append(generate_responses(engine, policy, tokenizer, prompts, cfg, batch_size, max_prompt_length,
+                                              seed + k, device,
                                               lambda n, k=k: progress.update(task, completed=k * len(rows) + n)))
     if labeler == "gold":
         pairs = gold_pairs(prompts, samples, label_agreement, label_noise, seed)

@@ -27,9 +27,8 @@ from ..data.math_problems import generate, write_jsonl
 from ..data.tokenize import stop_tokens
 from ..generation import SampleConfig
 from ..rl.rewards import parse_reward
-from ..trainers.ppo import PPOTrainer
 from .prefs import generate_responses
-from .stages import make_strategy
+from .stages import build_ppo, run_stage
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -55,13 +54,13 @@ def load_recipe_config(path, overrides: dict) -> MathRecipeConfig:
 
 
 def accuracy(trainer, rows, max_new_tokens: int, batch_size: int) -> dict:
-    """Greedy answers of the trainer's actor to `rows`: strict and lenient correctness per row,
-    judged by the math reward functions themselves (what training rewards is what is measured)."""
-    tok, actor, strategy = trainer.tokenizer, trainer.actor, trainer.strategy
+    """Greedy answers of the trainer's actor to `rows`, sampled by the trainer's rollout engine:
+    strict and lenient correctness per row, judged by the math reward functions themselves (what
+    training rewards is what is measured)."""
+    tok = trainer.tokenizer
     cfg = SampleConfig(max_new_tokens, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)
-    with actor.lm.role(actor.adapter) as model:
-        answers = generate_responses(model, tok, [r["prompt"] for r in rows], cfg, batch_size, 256, 0,
-                                     strategy.device, strategy.autocast())
+    answers = generate_responses(trainer.engine, trainer.policy(), tok, [r["prompt"] for r in rows], cfg, batch_size,
+                                 256, 0, trainer.strategy.device)
     correct = lambda spec: parse_reward(spec).fn(None, answers, rows, None)  # noqa: E731
     return {"strict": correct("math:strict"), "lenient": correct("math"), "answers": answers}
 
@@ -103,18 +102,21 @@ def run_math_recipe(cfg: MathRecipeConfig) -> dict:
     ppo = from_dict(PPOConfig, {"model": cfg.model, "dtype": cfg.dtype, "seed": cfg.seed, "output": str(out / "grpo"),
                                 "prompts": str(train_file), "eval_data": str(test_file), "reward": ["math"],
                                 **cfg.ppo}, source="recipe math: ppo")
-    strategy = make_strategy(ppo)  # every strategy field of the config (stages.py)
-    strategy.setup_distributed()
-    try:
-        trainer = PPOTrainer.from_config(strategy, ppo)
-        held_out = load_dataset_file(str(test_file), "prompt")
+    held_out = load_dataset_file(str(test_file), "prompt")
+    before = {}
+
+    def build(strategy, ppo_cfg):  # the trainer, and the accuracy before any update
+        trainer = build_ppo(strategy, ppo_cfg)
         log.info("recipe math: held-out accuracy before training (%d problems, greedy)", len(held_out))
-        before = accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size)
-        metrics = trainer.fit()
-        after = accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size)
+        before.update(accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size))
+        return trainer
+
+    def report(strategy, trainer, metrics):
         trainer.run.plot(["reward", "reward_math", "response_length", "kl"], "rlvr.png", "GRPO on a verifiable reward")
-    finally:
-        strategy.cleanup()
+        return metrics, accuracy(trainer, held_out, cfg.max_new_tokens, cfg.eval_batch_size)
+
+    # run_stage: the stage's memory plan and strategy, as every other command
+    metrics, after = run_stage(ppo, build, report)
     result = {"config": dataclasses.asdict(cfg), "n_eval": len(held_out), **compare(before, after),
               "wall_seconds": round(time.time() - t0, 1), "steps": len([m for m in metrics if m["step"] > 0])}
     result["verdict"] = verdict(result)
@@ -129,7 +131,8 @@ def report_markdown(result: dict, metrics: list[dict]) -> str:
     steps = [m for m in metrics if m["step"] > 0]
     lines = [f"# Math recipe: GRPO on a verifiable reward (level {result['config']['level']})", "",
              f"{result['steps']} steps, {result['n_eval']} held-out problems (greedy), "
-             f"wall time {result['wall_seconds'] / 60:.1f} min.", "",
+             f"wall time {result['wall_seconds'] / 60:.1f} min, rollouts and accuracy sampled by the "
+             f"{result['config']['ppo'].get('rollout_engine', 'torch')} engine.", "",
              "| accuracy | before | after | change |", "|---|---|---|---|"]
     for mode in ("strict", "lenient"):
         r = result[mode]
@@ -142,7 +145,9 @@ def report_markdown(result: dict, metrics: list[dict]) -> str:
         first, last = steps[:edge], steps[-edge:]
         lines.append(f"Over training (means of the first and last {edge} steps):")
         lines.append("")
-        for key in ("reward", "reward_math", "response_length", "kl"):
+        # the engine's log-probs against the trainer's, and the importance weights correcting for them
+        for key in ("reward", "reward_math", "response_length", "kl", "gen_logprob_mismatch_mean", "gen_kl",
+                    "tis_weight_mean", "tis_clipped_frac"):
             if all(key in m for m in first + last):
                 lines.append(f"- {key}: {sum(m[key] for m in first) / edge:.3f} -> {sum(m[key] for m in last) / edge:.3f}")
     lines += ["", "![training](grpo/rlvr.png)", "", "## Examples (held-out)", "",

@@ -5,14 +5,16 @@ import json
 import logging
 from pathlib import Path
 
+from ..config import PPOConfig
 from ..data.formats import load_dataset_file
 from ..data.tokenize import stop_tokens
 from ..device import autocast, compute_dtype, default_device
 from ..generation import SampleConfig
 from ..models.reward_io import load_reward_model
+from ..rl.algorithms import estimator
 from ..rl.gold import gold_scores
 from . import overopt
-from .evaluation import compare_models, load_policy, summary_markdown, write_comparison
+from .evaluation import compare_models, load_policy, sampling_engine, summary_markdown, write_comparison
 
 log = logging.getLogger("frugal_rlhf")
 
@@ -61,25 +63,36 @@ def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
     sample_cfg = SampleConfig(ev["max_new_tokens"], ev["temperature"], 0, ev["top_p"], stop_tokens(tok),
                               tok.pad_token_id)
     rows = load_dataset_file(str(out / "data" / "held_out.jsonl"), "prompt")
-    return compare_models(ppo, sft, tok, rm, rows, sample_cfg, seed=cfg.seed + 7, batch_size=ev["batch_size"],
-                          autocast=autocast(device, dtype), samples_per_prompt=ev.get("samples_per_prompt", 1),
-                          gold=gold_scores)
+    engine = sampling_engine(cfg.rollout_engine, cfg.rollout_quant, tok, device, dtype)
+    try:
+        return compare_models(ppo, sft, tok, rm, rows, sample_cfg, seed=cfg.seed + 7, batch_size=ev["batch_size"],
+                              autocast=autocast(device, dtype), samples_per_prompt=ev.get("samples_per_prompt", 1),
+                              gold=gold_scores, engine=engine)
+    finally:
+        engine.close()
 
 
-def gold_verdict(comparison: dict) -> str:
-    """The report's first line: did PPO raise the hidden judge's score beyond noise?"""
+def method_label(advantage: str) -> str:
+    """What the RL stage ran, for the report's first line (rl/algorithms.py)."""
+    est = estimator(advantage)
+    return (f"{est.method} with four roles (actor, critic, reference, reward model; GAE)" if est.critic
+            else f"{est.method} ({est.name} advantages, no critic)")
+
+
+def gold_verdict(comparison: dict, method: str = "PPO") -> str:
+    """The report's first line: did the RL stage raise the hidden judge's score beyond noise?"""
     g, kl = comparison["gold"], comparison["kl_to_baseline"]
     gain, se = g["gain"], g["gain_se"]
     if gain > 2 * se:
-        return (f"PPO raised the hidden gold judge's score by {gain:+.3f} ({g['baseline']:.3f} -> {g['model']:.3f}; "
-                f"more than two standard errors, {2 * se:.3f}; gold win rate {g['win_rate']:.2f}) at a KL of "
-                f"{kl:.2f} nats per answer.")
+        return (f"{method} raised the hidden gold judge's score by {gain:+.3f} ({g['baseline']:.3f} -> "
+                f"{g['model']:.3f}; more than two paired standard errors, {2 * se:.3f}; gold win rate "
+                f"{g['win_rate']:.2f}) at a KL of {kl:.2f} nats per answer.")
     if gain > 0:
-        return (f"The hidden gold judge's score rose by {gain:+.3f}, but that is within noise (two standard errors "
-                f"are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show that PPO made "
-                "the answers better.")
-    return (f"PPO did NOT improve the hidden gold judge's score ({gain:+.3f}, two standard errors {2 * se:.3f}); "
-            "see the over-optimization curve below.")
+        return (f"{method}: the hidden gold judge's score rose by {gain:+.3f}, but that is within noise (two "
+                f"standard errors are {2 * se:.3f} on {comparison['n_prompts']} prompts): this run does NOT show "
+                "that it made the answers better.")
+    return (f"{method} did NOT improve the hidden gold judge's score ({gain:+.3f}, two standard errors "
+            f"{2 * se:.3f}); see the over-optimization curve below.")
 
 
 def write_report(out: Path, cfg) -> dict:
@@ -104,7 +117,9 @@ def write_report(out: Path, cfg) -> dict:
                 "train_reward_first": first_mean(ppo, "reward"), "train_reward_last": last_mean(ppo, "reward"),
                 "eval_reward_first": ppo_eval[0]["eval_reward"] if ppo_eval else None,
                 "eval_reward_last": ppo_eval[-1]["eval_reward"] if ppo_eval else None,
-                "kl_last": last_mean(ppo, "kl"), "peak_mem_gb": max((r.get("peak_mem_gb", 0) for r in ppo), default=None)},
+                "kl_last": last_mean(ppo, "kl"), "peak_mem_gb": max((r.get("peak_mem_gb", 0) for r in ppo), default=None),
+                "explained_variance_first": first_mean(ppo, "explained_variance"),
+                "explained_variance_last": last_mean(ppo, "explained_variance")},
         "held_out": {k: comparison[k] for k in ("n_prompts", "reward_model", "win_rate", "kl_to_baseline", "length",
                                                 "reference_f1")},
         "gold": {k: v for k, v in comparison["gold"].items() if not k.startswith("scores_")},
@@ -127,7 +142,8 @@ def write_report(out: Path, cfg) -> dict:
                  "improved it.")
     else:
         proxy = f"PPO did NOT improve the held-out reward-model score ({gain:+.3f}); see the curves below."
-    verdict = gold_verdict(comparison)
+    method = method_label(cfg.ppo.get("advantage", PPOConfig.advantage))
+    verdict = gold_verdict(comparison, method)
     if not summary["rm_above_chance"]:
         # A score gain under a reward model that cannot rank held-out pairs is not evidence of better answers.
         proxy += (f" Caution: the reward model's held-out accuracy ({rm_eval['accuracy']:.2f} on "
@@ -150,10 +166,14 @@ def write_report(out: Path, cfg) -> dict:
           f"**{rm_eval['accuracy']:.3f}** on {rm_eval['n_pairs']} pairs, mean margin {rm_eval['mean_margin']:.3f}.",
           "", "![reward model](rm/reward.png)", "",
           "## Stage 3: PPO", "",
-          f"{summary['ppo']['steps']} steps; held-out reward during training "
+          f"{method}, {summary['ppo']['steps']} steps; held-out reward during training "
           f"{_fmt(summary['ppo']['eval_reward_first'])} -> {_fmt(summary['ppo']['eval_reward_last'])}, "
           f"KL to the reference {_fmt(summary['ppo']['kl_last'])} nats per answer (mean of the last "
-          f"{edge_window(len([r for r in ppo if 'kl' in r]))} steps).", "",
+          f"{edge_window(len([r for r in ppo if 'kl' in r]))} steps)."
+          + (f" The critic explained {_fmt(summary['ppo']['explained_variance_first'])} -> "
+             f"{_fmt(summary['ppo']['explained_variance_last'])} of the returns' variance (explained variance, "
+             "first and last steps; 1 = perfect, 0 = a constant)." if summary["ppo"]["explained_variance_last"]
+             is not None else ""), "",
           "![PPO](ppo/ppo.png)", "", "![PPO diagnostics](ppo/ppo_diagnostics.png)", "",
           "## Over-optimization: gold vs proxy against sqrt(KL)", "",
           overopt.describe(summary["overoptimization"]), "",

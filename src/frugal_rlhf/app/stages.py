@@ -3,8 +3,11 @@ the config's strategy (every strategy field: name, seed, dtype, ZeRO stage, offl
 here and nowhere else, so no caller can drop a field."""
 from __future__ import annotations
 
-from ..models.memory import apply_plan
 from .. import strategies
+from ..models.memory import apply_plan
+from ..rl.algorithms import held_roles
+from ..rl.gold import gold_scores
+from ..trainers.ppo import PPOTrainer
 
 
 def make_strategy(cfg):
@@ -19,7 +22,7 @@ def run_stage(cfg, build, report=None):
     up, e.g. to reduce numbers over the ranks). The strategy is torn down in every case.
     With cfg.memory_budget the planner decides micro-batch, accumulation and checkpointing
     first (or refuses), before any weight loads or anything is written."""
-    cfg = apply_plan(cfg)
+    cfg = apply_plan(cfg, held_roles(cfg))
     strategy = make_strategy(cfg)
     strategy.setup_distributed()
     try:
@@ -28,3 +31,12 @@ def run_stage(cfg, build, report=None):
         return report(strategy, trainer, metrics) if report else metrics
     finally:
         strategy.cleanup()
+
+
+def build_ppo(strategy, cfg) -> PPOTrainer:
+    """PPO from its config, with what only the application knows: the demo's hidden gold judge
+    scores held-out answers (eval_gold) when the config asks, never as a reward."""
+    trainer = PPOTrainer.from_config(strategy, cfg)
+    if cfg.gold_eval:
+        trainer.held_out_scorers["gold"] = gold_scores
+    return trainer

@@ -17,13 +17,16 @@ from .peers import compare
 from .quantize import bench_quantize, format_table
 from .strategies import bench_strategies
 from .strategies import format_table as strategies_table
+from .generate import ENGINES
 from .workloads import WORKLOADS, bench_capacity, bench_generate, dummy_sizes
 
 ALL = [("generate", {}), ("sft", {}), ("rm", {}), ("ppo", {}), ("ppo", {"lora_rank": 0})]
 
 
 def add_bench_args(p):
-    p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"])
+    p.add_argument("workload", choices=[*WORKLOADS, *OWN_TABLE, "all"],
+                   help="generate, sft, rm, ppo, dpo: one stage's rate and peak; all: each in its own process; "
+                        "compare: against a peer; serve, sizes, capacity, strategies, quantize: their own tables")
     p.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "grpo", "generate", "dpo"],
                    help="capacity: the stage to fit (sft, ppo); compare: the stage to run in both tools "
                         "(sft, rm, grpo, dpo; generate: our sampler vs HF generate); strategies: sft or ppo")
@@ -31,17 +34,20 @@ def add_bench_args(p):
     p.add_argument("--memory", default="24GiB", help="capacity: the memory budget (e.g. 24GiB, 8GB)")
     p.add_argument("--recipes", default=None, type=lambda v: v.split(","),
                    help="capacity: search only these rows, comma-separated (plain, frugal, frugal-<format>)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--model", default="default", help="model spec, or a dummy size (s m l 1b xl 3b 7b 13b: "
+                   "`frugal bench sizes`)")
+    p.add_argument("--steps", type=int, default=6, help="training steps per run; the first is warm-up, not timed")
+    p.add_argument("--batch-size", type=int, default=8, help="rows a step (ppo, generate: prompts sampled together)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per answer (generate, ppo, serve)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per training sequence (sft, rm, dpo); "
+                   "quantize: the tokens scored")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the trained stages; 0 = full fine-tuning")
     p.add_argument("--prompt-tokens", type=int, default=0,
                    help="compare sft|rm: prompts of about this many tokens (a multi-turn conversation) "
                         "instead of 32-token questions; the answers fill the rest of --max-length")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of generate, compare and quantize (median, "
+                   "min, max)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 where fast, else fp32), bf16 or fp32")
     p.add_argument("--quantize-base", default="none", choices=["none", "int8", "nf4", "int4"],
                    help="generate, sft, rm, ppo, dpo: the frozen base stored quantized (QLoRA); capacity: adds a "
                         "row for the recipe on a base quantized so")
@@ -53,13 +59,18 @@ def add_bench_args(p):
                         "runs them all)")
     p.add_argument("--memory-budget", default=None,
                    help="sft, rm, ppo: plan micro-batch, accumulation and checkpointing for this budget (4GiB, auto)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--mixed", action="store_true",
                    help="serve: mixed lengths (a 5-token request behind a 250-token one, Poisson arrivals of "
                         "short and long requests): continuous vs static batching vs one-at-a-time generate")
     p.add_argument("--nproc-per-node", type=int, default=2, help="strategies: processes per distributed run")
     p.add_argument("--data", default=None, help="strategies: SFT data or PPO prompts (default: sharegpt)")
     p.add_argument("--reward-model", default=None, help="strategies --stage ppo: a `frugal rm` output")
+    p.add_argument("--engine", default="torch", choices=[*ENGINES, "all"],
+                   help="generate: the rollout engine(s) to time (torch: ours and HF generate; llamacpp: our llama.cpp "
+                        "engine and llama.cpp alone; vllm: the vLLM server; all: every installed one)")
+    p.add_argument("--rollout-quant", default="f16", choices=["f16", "q8_0", "q4_0", "base"],
+                   help="generate --engine llamacpp|all: the weight format of llama.cpp's copy")
     p.add_argument("--reward", default="rm", choices=["rm", "math"],
                    help="compare grpo: rm = a reward model on both sides; math = the verifiable math reward "
                         "(two-digit addition problems, `frugal recipe math`'s) as a plain function on both sides")
@@ -70,11 +81,7 @@ def _row(r) -> str:
                  for k in ("tokens_per_s", "samples_per_s") if k in r), "")
     extra = ""
     if r["workload"] == "generate":
-        rate = (f"frugal {r['frugal']['tokens_per_s']['median']:.1f} tok/s vs HF generate "
-                f"{r['hf_generate']['tokens_per_s']['median']:.1f} (x{r['ratio']:.2f})")
-        ours, hf = r["frugal"]["bandwidth_fraction"], r["hf_generate"]["bandwidth_fraction"]
-        extra += (f" | {r['weight_gb']:.2f} GB of weights per step at {r['copy_gb_per_s']:.1f} GB/s copy rate: "
-                  f"{ours:.0%} of the bound (HF {hf:.0%})")
+        rate, extra = _generate_cells(r)
     if r.get("quantize_base", "none") != "none":
         extra += f" | base {r['quantize_base']}"
     if r["workload"] == "ppo":
@@ -88,6 +95,15 @@ def _row(r) -> str:
     predicted = f" (predicted {r['predicted_peak_gb']:.2f})" if "predicted_peak_gb" in r else ""
     return (f"| {r['workload']} | {r['model']} lora {r.get('lora_rank', '-')}{where} | {rate}{extra} | {compute} | "
             f"{r['peak_mem_gb']:.2f} GiB{predicted} |")
+
+
+def _generate_cells(r) -> tuple[str, str]:
+    """Every engine's tok/s, and its fraction of the bandwidth bound over its own weight bytes."""
+    rate = ", ".join(f"{e} {r[e]['tokens_per_s']['median']:.1f}" for e in r["engines"]) + " tok/s"
+    if "ratio" in r:
+        rate += f" (frugal/HF generate x{r['ratio']:.2f})"
+    bound = ", ".join(f"{e} {r[e]['bandwidth_fraction']:.0%} of {r[e]['weight_gb']:.3g} GB" for e in r["engines"])
+    return rate, f" | bound at {r['copy_gb_per_s']:.1f} GB/s copy rate: {bound}"
 
 
 def _capacity_table(r) -> str:
@@ -158,6 +174,8 @@ def cmd_bench(args):
     kw = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "new_tokens", "max_length", "lora_rank",
                                         "repeats", "dtype", "gradient_checkpointing", "strategy", "memory_budget",
                                         "quantize_base")}
+    if args.workload == "generate":
+        kw.update(engine=args.engine, rollout_quant=args.rollout_quant)
     if args.workload in OWN_TABLE:
         result, table = OWN_TABLE[args.workload](args, kw)
         print(table)

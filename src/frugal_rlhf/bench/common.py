@@ -1,12 +1,22 @@
-"""What every bench command shares: the summary of repeated measurements, and an untrained
+"""What every bench command shares: its prompts, the summary of repeated measurements, and an untrained
 reward model for the workloads that need one (PPO, GRPO) to score with."""
 from __future__ import annotations
 
 import gc
 import statistics
 
+from ..data.formats import load_dataset_file
 from ..models.reward_io import save_reward_model
 from ..models.roles import RewardModel
+
+
+def bench_prompts(n) -> list[dict]:
+    """n short ShareGPT questions ({"prompt": messages}), or made-up ones without the dataset."""
+    try:
+        rows = load_dataset_file("sharegpt", "prompt", limit=n * 3)
+        return [r for r in rows if len(r["prompt"][-1]["content"]) < 300][:n]
+    except FileNotFoundError:
+        return [{"prompt": [{"role": "user", "content": f"Tell me about topic number {i}."}]} for i in range(n)]
 
 
 def stats(values) -> dict:

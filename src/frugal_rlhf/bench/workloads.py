@@ -16,69 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from ..app.stages import run_stage
 from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
-from ..data.formats import load_dataset_file
-from ..data.tokenize import PromptCollator, encode_prompt
-from ..device import compute_dtype, default_device, peak_memory_bytes
-from ..generation import SampleConfig, sample
-from ..models.loading import DUMMY_SIZES, dummy_config, load_model
+from ..device import peak_memory_bytes
+from ..models.loading import DUMMY_SIZES, dummy_config
 from ..models.memory import parse_size, predicted_peak
+from ..rl.algorithms import held_roles
 from ..trainers.ppo import PPOTrainer
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer
 from ..trainers.supervised import SFTTrainer
 from . import flops
-from .common import fresh_reward_model, stats
-
-
-def _prompts(n):
-    try:
-        rows = load_dataset_file("sharegpt", "prompt", limit=n * 3)
-        return [r for r in rows if len(r["prompt"][-1]["content"]) < 300][:n]
-    except FileNotFoundError:
-        return [{"prompt": [{"role": "user", "content": f"Tell me about topic number {i}."}]} for i in range(n)]
-
-
-def bench_generate(model="default", batch_size=8, new_tokens=64, repeats=3, dtype="auto", quantize_base="none", **_):
-    """Our KV-cached sampler vs Hugging Face generate: same model, dtype, batch and settings."""
-    device = default_device()
-    dt = compute_dtype(device, dtype)
-    hf, tok = load_model(model, dt, quantize=quantize_base)
-    hf.to(device).eval()
-    rows = [{"prompt_ids": encode_prompt(tok, r["prompt"], 128)} for r in _prompts(batch_size)]
-    batch = PromptCollator(tok.pad_token_id)(rows)
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    # No stop tokens on either side: both generate exactly new_tokens per row.
-    cfg = SampleConfig(new_tokens, 1.0, 0, 1.0, (), tok.pad_token_id)
-    results = {}
-    for name in ("frugal", "hf_generate"):
-        times = []
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            if name == "frugal":
-                sample(hf, ids, mask, cfg, torch.Generator().manual_seed(r))
-            else:
-                with torch.inference_mode():
-                    hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, top_k=0, pad_token_id=tok.pad_token_id)
-            if r:  # the first run is warm-up
-                times.append(batch_size * new_tokens / (time.perf_counter() - t0))
-        results[name] = {"tokens_per_s": stats(times)}
-    # Decode reads every weight once per step, so steps/s x weight bytes cannot pass the rate
-    # the memory moves bytes at, measured now in the same process. Prefill is in the timed run,
-    # so the fraction is a lower bound on the decode steps' own.
-    weights, copy_rate = flops.decode_bytes(hf), flops.measure_copy_rate(device)
-    for name in ("frugal", "hf_generate"):
-        steps_per_s = results[name]["tokens_per_s"]["median"] / batch_size
-        results[name]["bandwidth_fraction"] = steps_per_s * weights / copy_rate
-    results["weight_gb"], results["copy_gb_per_s"] = weights / 1e9, copy_rate / 1e9
-    results["ratio"] = results["frugal"]["tokens_per_s"]["median"] / results["hf_generate"]["tokens_per_s"]["median"]
-    return {"workload": "generate", "model": model, "dtype": str(dt), "quantize_base": quantize_base,
-            "batch_size": batch_size,
-            "new_tokens": new_tokens, **results, "peak_mem_gb": peak_memory_bytes(device) / 2**30}
+from .common import bench_prompts, fresh_reward_model, stats
+from .generate import bench_generate
 
 
 def _lora(role) -> int:
@@ -123,7 +73,7 @@ def train_bench(name, cfg, build, rate_key, step_flops=None):
                "gradient_checkpointing": planned.gradient_checkpointing,
                rate_key: stats(rates), "step_time_s": stats([m["step_time"] for m in metrics]),
                "peak_mem_gb": peak_mem / 2**30}
-        predicted = predicted_peak(planned)  # after the peak: the planner's one-layer probe must not move it
+        predicted = predicted_peak(planned, held_roles(planned))  # after the peak: the planner's one-layer probe must not move it
         if predicted is not None:
             out["predicted_peak_gb"] = predicted / 2**30
         if step_flops:
@@ -163,7 +113,7 @@ def bench_rm(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8
 
 def _bench_pairs(n):
     return [{"prompt": r["prompt"], "chosen": r.get("reference") or "Sure.", "rejected": "I don't know.",
-             "margin": None} for r in _prompts(n)]
+             "margin": None} for r in bench_prompts(n)]
 
 
 def bench_dpo(model="default", steps=6, batch_size=8, max_length=256, lora_rank=8, dtype="auto", strategy="naive",
@@ -188,7 +138,7 @@ def bench_ppo(model="default", steps=4, batch_size=8, new_tokens=64, lora_rank=8
     with tempfile.TemporaryDirectory() as tmp:
         fresh_reward_model(model, lora_rank or 8, dtype, Path(tmp) / "rm", quantize_base if lora_rank else "none")
         prompts = Path(tmp) / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in _prompts(64)))
+        prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in bench_prompts(64)))
         cfg = PPOConfig(model=model, reward_model=str(Path(tmp) / "rm"), prompts=str(prompts), output=f"{tmp}/ppo",
                         max_steps=steps, rollout_batch_size=batch_size, batch_size=batch_size,
                         max_new_tokens=new_tokens, lora_rank=lora_rank, save_every=0, eval_every=0, eval_prompts=0,

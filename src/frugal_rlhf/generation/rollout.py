@@ -56,14 +56,18 @@ class _Columns:
                        actions, input_ids.shape[1], self.logprobs[:, :n])
 
 
-def _run(model, input_ids, attention_mask, config, generator, on_step, group) -> Rollout:
+def decode_loop(new_batch, input_ids, attention_mask, config: SampleConfig, generator=None, on_step=None,
+                group: int = 1) -> Rollout:
+    """The sampling loop over a decode batch: `new_batch(slots)` gives one with `join`, `step` and
+    `leave` as slots.DecodeBatch has them (our model's; llama.cpp's in generation/llamacpp.py),
+    so that every engine picks tokens with the same rule from the same random stream."""
     device = input_ids.device
     batch = input_ids.shape[0]
     ids, mask = input_ids.long(), attention_mask.long().to(device)
     cols = _Columns(batch, config.max_new_tokens, config, device)
     if config.max_new_tokens == 0:
         return cols.rollout(ids, mask)
-    decode = DecodeBatch(model, batch)
+    decode = new_batch(batch)
     live = torch.arange(batch, device=device)  # the row in each active slot
     logits = decode.join(ids[::group], mask[::group], live.tolist(), config.max_new_tokens, copies=group)
     for step in range(config.max_new_tokens):
@@ -79,6 +83,11 @@ def _run(model, input_ids, attention_mask, config, generator, on_step, group) ->
         live = live[~stopped]
         logits = decode.step(tokens[~stopped])
     return cols.rollout(ids, mask)
+
+
+def _run(model, input_ids, attention_mask, config, generator, on_step, group) -> Rollout:
+    return decode_loop(lambda slots: DecodeBatch(model, slots), input_ids, attention_mask, config, generator, on_step,
+                       group)
 
 
 def _reference_run(model, input_ids, attention_mask, config, generator) -> Rollout:

@@ -39,13 +39,8 @@ def choose_next(logits_last: Tensor, config: SampleConfig, generator: torch.Gene
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass;
-        # the top token always survives (its exclusive cumsum is 0).
-        drop = (probs.cumsum(dim=-1) - probs) >= config.top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(outside_top_p(logits, logits.new_full(logits.shape[:1], config.top_p)),
+                                    float("-inf"))
     # Inverse-CDF sampling, one uniform per row: torch.multinomial draws an exponential for
     # every vocabulary entry (9 ms a step for 8 x 49k on 2 CPU cores, 7% of a decode step).
     # The float64 CDF keeps rare tokens' intervals exact; `right=True` never lands on a
@@ -55,6 +50,19 @@ def choose_next(logits_last: Tensor, config: SampleConfig, generator: torch.Gene
         uniforms = draw_uniforms(cdf.shape[0], generator, cdf.device)
     u = uniforms * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def outside_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
+    """Boolean [B, V]: the tokens outside each row's nucleus (top_p [B] in (0, 1]): the one
+    top-p rule of every sampler (rollouts here, the server's per-request rows)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already hold top_p of the mass; the top
+    # token always survives (its exclusive cumsum is 0). top_p == 1 drops nothing (a float
+    # cumsum can reach 1.0 early and would otherwise cut the tail).
+    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop[:, 0] = False
+    return torch.zeros_like(drop).scatter(-1, order, drop)
 
 
 def picked_logprobs(logits_last: Tensor, tokens: Tensor, temperature: float) -> Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..rundir import fsync_dir, fsync_tree
-from .gguf_writer import write_gguf
+from .gguf_writer import write_gguf, write_gguf_lora
 from .quantize import QuantizedLinear
 
 
@@ -58,12 +58,11 @@ MAX_SHARD_BYTES = 1 << 30  # files of at most 1 GiB, as save_pretrained shards a
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def _merged_tensors(role, dtype):
-    """(name, shape, make) for each tensor of the role's LM with its adapter merged, in the
-    Hugging Face names; `make()` builds that one tensor in `dtype`, so an export never holds a
-    merged copy of the whole model (which would double the peak of a run on its last step).
-    A quantized base layer is written dequantized: its `weight` is made from its codes."""
-    lm = role.lm
+def _merged_tensors(lm, adapter: str | None, dtype):
+    """(name, shape, make) for each tensor of a SharedLM with `adapter` merged (None: the base
+    alone), in the Hugging Face names; `make()` builds that one tensor in `dtype`, so an export
+    never holds a merged copy of the whole model (which would double the peak of a run on its
+    last step). A quantized base layer is written dequantized: its `weight` is made from its codes."""
     model = lm.hf_model()
     modules = dict(model.named_modules())
     entries, seen = [], set()
@@ -85,12 +84,16 @@ def _merged_tensors(role, dtype):
             owner = owner[: -len(".base_layer")]
             key = f"{owner}.{leaf}"
             layer = modules[owner]
-            if leaf == "weight" and role.adapter in layer.lora_A:
-                if layer.lora_variant.get(role.adapter) or layer.lora_bias.get(role.adapter):
-                    raise ValueError(f"{key}: only plain LoRA adapters can be merged (no DoRA, no LoRA bias)")
-                make = functools.partial(_merge, dense, layer, role.adapter, dtype)
+            if leaf == "weight" and adapter in layer.lora_A:
+                _check_plain(layer, adapter, key)
+                make = functools.partial(_merge, dense, layer, adapter, dtype)
         entries.append((key, shape, make))
     return model, entries
+
+
+def _check_plain(layer, adapter, key):
+    if layer.lora_variant.get(adapter) or layer.lora_bias.get(adapter):
+        raise ValueError(f"{key}: only plain LoRA adapters can be merged or exported (no DoRA, no LoRA bias)")
 
 
 def _merge(dense, layer, adapter, dtype):
@@ -135,7 +138,8 @@ def _write_safetensors(path: Path, entries, dtype):
 @torch.no_grad()
 def export_merged(role, tokenizer, path, dtype=torch.float32):
     """Write the role's LM, adapter merged, as a Hugging Face checkpoint (sharded like
-    save_pretrained when large), one tensor at a time; then the tokenizer."""
+    save_pretrained when large), one tensor at a time; then the tokenizer (if given). A role
+    with `adapter` None on a peft model writes the base alone (adapters off)."""
     path = Path(path)
     with _naming(path):
         return _export_merged(role, tokenizer, path, dtype)
@@ -143,7 +147,7 @@ def export_merged(role, tokenizer, path, dtype=torch.float32):
 
 def _export_merged(role, tokenizer, path: Path, dtype):
     tmp = _tmpdir(path)
-    model, entries = _merged_tensors(role, dtype)
+    model, entries = _merged_tensors(role.lm, role.adapter, dtype)
     shards = _shards(entries, dtype.itemsize)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -161,7 +165,8 @@ def _export_merged(role, tokenizer, path: Path, dtype):
     config.save_pretrained(tmp)
     if model.can_generate():
         model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:  # None: weights for a program that takes token ids (generation/vllm_engine.py)
+        tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, path)
     return path
 
@@ -185,7 +190,8 @@ def _export_adapter(role, tokenizer, path: Path, base: str):
         config.base_model_name_or_path = saved_base
     # peft writes adapters other than "default" into a subfolder named after them.
     src = tmp / role.adapter if (tmp / role.adapter).is_dir() else tmp
-    tokenizer.save_pretrained(src)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(src)
     _replace_dir(src, path)
     if src != tmp:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +201,33 @@ def _export_adapter(role, tokenizer, path: Path, base: str):
 @torch.no_grad()
 def export_gguf(role, tokenizer, path, quant: str = "f16"):
     """The role's LM, adapter merged in fp32, as a GGUF file: one tensor at a time, as export_merged."""
-    model, entries = _merged_tensors(role, torch.float32)
+    model, entries = _merged_tensors(role.lm, role.adapter, torch.float32)
     with _naming(path):
         return write_gguf(model.config, ((key, make) for key, _, make in entries), tokenizer, path, quant,
                           name=Path(path).parent.parent.name)
+
+
+@torch.no_grad()
+def export_gguf_base(lm, tokenizer, path, quant: str = "f16"):
+    """A SharedLM's base with every adapter off (a plain model: the model itself) as a GGUF file."""
+    model, entries = _merged_tensors(lm, None, torch.float32)
+    return write_gguf(model.config, ((key, make) for key, _, make in entries), tokenizer, path, quant)
+
+
+@torch.no_grad()
+def export_gguf_lora(role, path):
+    """The role's LoRA adapter as a llama.cpp LoRA adapter file (gguf_writer.write_gguf_lora),
+    to be applied over export_gguf_base's file of the same base."""
+    model = role.lm.hf_model()
+    factors, scales = [], set()
+    for name, layer in model.named_modules():
+        if role.adapter not in getattr(layer, "lora_A", {}):
+            continue
+        _check_plain(layer, role.adapter, name)
+        a, b = layer.lora_A[role.adapter].weight, layer.lora_B[role.adapter].weight
+        factors.append((f"{name}.weight", a, b))
+        scales.add(layer.scaling[role.adapter] * a.shape[0])  # alpha with llama.cpp's scale = alpha / rank
+    if len(scales) != 1:
+        raise ValueError(f"adapter {role.adapter!r}: expected one LoRA scale alpha/rank over its layers, found "
+                         f"{sorted(scales) or 'no adapted layer'}")
+    return write_gguf_lora(model.config, factors, path, scales.pop())

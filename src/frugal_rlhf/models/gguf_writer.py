@@ -42,8 +42,9 @@ def _byte_level(spec: dict | None) -> dict | None:
     return next((s for s in steps if s and s.get("type") == "ByteLevel"), None)
 
 
-def gguf_problem(config, tokenizer) -> str | None:
-    """Why this model cannot be written as GGUF, naming what is missing (None: it can)."""
+def gguf_problem(config, tokenizer=None) -> str | None:
+    """Why this model (and its tokenizer, if given) cannot be written as GGUF, naming what is
+    missing (None: it can)."""
     kind = getattr(config, "model_type", None)
     if kind not in ARCHS:
         return (f"model type {kind!r} cannot be written as GGUF: the writer knows {', '.join(ARCHS)} "
@@ -53,6 +54,8 @@ def gguf_problem(config, tokenizer) -> str | None:
         return f"rope scaling {rope['rope_type']!r} is not written (missing: llama.cpp's rope-scaling metadata)"
     if kind == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
         return "a Llama with bias terms is not written (missing: llama.cpp's bias tensors for the llama layout)"
+    if tokenizer is None:
+        return None
     spec = _tokenizer_json(tokenizer)
     model = spec.get("model", {}).get("type")
     if model != "BPE" or _byte_level(spec.get("pre_tokenizer")) is None:
@@ -63,15 +66,34 @@ def gguf_problem(config, tokenizer) -> str | None:
 
 
 def _pre_tokenizer_name(spec: dict) -> str:
-    """llama.cpp's name for how text is split before BPE: "gpt2" for plain ByteLevel (GPT-2's
-    regex, the split our tokenizer applied in training), else the regex's known name."""
+    """llama.cpp's name for how text is split before BPE (`tokenizer.ggml.pre`; llama.cpp refuses
+    a name it does not know): "gpt-2" for plain ByteLevel (GPT-2's regex), "smollm" for single
+    digits then ByteLevel (SmolLM's tokenizer.json), else the known name of the Split regex.
+    "default" (llama.cpp's own regex) is right only where no merge crosses a split: a byte-level
+    vocabulary without merges (our tiny models)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel":
-        return "gpt2" if pre.get("use_regex", True) else "default"
-    patterns = [s.get("pattern", {}).get("Regex") for s in pre.get("pretokenizers", []) if s.get("type") == "Split"]
+        return "gpt-2" if pre.get("use_regex", True) else "default"
+    steps = pre.get("pretokenizers", [])
+    if ([s.get("type") for s in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and steps[1].get("use_regex", True)):
+        return "smollm"
+    patterns = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
     return next((name for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex in patterns), "default")
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf's writer, able to write an empty array: llama.cpp refuses a BPE vocabulary without
+    the `tokenizer.ggml.merges` key even when there are no merges (a bytes-only vocabulary),
+    and gguf refuses to write an empty array."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            return ((self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type)
+                    + self._pack("Q", 0))
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 def _add_tokenizer(writer, tokenizer, vocab_size: int):
@@ -89,10 +111,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int):
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    if merges:
-        writer.add_token_merges(merges)
-    else:  # a vocabulary without merges (bytes only): readers then derive merges from scores
-        writer.add_token_scores([0.0] * vocab_size)
+    writer.add_key_value(gguf.Keys.Tokenizer.MERGES, merges, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
     for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         token_id = getattr(tokenizer, f"{name}_token_id")
@@ -138,41 +157,84 @@ def _encode(w: np.ndarray, qtype):
     return gguf.quants.quantize(w, qtype), qtype
 
 
+def _llama_rows(config, hf_name: str, w: np.ndarray) -> np.ndarray:
+    """`w`'s rows in llama.cpp's order: q and k reordered for its rotary pairs (see ARCHS)."""
+    if not ARCHS[config.model_type][1]:
+        return w
+    if ".self_attn.q_proj." in hf_name:
+        return _interleave_rotary(w, config.num_attention_heads)
+    if ".self_attn.k_proj." in hf_name:
+        return _interleave_rotary(w, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return w
+
+
+def _gguf_name(config, names, hf_name: str) -> str:
+    target = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if target is None:
+        raise ValueError(f"tensor {hf_name} has no GGUF name in the {config.model_type} layout")
+    return target
+
+
+def _check_writable(config, tokenizer=None):
+    problem = gguf_problem(config, tokenizer)
+    if problem:
+        raise ValueError(problem)
+
+
 def write_gguf(config, tensors, tokenizer, path, quant: str = "f16", name: str | None = None) -> Path:
     """Write (hf_name, make) pairs, `make()` giving that tensor, as a GGUF file at `path`."""
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
-    problem = gguf_problem(config, tokenizer)
-    if problem:
-        raise ValueError(problem)
+    _check_writable(config, tokenizer)
     arch, permutes = ARCHS[config.model_type]
     qtype, file_type = QUANTS[quant]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     path = Path(path)
 
     def write(tmp):
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)  # tensors spill to disk
+        writer = _Writer(tmp, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)  # tensors spill to disk
         writer.add_name(name or path.stem)
         _add_shape(writer, config, permutes, file_type)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
         for hf_name, make in tensors:
             if hf_name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # no output.weight: readers tie the head to token_embd
-            target = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if target is None:
-                raise ValueError(f"tensor {hf_name} has no GGUF name in the {config.model_type} layout")
-            w = make().detach().float().cpu().numpy()
-            if permutes and ".self_attn.q_proj." in hf_name:
-                w = _interleave_rotary(w, config.num_attention_heads)
-            elif permutes and ".self_attn.k_proj." in hf_name:
-                w = _interleave_rotary(w, kv_heads)
-            data, raw = _encode(w, qtype)
+            target = _gguf_name(config, names, hf_name)
+            data, raw = _encode(_llama_rows(config, hf_name, make().detach().float().cpu().numpy()), qtype)
             writer.add_tensor(target, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _finish(writer)
 
     atomic_write(path, write)
     return path
+
+
+def write_gguf_lora(config, factors, path, alpha: float) -> Path:
+    """A LoRA adapter as llama.cpp loads it over a base written by `write_gguf` (its
+    llama_adapter_lora_init): general.type "adapter", adapter.type "lora", adapter.lora.alpha
+    (llama.cpp adds (alpha / rank) * B A x, the rank read from each B), and for each adapted
+    weight, given as (hf_name, A [r, in], B [out, r]), tensors `<base tensor name>.lora_a` and
+    `.lora_b` in f32. B's rows follow the base's row order (q and k reordered as in write_gguf)."""
+    _check_writable(config)
+    arch, _ = ARCHS[config.model_type]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+
+    def write(tmp):
+        writer = _Writer(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for hf_name, a, b in factors:
+            target = _gguf_name(config, names, hf_name)
+            writer.add_tensor(f"{target}.lora_a", a.detach().float().cpu().numpy())
+            writer.add_tensor(f"{target}.lora_b", _llama_rows(config, hf_name, b.detach().float().cpu().numpy()))
+        _finish(writer)
+
+    atomic_write(Path(path), write)
+    return Path(path)
+
+
+def _finish(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -30,6 +30,7 @@ from ..config import PPOConfig, PreferenceConfig, RewardConfig
 from ..device import autocast, compute_dtype, default_device, use_lean_heap
 from ..errors import UserError
 from .loading import load_config
+from .quantize import bytes_per_weight
 from .roles import LOGIT_CHUNK, SharedLM, _hidden_states
 
 log = logging.getLogger("frugal_rlhf")
@@ -45,6 +46,10 @@ LOGIT_COPIES = 4                 # fp32 chunk logits, their exp, their gradient 
 # 1.77x (sft, 4 x 512), 1.85x (rm, 4 x 512): the largest, so that a plan errs on the safe side.
 ACTIVATION_RSS = 1.85
 ADAM_BYTES = 12                  # per trained element: fp32 gradient and Adam's two moments
+# `auto` on a CPU: the smallest micro-batch of at least this many tokens (accumulated exactly to
+# the configured batch). Measured (docs/benchmarks.md, "The defaults"): a CPU's matmuls run at
+# the same rate from this size up, so smaller micro-batches cost little speed and much memory.
+LEAN_MICRO_TOKENS = 1024
 
 
 def parse_size(text: str) -> int:
@@ -70,7 +75,8 @@ class Shape:
     weight_bytes: int      # bytes per base element: the compute dtype, 4 when fully trained
     trained: int           # trainable elements of one role beside the base (adapter + head; 0: the base)
     extra_weights: int     # bytes of another frozen model (DPO's reference in full fine-tuning)
-    load_bytes: int        # bytes of the checkpoint read at load time (mapped beside the model)
+    load_bytes: int        # at load time: the checkpoint read (mapped) beside the dense model being built
+    base_bytes: int = 0    # the base as held while training (quantized: its codes and scales); 0: params x weight_bytes
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def estimate(shape: Shape, costs: Costs, work: Work, micro: int, checkpointing: 
         act = ACTIVATION_RSS * (shape.layers + 1) * one_layer
     logit_tokens = 0 if work.stage == "rm" else min(LOGIT_CHUNK, seqs * work.seq_len)
     parts = {"runtime": RUNTIME_BYTES,
-             "weights": shape.params * shape.weight_bytes + shape.extra_weights,
+             "weights": (shape.base_bytes or shape.params * shape.weight_bytes) + shape.extra_weights,
              # an adapter's own fp32 weight beside its gradient and moments; a fully trained base
              # is its weights
              "trained": work.roles_trained * ((shape.trained * (4 + ADAM_BYTES)) if shape.trained
@@ -117,7 +123,7 @@ def estimate(shape: Shape, costs: Costs, work: Work, micro: int, checkpointing: 
              "activations": int(act),
              "logits": logit_tokens * shape.vocab * 4 * LOGIT_COPIES}
     steady = parts["runtime"] + parts["weights"] + parts["trained"]
-    load = parts["runtime"] + parts["weights"] + shape.load_bytes
+    load = parts["runtime"] + shape.extra_weights + shape.load_bytes
     update = steady + parts["activations"] + parts["logits"]
     if work.stage == "ppo":
         parts["kv_cache"] = work.rollout * work.seq_len * shape.layers * 2 * shape.kv_width * shape.weight_bytes
@@ -128,11 +134,18 @@ def estimate(shape: Shape, costs: Costs, work: Work, micro: int, checkpointing: 
     return parts
 
 
-def choices(work: Work):
-    """(micro, checkpointing) from the fastest to the leanest: on a CPU a smaller micro-batch
-    costs little while recomputing activations costs ~30-40% more time, so every micro-batch
-    without checkpointing comes first. PPO's mini-batch stays whole."""
+def choices(work: Work, lean_from: int | None = None):
+    """(micro, checkpointing) in the order they are tried: on a CPU a smaller micro-batch costs
+    little while recomputing activations costs ~30-40% more time, so every micro-batch without
+    checkpointing comes first. PPO's mini-batch stays whole. The fastest first by default;
+    with `lean_from` (the default budget, `auto`) the smallest micro-batch of at least that
+    many tokens first, then the larger ones, then the smaller ones: the least memory at (nearly)
+    the speed of the whole batch."""
     micros = [work.batch] if work.stage == "ppo" else [m for m in range(work.batch, 0, -1) if work.batch % m == 0]
+    if lean_from:
+        seqs = 2 if work.stage in ("rm", "dpo") else 1
+        efficient = [m for m in micros if m * seqs * work.seq_len >= lean_from] or micros[:1]
+        micros = efficient[::-1] + [m for m in micros if m not in efficient]
     return [(m, ckpt) for ckpt in (False, True) for m in micros]
 
 
@@ -145,9 +158,9 @@ class Plan:
     budget: int
 
 
-def plan(shape: Shape, costs: Costs, work: Work, budget: int) -> Plan:
-    """The first choice whose predicted peak fits, or a one-line refusal."""
-    for micro, ckpt in choices(work):
+def plan(shape: Shape, costs: Costs, work: Work, budget: int, lean_from: int | None = None) -> Plan:
+    """The first choice (in `choices`' order) whose predicted peak fits, or a one-line refusal."""
+    for micro, ckpt in choices(work, lean_from):
         parts = estimate(shape, costs, work, micro, ckpt)
         if parts["peak"] <= budget:
             return Plan(micro, work.accum * work.batch // micro, ckpt, parts, budget)
@@ -174,7 +187,11 @@ def budget_bytes(text: str) -> int:
     """--memory-budget: a size, or `auto` = 90% of what the device has free now."""
     if text != "auto":
         return parse_size(text)
+    return free_bytes()
 
+
+def free_bytes() -> int:
+    """90% of what the device has free now (CUDA: its free memory; CPU: MemAvailable)."""
     device = default_device()
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * AUTO_MARGIN)
@@ -187,23 +204,29 @@ def unmodelled(cfg) -> str | None:
     """Why the estimate does not describe this stage config (None: it does)."""
     if isinstance(cfg, PPOConfig) and not cfg.lora_rank:  # four separate models
         return "--memory-budget for ppo needs --lora-rank (the planner models the roles on one shared base)"
-    if cfg.quantize_base != "none":
-        return "--memory-budget does not model a quantized base (--quantize-base) yet"
     return None
 
 
-def work_of(cfg) -> Work:
+@dataclass(frozen=True)
+class Held:
+    """What a stage's algorithm holds beside the policy (its caller asks rl/algorithms.py)."""
+
+    critic: bool = False     # PPO with a learned value function: a second trained adapter
+    reference: bool = False  # a reference forward (in full fine-tuning, a frozen copy of the model)
+
+
+def work_of(cfg, held: Held = Held()) -> Work:
     reason = unmodelled(cfg)
     if reason:
         raise UserError(reason)
     if isinstance(cfg, PPOConfig):
         return Work("ppo", cfg.batch_size, 1, cfg.max_prompt_length + cfg.max_new_tokens,
-                    cfg.rollout_batch_size * cfg.group_size, 2 if cfg.advantage == "gae" else 1)
+                    cfg.rollout_batch_size * cfg.group_size, 2 if held.critic else 1)
     stage = "dpo" if isinstance(cfg, PreferenceConfig) else "rm" if isinstance(cfg, RewardConfig) else "sft"
     return Work(stage, cfg.batch_size, cfg.grad_accum, cfg.max_length)
 
 
-def shape_of(cfg) -> tuple[Shape, Costs]:
+def shape_of(cfg, held: Held = Held()) -> tuple[Shape, Costs]:
     """The model's shape from its config and its per-layer costs measured on a one-layer
     copy: no weights are loaded."""
     hf_config = load_config(cfg.model, cfg.trust_remote_code)
@@ -213,14 +236,19 @@ def shape_of(cfg) -> tuple[Shape, Costs]:
     layers, heads = text.num_hidden_layers, text.num_attention_heads
     params = counts["embedding"] + layers * counts["layer"]
     full = not cfg.lora_rank
-    reference = full and getattr(cfg, "loss", None) not in (None, "simpo", "orpo") and not getattr(
-        cfg, "precompute_ref", True)  # DPO: a frozen copy for the reference
+    reference = full and held.reference  # a frozen copy of the model for the reference
+    weight_bytes = 4 if full else dtype.itemsize
+    base = params * weight_bytes
+    if cfg.quantize_base != "none":  # the layers' weights as codes and scales; embeddings and head dense
+        base = counts["embedding"] * dtype.itemsize + int(
+            layers * counts["layer"] * bytes_per_weight(cfg.quantize_base, text.hidden_size))
     shape = Shape(params=params, layers=layers, hidden=text.hidden_size, vocab=text.vocab_size,
                   kv_width=(getattr(text, "num_key_value_heads", None) or heads) * (text.hidden_size // heads),
-                  weight_bytes=4 if full else dtype.itemsize,
+                  weight_bytes=weight_bytes,
                   trained=0 if full else layers * counts["adapter"] + text.hidden_size + 1,
                   extra_weights=params * dtype.itemsize if reference else 0,
-                  load_bytes=params * 4)  # the checkpoints we convert and cache are fp32 safetensors
+                  # the checkpoints we convert and cache are fp32 safetensors, read beside the dense model
+                  load_bytes=params * 4 + params * weight_bytes, base_bytes=base)
     return shape, costs
 
 
@@ -280,14 +308,38 @@ def measure_costs(hf_config, dtype, lora_rank: int, lora_alpha, lora_targets):
     return costs, counts
 
 
-def apply_plan(cfg):
+def sampling_batch(hf_config, itemsize: int, batch: int, seq_len: int, budget: int | None = None) -> int:
+    """The largest batch up to `batch` whose sampling state fits `budget` (default: what is free
+    now, the model already loaded): per row, the KV cache of `seq_len` tokens in the compute
+    dtype and a few fp32 rows of next-token logits (preference sampling, evaluation)."""
+    text = hf_config.get_text_config()
+    heads = text.num_attention_heads
+    kv_width = (getattr(text, "num_key_value_heads", None) or heads) * (text.hidden_size // heads)
+    per_row = text.num_hidden_layers * 2 * kv_width * seq_len * itemsize + LOGIT_COPIES * text.vocab_size * 4
+    fits = max(1, int((free_bytes() if budget is None else budget) // per_row))
+    if fits < batch:
+        log.info("memory plan: sampling %d rows at a time instead of %d (%.2f GiB of state each)", fits, batch,
+                 per_row / GiB)
+    return min(batch, fits)
+
+
+def apply_plan(cfg, held: Held = Held()):
     """A copy of a stage config with the plan for cfg.memory_budget applied (the config as it
-    is without a budget); logs the table. Raises UserError when nothing fits."""
-    if not cfg.memory_budget:
+    is with `off`); logs the table. Raises UserError when nothing fits. `auto`, the default,
+    plans for what the device has free and, on a CPU, for the least memory at (nearly) full
+    speed (LEAN_MICRO_TOKENS); where the planner does not model the stage it says so and
+    runs the stage as configured."""
+    if cfg.memory_budget in (None, "off"):
         return cfg
-    shape, costs = shape_of(cfg)
-    work = work_of(cfg)
-    chosen = plan(shape, costs, work, budget_bytes(cfg.memory_budget))
+    auto = cfg.memory_budget == "auto"
+    reason = unmodelled(cfg)
+    if reason and auto:
+        log.info("memory plan: none (%s); the stage runs as configured", reason.replace("--memory-budget ", ""))
+        return cfg
+    shape, costs = shape_of(cfg, held)
+    work = work_of(cfg, held)
+    lean_from = LEAN_MICRO_TOKENS if auto and default_device().type == "cpu" else None
+    chosen = plan(shape, costs, work, budget_bytes(cfg.memory_budget), lean_from)
     log.info("memory plan (%s, --memory-budget %s):\n%s", work.stage, cfg.memory_budget, table(chosen, work))
     if chosen.checkpointing:
         # With checkpointing, what a layer recomputes is freed at once, and glibc's moving mmap
@@ -300,10 +352,10 @@ def apply_plan(cfg):
                                gradient_checkpointing=chosen.checkpointing or cfg.gradient_checkpointing)
 
 
-def predicted_peak(cfg) -> int | None:
+def predicted_peak(cfg, held: Held = Held()) -> int | None:
     """The estimate for a config as it stands (the bench prints it beside the measured peak);
     None where the planner does not model the stage (PPO's four full models)."""
     if unmodelled(cfg):
         return None
-    shape, costs = shape_of(cfg)
-    return estimate(shape, costs, work_of(cfg), cfg.batch_size, cfg.gradient_checkpointing)["peak"]
+    shape, costs = shape_of(cfg, held)
+    return estimate(shape, costs, work_of(cfg, held), cfg.batch_size, cfg.gradient_checkpointing)["peak"]

@@ -45,6 +45,12 @@ INT4_LEVELS = tuple((k - 8) / 7 for k in range(16))
 LEVELS = {"nf4": NF4_LEVELS, "int4": INT4_LEVELS}
 
 
+def bytes_per_weight(fmt: str, in_features: int) -> float:
+    """Stored bytes per element of a quantized linear weight, its scales included (the table
+    in this module's docstring)."""
+    return 1 + 4 / in_features if fmt == "int8" else 0.5 + 4 / BLOCK
+
+
 def check_format(fmt: str, lora_rank: int | None = None) -> str:
     """The format, checked; with `lora_rank` (a trained base's config) also that there is an
     adapter to train: a quantized base is frozen."""

@@ -273,9 +273,21 @@ class Actor(Role):
 
 
 class Critic(Role):
-    """Values V(s_t) for the state before each of the last `num_actions` tokens."""
+    """Values V(s_t) for the state before each of the last `num_actions` tokens.
+
+    `pooling` reads the state as a reward model of that pooling reads an answer, so that a
+    critic started from a reward model (InstructGPT's initialization) values a partial answer
+    as the reward model would score it: `last`, the hidden state at the answer's last token so
+    far; `mean`, the mean hidden state over the answer's tokens so far (before the first
+    answer token: the prompt's last state)."""
 
     kind = "critic"
+
+    def __init__(self, *args, pooling: str = "last", **kwargs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"critic pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        super().__init__(*args, **kwargs)
+        self.pooling = pooling
 
     def make_head(self):
         # A fresh critic starts at V=0: random values would only add noise to the first
@@ -284,7 +296,12 @@ class Critic(Role):
 
     def forward(self, input_ids, attention_mask, num_actions: int, shared_prefix: tuple[int, int] = (1, 0)):
         hidden, _ = self.hidden(input_ids, attention_mask, shared_prefix=shared_prefix)
-        return self.head(hidden[:, -num_actions - 1:-1].float()).squeeze(-1)
+        states = hidden[:, -num_actions - 1:-1].float()  # state t: the prompt and actions before t
+        if self.pooling == "mean":  # state 0: the prompt's last; state t > 0: the mean over actions 1..t
+            counts = torch.arange(num_actions, device=states.device, dtype=states.dtype).clamp(min=1)
+            answer = torch.cumsum(states[:, 1:], dim=1) / counts[1:, None]
+            states = torch.cat([states[:, :1], answer], 1)
+        return self.head(states).squeeze(-1)
 
 
 POOLINGS = ("last", "mean")

@@ -7,12 +7,14 @@ at ratio == 1 exactly; sampling-time numbers differ by cache/precision noise.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..generation import SampleConfig, sample
+from ..generation import SampleConfig
+from ..generation.engines import RolloutEngine, TorchEngine
 from . import losses as L
+from .algorithms import AdvantageInputs, estimator
 
 
 @dataclass
@@ -29,13 +31,17 @@ class Experience:
     score: torch.Tensor            # [B] raw reward-model score
     kl: torch.Tensor | None        # [B, N] per-token KL estimate to the reference (None with logprobs)
     sample_logprobs: torch.Tensor  # [B, N] the generation engine's log-probs of the sampled tokens
+    tied: torch.Tensor | None = None  # [B] bool: rows of groups whose scores tie (no signal; group_size > 1)
+    reward_parts: dict = field(default_factory=dict)  # name -> [B] each reward component, raw
 
     @property
     def num_actions(self) -> int:
         return self.action_mask.shape[1]
 
     def select(self, index) -> "Experience":
-        return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+        def pick(value):
+            return {k: v[index] for k, v in value.items()} if isinstance(value, dict) else value[index]
+        return Experience(**{f.name: None if getattr(self, f.name) is None else pick(getattr(self, f.name))
                              for f in fields(self)})
 
     def minibatches(self, size: int, generator: torch.Generator, group: int = 1):
@@ -62,8 +68,12 @@ class RunningMoments:
         self.mean += delta * n / total
         self.count = total
 
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
     def normalize(self, x):
-        return (x - self.mean) / max(self.var, 1e-8) ** 0.5
+        return (x - self.mean) / self.std
 
     def state_dict(self):
         return {"mean": self.mean, "var": self.var, "count": self.count}
@@ -81,36 +91,32 @@ class RolloutSettings:
     reward_clip: float | None = None
     normalize_reward: bool = False
     whiten_advantages: bool = True
-    advantage: str = "gae"             # gae: critic + GAE; group: GRPO, KL in the loss instead of the reward
+    advantage: str = "gae"             # the estimator's name in rl/algorithms.py
     group_size: int = 1
     scale_rewards: str = "group"       # group | batch | none: what divides GRPO's centered scores
-
-
-def rollout(actor, input_ids, attention_mask, settings: RolloutSettings, generator, autocast):
-    """Sample responses from the actor (its adapter active, KV cache, bf16 autocast)."""
-    with autocast, actor.lm.role(actor.adapter) as model:
-        return sample(model, input_ids, attention_mask, settings.sample, generator, group=settings.group_size)
 
 
 @torch.no_grad()
 def make_experience(actor, critic, reward_fn, reference, input_ids, attention_mask, settings: RolloutSettings,
                     kl_coef: float, generator, strategy, moments: RunningMoments | None = None,
-                    policy_logprobs: bool = True):
+                    policy_logprobs: bool = True, engine: RolloutEngine | None = None):
     """One rollout batch (this rank's share) -> Experience, plus timings {gen, score} in seconds.
 
-    reward_fn(sequences, attention_mask, prompt_length) -> [B] scores. The strategy gives the
+    reward_fn(sequences, attention_mask, prompt_length) -> ([B] scores, {name: [B] component}). The strategy gives the
     autocast, and the statistics of all ranks' batches for advantage whitening and reward
     normalization (one process: this batch's). Each prompt is sampled `group_size` times, the
     copies adjacent. With no critic (GRPO) the values are 0 and advantages are group-relative.
     `policy_logprobs=False` (GRPO updating once on this batch) skips the actor's forward: the
     policy that sampled is the one the update starts from, whose forward gives the same numbers.
+    `engine` samples (generation/engines.py; default: our torch engine on the actor's weights).
     """
     if settings.group_size > 1:
         input_ids = input_ids.repeat_interleave(settings.group_size, 0)
         attention_mask = attention_mask.repeat_interleave(settings.group_size, 0)
     autocast_factory = strategy.autocast
     t0 = time.perf_counter()
-    out = rollout(actor, input_ids, attention_mask, settings, generator, autocast_factory())
+    engine = engine or TorchEngine(autocast_factory)
+    out = engine.generate(actor, input_ids, attention_mask, settings.sample, generator, group=settings.group_size)
     t1 = time.perf_counter()
     seq, attn, mask = out.sequences, out.attention_mask, out.action_mask.float()
     n, temp = mask.shape[1], settings.sample.temperature if settings.sample.temperature > 0 else 1.0
@@ -121,29 +127,20 @@ def make_experience(actor, critic, reward_fn, reference, input_ids, attention_ma
         logprobs = actor(seq, attn, n, temperature=temp, shared_prefix=shared)[0].float() if policy_logprobs else None
         ref_logprobs, _ = reference(seq, attn, n, temperature=temp, shared_prefix=shared)
         values = critic(seq, attn, n, shared).float() if critic is not None else torch.zeros_like(mask)
-        score = reward_fn(seq, attn, out.prompt_length).float()
-    raw_score = score
+        score, parts = reward_fn(seq, attn, out.prompt_length)
+        score = score.float()
+    raw, scale = score, 1.0
     if settings.normalize_reward and moments is not None:
         moments.update(strategy.all_gather(score))
-        score = moments.normalize(score)
-    ref_logprobs, values = ref_logprobs.float(), values * mask
-    if settings.advantage in ("group", "rloo"):  # the clipped score against its group's, at every token
-        rewards = L.score_rewards(score, mask, settings.reward_clip)
-        outcome = (L.scaled_group_advantages(rewards.sum(1), settings.group_size, settings.scale_rewards)
-                   if settings.advantage == "group" else L.rloo_advantages(rewards.sum(1), settings.group_size))
-        advantages = returns = outcome[:, None] * mask
-        kl = None if logprobs is None else L.token_kl(logprobs, ref_logprobs, mask, settings.kl_estimator)
-    elif settings.advantage == "reinforce++":  # KL in the per-token reward, returns whitened over the batch
-        rewards, kl = L.shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
-                                      settings.reward_clip)
-        returns = L.discounted_returns(rewards, mask, settings.gamma)
-        advantages = L.masked_whiten(returns, mask, all_reduce=strategy.all_reduce)
-    else:
-        rewards, kl = L.shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
-                                      settings.reward_clip)
-        advantages, returns = L.gae(rewards, values, mask, settings.gamma, settings.lam)
-        if settings.whiten_advantages:
-            advantages = L.masked_whiten(advantages, mask, all_reduce=strategy.all_reduce)
-    exp = Experience(seq, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, raw_score, kl,
-                     out.logprobs)
+        score, scale = moments.normalize(score), moments.std
+    # The score the advantages use, and the one decision of which groups tie on it.
+    outcome = L.clip_score(score, settings.reward_clip)
+    g = settings.group_size
+    tied = L.zero_spread(outcome, g, raw, scale).repeat_interleave(g) if g > 1 else None
+    values = values * mask
+    est = estimator(settings.advantage).compute(AdvantageInputs(
+        outcome, tied, mask, logprobs, ref_logprobs.float(), values, kl_coef, settings.kl_estimator, settings.gamma,
+        settings.lam, settings.whiten_advantages, g, settings.scale_rewards, strategy.all_reduce))
+    exp = Experience(seq, attn, mask, logprobs, ref_logprobs.float(), values, est.rewards, est.advantages,
+                     est.returns, raw, est.kl, out.logprobs, tied, parts)
     return exp, {"time_gen": t1 - t0, "time_score": time.perf_counter() - t1}

@@ -109,7 +109,7 @@ def gold_score(prompt, answer: str) -> float:
 
 
 def gold_scores(prompts, answers) -> list[float]:
-    return [gold_score(p, a) for p, a in zip(prompts, answers)]
+    return [gold_score(p, a) for p, a in zip(prompts, answers, strict=True)]
 
 
 NOISE_MODELS = ("thurstone", "flip")

@@ -102,8 +102,7 @@ def token_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k1"
 def score_rewards(score: Tensor, mask: Tensor, clip: float | None = None) -> Tensor:
     """The sequence score (optionally clipped to [-clip, clip]) at the last real token of each
     row, 0 elsewhere; rows with no real tokens receive nothing. [B, T]"""
-    if clip is not None:
-        score = score.clamp(-clip, clip)
+    score = clip_score(score, clip)
     last = mask.long().sum(1) - 1  # [B]; -1 for an empty row, which matches no position
     is_last = torch.arange(mask.shape[1], device=mask.device)[None, :] == last[:, None]
     return torch.where(is_last, score[:, None], torch.zeros_like(mask, dtype=score.dtype))
@@ -147,18 +146,16 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 # ------------------------------------------------------------------ group advantages
-def group_advantages(score: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def group_advantages(score: Tensor, group_size: int, eps: float = 1e-6, tied: Tensor | None = None) -> Tensor:
     """GRPO (Shao et al. 2024): each completion's score against the other completions of the
     same prompt, ``(s - mean_group) / (std_group + eps)``, which replaces a learned critic.
     ``score`` is [B] with the ``group_size`` completions of a prompt adjacent; returns [B].
-    A group whose completions all score the same gets 0 (no signal, no update)."""
+    A tied group (``tied`` [B], default :func:`zero_spread` of ``score``) gets 0: no signal."""
     g = _groups(score, group_size, "group advantages need").double()
-    dev = g - g.mean(1, keepdim=True)
     # float64 keeps the mean of equal float32 scores exact (their deviations exactly 0); a
     # float64 input can still leave ~eps * |score| of rounding, which the mask also zeroes.
-    adv = torch.where(zero_spread(score, group_size)[:, None], torch.zeros_like(dev),
-                      dev / (g.std(1, keepdim=True) + eps))
-    return adv.to(score.dtype).view(-1)
+    return _untie(((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1), score, group_size,
+                  tied)
 
 
 def _groups(score: Tensor, group_size: int, what: str) -> Tensor:
@@ -168,20 +165,38 @@ def _groups(score: Tensor, group_size: int, what: str) -> Tensor:
     return score.view(-1, group_size)
 
 
-def zero_spread(score: Tensor, group_size: int) -> Tensor:
-    """[B // group_size] bool: the groups whose scores are all equal up to the rounding of
-    ``score``'s dtype (spread <= 4 eps |score|), which carry no signal. A tied group's
-    float32 std is not 0 (its mean is not exact), and dividing by it turned noise into
-    advantages of up to +-0.64."""
-    g = score.view(-1, group_size).double()
+def _untie(adv: Tensor, score: Tensor, group_size: int, tied: Tensor | None) -> Tensor:
+    """Per-completion advantages [B] (any float dtype) with the tied groups' set to exactly 0,
+    in the score's dtype."""
+    tied = zero_spread(score, group_size).repeat_interleave(group_size) if tied is None else tied
+    return torch.where(tied, torch.zeros_like(adv), adv).to(score.dtype)
+
+
+def zero_spread(score: Tensor, group_size: int, raw: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """[B // group_size] bool: the tied groups, whose scores are all equal up to rounding; they
+    carry no signal. The one definition of a tie, for the advantages, dynamic sampling and the
+    logged zero_std_frac alike.
+
+    ``score`` is what the advantages use; it may be the ``raw`` scores the reward gave (default)
+    normalized (divided by ``scale``, the running std) and then clipped. Rounding is the raw
+    dtype's: a spread of at most 4 eps |raw| / scale. So a group one ulp apart before the
+    normalization stays tied after it, and a group clipped to one value is tied though its raw
+    scores differed. (A tied group's float32 std is not 0, its mean is not exact: dividing by
+    it turned noise into advantages of up to +-0.64.)"""
+    raw = score if raw is None else raw
+    g, r = score.view(-1, group_size).double(), raw.view(-1, group_size).double()
     spread = g.max(1).values - g.min(1).values
-    return spread <= 4 * torch.finfo(score.dtype).eps * g.abs().max(1).values
+    return spread <= 4 * torch.finfo(raw.dtype).eps * r.abs().max(1).values / scale
+
+
+def clip_score(score: Tensor, clip: float | None) -> Tensor:
+    return score if clip is None else score.clamp(-clip, clip)
 
 
 # ------------------------------------------------------------------------ PPO losses
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                 clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                agg: str = "token-mean", max_len: int | None = None):
+                agg: str = "token-mean", max_len: int | None = None, weights: Tensor | None = None):
     """PPO clipped surrogate (to minimise), token-level mean over the mask.
 
         ratio  = exp(logp - old_logp)
@@ -189,7 +204,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 
     ``clip_eps_high`` defaults to ``clip_eps`` (set it higher for asymmetric
     "clip-higher", DAPO). ``agg``/``max_len``: how token losses become one number
-    (:func:`aggregate_loss`). Stats (python floats): ``clipfrac`` (fraction of tokens where the
+    (:func:`aggregate_loss`). ``weights`` (detached, [B, T]) scale each token's loss before
+    aggregation (:func:`tis_weights`). Stats (python floats): ``clipfrac`` (fraction of tokens where the
     clipped term is strictly larger, i.e. no gradient), ``approx_kl`` (k3 estimate
     of KL(old || new): mean of (ratio - 1) - log ratio), ``ratio_mean``.
     """
@@ -199,7 +215,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     adv = _keep(advantages, mask).to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    token_loss = torch.maximum(unclipped, clipped)
+    loss = aggregate_loss(token_loss if weights is None else token_loss * weights, mask, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
@@ -207,6 +224,39 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
     return loss, stats
+
+
+def actor_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_eps: float = 0.2,
+                    clip_eps_high: float | None = None, agg: str = "token-mean", max_len: int | None = None,
+                    weights: Tensor | None = None, entropy: Tensor | None = None, entropy_coef: float = 0.0,
+                    ref_logp: Tensor | None = None, kl_coef: float = 0.0, ptx_nll: Tensor | float = 0.0,
+                    ptx_coef: float = 0.0):
+    """The actor's whole loss: PPO's clipped surrogate (:func:`policy_loss`, its tokens weighted
+    by ``weights``: truncated importance sampling, :func:`tis_weights`), minus
+    ``entropy_coef`` times the mean entropy, plus ``kl_coef`` times the k3 KL to the reference
+    aggregated like the surrogate when ``ref_logp`` is given (GRPO's KL as a loss term, where
+    the estimator does not put it in the rewards), plus ``ptx_coef`` times the language-model
+    loss on demonstrations (PPO-ptx, InstructGPT). Returns (loss, stats) with the surrogate
+    alone as ``policy_loss`` in the stats."""
+    pg_loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_eps, clip_eps_high, agg, max_len, weights)
+    loss = pg_loss
+    stats["policy_loss"] = float(pg_loss.detach())
+    if entropy is not None:
+        ent = masked_mean(entropy, mask)
+        loss = loss - entropy_coef * ent
+        stats["entropy"] = float(ent.detach())
+    if ref_logp is not None:
+        kl_loss = aggregate_loss(kl_penalty(logp, ref_logp, "k3"), mask, agg, max_len)
+        loss = loss + kl_coef * kl_loss
+        stats["kl_loss"] = float(kl_loss.detach())
+    if ptx_coef:
+        loss = loss + ptx_coef * ptx_nll
+    return loss, stats
+
+
+def lm_nll(logp: Tensor, mask: Tensor) -> Tensor:
+    """The language-model loss: the mean negative log-likelihood of the masked tokens."""
+    return -masked_sum(logp, mask) / mask.to(logp.dtype).sum().clamp(min=1)
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
@@ -231,12 +281,31 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
 @torch.no_grad()
 def logprob_mismatch(sampled: Tensor, trained: Tensor, mask: Tensor) -> dict[str, float]:
     """Training-inference mismatch: how far the log-probs the generation engine reported for
-    the tokens it sampled are from the trainer's forward on the same tokens (same weights).
-    Rounding alone keeps it near the dtype's epsilon times the logits' size; more means the
-    two paths compute different things (masks, positions, adapters, dtypes)."""
-    gap = (sampled.float() - trained.float()).abs()
+    the tokens it sampled are from the trainer's forward on the same tokens (same weights):
+    the max and mean of |engine - trainer| over real tokens, and ``gen_kl``, the per-token
+    KL(engine || trainer) estimated on the engine's own samples (k3: non-negative, unbiased).
+    Rounding alone keeps them near the dtype's epsilon times the logits' size; more means the
+    two paths compute different things (masks, positions, adapters, dtypes, a quantized copy)."""
+    sampled, trained = sampled.float(), trained.float()
+    gap = (sampled - trained).abs()
     return {"gen_logprob_mismatch": float(gap[mask.bool()].max()) if mask.any() else 0.0,
-            "gen_logprob_mismatch_mean": float(masked_mean(gap, mask))}
+            "gen_logprob_mismatch_mean": float(masked_mean(gap, mask)),
+            "gen_kl": float(masked_mean(kl_penalty(sampled, trained, "k3"), mask))}
+
+
+@torch.no_grad()
+def tis_weights(trainer_logp: Tensor, engine_logp: Tensor, mask: Tensor, cap: float):
+    """Truncated importance sampling (TIS, Yao et al. 2025, "Your Efficient RL Framework Secretly
+    Brings You Off-Policy RL Training"): the tokens were sampled from the engine's distribution,
+    the policy loss assumes the trainer's, so each token's loss is weighted by
+    min(pi_trainer / pi_engine, cap) = min(exp(trainer_logp - engine_logp), cap). The cap bounds
+    the variance a token the engine found far less likely would add. Detached (no gradient
+    flows through a weight), 0 at masked tokens. Returns (weights [B, T], stats):
+    ``tis_weight_mean`` and ``tis_clipped_frac`` (tokens whose ratio exceeded the cap)."""
+    ratio = torch.exp(trainer_logp.float() - engine_logp.float())
+    weights = _keep(ratio.clamp(max=cap), mask)
+    return weights, {"tis_weight_mean": masked_mean(weights, mask).item(),
+                     "tis_clipped_frac": masked_mean((ratio > cap).float(), mask).item()}
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
@@ -299,30 +368,38 @@ def aggregate_loss(loss: Tensor, mask: Tensor, agg: str = "token-mean", max_len:
     raise ValueError(f"unknown loss aggregation {agg!r} (expected token-mean, seq-mean-token-mean or token-sum-norm)")
 
 
-def scaled_group_advantages(score: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> Tensor:
+REWARD_SCALES = ("group", "batch", "none")
+
+
+def scaled_group_advantages(score: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6,
+                            tied: Tensor | None = None) -> Tensor:
     """GRPO advantages [B] with a choice of scale (Dr. GRPO drops the per-group std):
 
     * ``group``: :func:`group_advantages`, (s - group mean) / (group std + eps)
     * ``batch``: (s - group mean) / (std of the whole batch's scores + eps)
     * ``none``:  s - group mean (Dr. GRPO: easy and hard prompts are not up-weighted)
+
+    Tied groups (``tied`` [B], default :func:`zero_spread` of ``score``) get exactly 0 under
+    every scale: a batch of equal scores has a batch std of rounding noise, which turned the
+    rounding of each group's mean into advantages of 0.64.
     """
     if scale == "group":
-        return group_advantages(score, group_size, eps)
-    g = _groups(score, group_size, "group advantages need")
+        return group_advantages(score, group_size, eps, tied)
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"unknown reward scaling {scale!r} (expected {', '.join(REWARD_SCALES)})")
+    g = _groups(score, group_size, "group advantages need").double()
     centered = (g - g.mean(1, keepdim=True)).view(-1)
-    if scale == "none":
-        return centered
     if scale == "batch":
-        return centered / (score.std() + eps)
-    raise ValueError(f"unknown reward scaling {scale!r} (expected group, batch or none)")
+        centered = centered / (score.double().std() + eps)
+    return _untie(centered, score, group_size, tied)
 
 
-def rloo_advantages(score: Tensor, group_size: int) -> Tensor:
+def rloo_advantages(score: Tensor, group_size: int, tied: Tensor | None = None) -> Tensor:
     """RLOO (Ahmadian et al. 2024): a completion's score minus the mean of the OTHER completions
     of its prompt, s_i - (sum_g - s_i) / (G - 1); unbiased because the baseline excludes s_i.
-    ``score`` is [B] with groups adjacent; returns [B]."""
-    g = _groups(score, group_size, "RLOO needs")
-    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+    ``score`` is [B] with groups adjacent; returns [B] (tied groups: 0, as :func:`group_advantages`)."""
+    g = _groups(score, group_size, "RLOO needs").double()
+    return _untie((g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1), score, group_size, tied)
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
@@ -335,13 +412,6 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
         running = r[:, t] + gamma * running
         out[:, t] = running
     return _keep(out, mask)
-
-
-def informative_groups(score: Tensor, group_size: int) -> Tensor:
-    """DAPO's dynamic sampling: a [B] bool mask keeping the groups whose scores are not all
-    equal (a group of equal scores has zero advantage: it only dilutes the batch). "Equal"
-    is zero_spread's, the test that zeroes GRPO's group advantages: ties up to rounding count."""
-    return (~zero_spread(score, group_size)).repeat_interleave(group_size)
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:

@@ -44,8 +44,8 @@ def _int_in(lo: int, hi: int | None = None):
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", default="default",
                         help="model spec: default, tiny-llama, a HF directory, a .gguf file or a PEFT adapter")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=_int_in(1, 65535), default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address; the default answers this machine only")
+    parser.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port of the API and the chat page")
     parser.add_argument("--api-key-file", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/*, KEY read from this file "
                              "(or set FRUGAL_API_KEY)")
@@ -56,14 +56,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also answer requests whose Host header names NAME (default: loopback names and "
                              "--host; a wildcard --host without this accepts any)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (default: none)")
+                        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable); "
+                             "none by default")
     parser.add_argument("--max-batch", type=_int_in(1), default=8, help="requests generated together in one batch")
     parser.add_argument("--max-queue", type=_int_in(1), default=64, help="waiting requests before answering 503")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="compute dtype: auto = bf16 where the device runs it fast, else fp32")
     parser.add_argument("--threads", type=_int_in(1), default=None,
-                        help="torch threads for generation (default: the CPUs this process may use, minus one)")
-    parser.add_argument("--served-model-name", default=None, help="model id reported by the API")
-    parser.add_argument("--trust-remote-code", action="store_true")
+                        help="torch threads for generation; unset: the CPUs this process may use, minus one")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id the API lists and requests name; unset: the model's file or directory name")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped with the model (only for a model you trust)")
     return parser
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generation.sampling import outside_top_p
+
 
 @dataclass(frozen=True)
 class RowSettings:
@@ -56,18 +58,6 @@ class Pick:
     logprobs: list[TokenLogprob | None]  # for rows that asked for them
 
 
-def _top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, V] of tokens outside each row's nucleus (top_p [B] in (0, 1])."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # Same rule as generation.choose_next: drop a token once the tokens ranked above it
-    # hold top_p of the mass; the top token always survives. top_p == 1 drops nothing
-    # (a float cumsum can reach 1.0 early and would otherwise cut the tail).
-    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    drop[:, 0] = False
-    return torch.zeros_like(drop).scatter(-1, order, drop)
-
-
 def _penalized(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     if not any(r.penalized for r in rows):
         return logits
@@ -86,7 +76,7 @@ def pick(logits: torch.Tensor, rows: list[RowSampler]) -> Pick:
     temperature = logits.new_tensor([r.settings.temperature for r in rows])
     greedy = temperature <= 0
     scaled = _penalized(logits, rows) / torch.where(greedy, 1.0, temperature)[:, None]
-    scaled = scaled.masked_fill(_top_p_mask(scaled, logits.new_tensor([r.settings.top_p for r in rows])),
+    scaled = scaled.masked_fill(outside_top_p(scaled, logits.new_tensor([r.settings.top_p for r in rows])),
                                 float("-inf"))
     probs = scaled.softmax(dim=-1)
     picked = scaled.argmax(dim=-1)

