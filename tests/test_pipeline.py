@@ -155,7 +155,7 @@ def test_pipeline_and_cli_build_every_strategy_field(tmp_path, monkeypatch):
 
     monkeypatch.setattr(strategies, "make_strategy", record)
     cfg = PipelineConfig(model="tiny-llama", output=str(tmp_path / "p"), strategy="fsdp", zero_stage=2, offload="cpu",
-                         dtype="fp32", seed=3, rm={"zero_stage": 3})
+                         dtype="fp32", seed=3, rm={"zero_stage": 3}, memory_budget="off")  # no sft/final to plan for
     pipe = Pipeline(cfg)
     for stage in (pipe.run_sft, pipe.run_rm, pipe.run_ppo):
         with pytest.raises(Stop):

@@ -131,6 +131,8 @@ def add_pipeline_args(p):
                    help="every stage's frozen base stored quantized (QLoRA); overrides the config's")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="every trained stage recomputes activations in backward: less memory, more time")
+    p.add_argument("--memory-budget", help="every stage's memory plan: auto (what is free), a size (4GiB) or off; "
+                   "overrides the config's (default: auto)")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
     p.add_argument("--advantage", help="the PPO stage's advantage estimator (gae: the critic; group: GRPO's, the "
                    "same samples); overrides the config's")

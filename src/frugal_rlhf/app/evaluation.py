@@ -25,6 +25,7 @@ from ..device import autocast as autocast_for
 from ..generation import SampleConfig
 from ..generation.engines import RolloutEngine, make_engine
 from ..models.loading import load_model
+from ..models.memory import sampling_batch
 from ..models.modes import inference
 from ..models.roles import Actor, SharedLM
 
@@ -117,6 +118,9 @@ def compare_models(model: Actor, baseline: Actor, tokenizer, reward_model, rows,
     `engine` samples both models' answers (default: our torch engine under `autocast`)."""
     autocast = autocast or contextlib.nullcontext()
     engine = engine or make_engine("torch", autocast=lambda: autocast)
+    hf = model.lm.hf_model()  # sampling's memory plan: rows at a time that their KV cache and logits leave room for
+    batch_size = sampling_batch(hf.config, next(hf.parameters()).element_size(), batch_size,
+                                max_prompt_length + cfg.max_new_tokens)
     k = samples_per_prompt
     rows = [r for r in rows for _ in range(k)]
     prompts = [r["prompt"] for r in rows]

@@ -57,6 +57,7 @@ class PipelineConfig:
     dtype: str = "auto"
     quantize_base: str = "none"  # none | int8 | nf4 | int4: every stage's frozen base (QLoRA; stages need lora_rank)
     gradient_checkpointing: bool = False  # every trained stage recomputes activations in backward (a section may say otherwise)
+    memory_budget: str = "auto"  # every stage's memory plan: auto, a size (4GiB) or off (a section may say otherwise)
     strategy: str = "naive"
     zero_stage: int = 3         # fsdp | deepspeed (as the stages' own field)
     offload: str = "none"       # none | cpu
@@ -127,8 +128,9 @@ class Pipeline:
         c = self.cfg
         # resume a stage from its checkpoint; one killed before its first checkpoint starts again
         return {"seed": c.seed, "dtype": c.dtype, "quantize_base": c.quantize_base,
-                "gradient_checkpointing": c.gradient_checkpointing, "strategy": c.strategy,
-                "zero_stage": c.zero_stage, "offload": c.offload, "report_to": c.report_to, "resume": True, "overwrite": True}
+                "gradient_checkpointing": c.gradient_checkpointing, "memory_budget": c.memory_budget,
+                "strategy": c.strategy, "zero_stage": c.zero_stage, "offload": c.offload, "report_to": c.report_to,
+                "resume": True, "overwrite": True}
 
     def run(self):
         setup_logging()

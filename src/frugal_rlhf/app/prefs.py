@@ -32,6 +32,7 @@ import torch
 from ..data.tokenize import PromptCollator, encode_prompt, stop_tokens
 from ..generation import SampleConfig
 from ..generation.engines import make_engine
+from ..models.memory import sampling_batch
 from ..models.roles import Actor, SharedLM
 from ..rl.gold import check_labeler, gold_scores, label_groups
 from ..rundir import atomic_write
@@ -96,6 +97,9 @@ def build_pairs(model, tokenizer, prompt_rows, output, labeler="contrast", max_n
     samples = []
     policy = Actor(SharedLM(model), None)
     engine = engine or make_engine("torch", autocast=lambda: autocast or contextlib.nullcontext())
+    # the memory plan of sampling: as many rows at a time as their KV cache and logits leave room for
+    batch_size = sampling_batch(model.config, next(model.parameters()).element_size(), batch_size,
+                                max_prompt_length + max_new_tokens)
     with make_progress() as progress:
         task = progress.add_task("prefs", total=len(rows) * len(configs), info="sampling")
         for k, cfg in enumerate(configs):

@@ -10,7 +10,10 @@ from ..data.formats import load_dataset_file
 from ..data.tokenize import stop_tokens
 from ..device import autocast, compute_dtype, default_device
 from ..generation import SampleConfig
+from ..models.build import reward_beside
+from ..models.loading import load_model
 from ..models.reward_io import load_reward_model
+from ..models.roles import Actor, SharedLM
 from ..rl.algorithms import estimator
 from ..rl.gold import gold_scores
 from . import overopt
@@ -54,9 +57,7 @@ def above_chance(accuracy: float, n_pairs: int) -> bool:
 def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
     device = default_device()
     dtype = compute_dtype(device, cfg.dtype)
-    sft, tok = load_policy(str(out / "sft" / "final"), dtype)
-    ppo, _ = load_policy(str(out / policy / "final"), dtype)  # the trained policy: ppo/ or dpo/
-    rm = load_reward_model(out / "rm", dtype=dtype)
+    sft, ppo, rm, tok = report_roles(out, policy, dtype, cfg.quantize_base)
     for m in (sft, ppo, rm):
         m.to(device).eval()
     ev = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.95, "batch_size": 8, **cfg.eval}
@@ -70,6 +71,23 @@ def held_out_comparison(out: Path, cfg, policy: str = "ppo") -> dict:
                               gold=gold_scores, engine=engine)
     finally:
         engine.close()
+
+
+def report_roles(out: Path, policy: str, dtype, quantize: str):
+    """SFT, the trained policy (ppo/ or dpo/) and the reward model for the comparison: one
+    base in memory, as in training (SFT = the base, adapters off; the policy and the reward
+    model its adapters), where the policy was trained with LoRA; else separate models."""
+    base = str(out / "sft" / "final")
+    if not (out / policy / "adapter").exists():  # full fine-tuning: three models
+        sft, tok = load_policy(base, dtype)
+        ppo, _ = load_policy(str(out / policy / "final"), dtype)
+        return sft, ppo, load_reward_model(out / "rm", dtype=dtype), tok
+    hf, tok = load_model(base, dtype, quantize=quantize)
+    hf.requires_grad_(False)
+    lm = SharedLM(hf)
+    lm.load_adapter(out / policy / "adapter", "policy")
+    rm = reward_beside(lm, out / "rm", base, quantize, dtype) if (out / "rm").exists() else None
+    return Actor(lm, None), Actor(lm, "policy"), rm, tok
 
 
 def method_label(advantage: str) -> str:

@@ -44,28 +44,49 @@ def _same_base(a: str, b: str) -> bool:
         return False
 
 
+def reward_meta(rm_path: Path | None) -> dict | None:
+    """A reward-model artifact's metadata (None without a path: program rewards only)."""
+    if rm_path is None:
+        return None
+    if not (rm_path / META).exists():
+        raise FileNotFoundError(f"{rm_path} is not a reward model (no {META}); train one with `frugal rm`")
+    return json.loads((rm_path / META).read_text())
+
+
+def on_base(rm_meta: dict | None, base: str, quantize: str) -> bool:
+    """Whether the reward model is an adapter trained on `base`, quantized alike: then it
+    shares that base in memory instead of loading its own."""
+    return rm_meta is not None and bool(rm_meta["adapter"]) and not rm_meta["base_in_artifact"] and \
+        _same_base(rm_meta["base"], base) and rm_meta.get("quantize_base", "none") == quantize
+
+
+def reward_beside(lm: SharedLM, rm_path: Path | None, base: str, quantize: str, dtype):
+    """The reward model on `lm` (the base `base`) when it was trained there, else on its own."""
+    meta = reward_meta(rm_path)
+    if meta is None:
+        return None
+    shared = on_base(meta, base, quantize)
+    if not shared:
+        log.info("reward model base %s (quantized: %s) differs from %s (%s): loading it separately", meta["base"],
+                 meta.get("quantize_base", "none"), base, quantize)
+    return load_reward_model(rm_path, shared=lm if shared else None, dtype=dtype)
+
+
 def build_ppo_roles(cfg, with_critic: bool = True) -> PPORoles:
     """The roles of `cfg`; `with_critic`: whether its advantage estimator learns a value function."""
     dtype = compute_dtype(override=cfg.dtype)
     # reward_model None: program rewards only (--reward without rm:), no reward model to load.
     rm_path = Path(cfg.reward_model) if cfg.reward_model else None
-    rm_meta = json.loads((rm_path / META).read_text()) if rm_path and (rm_path / META).exists() else None
-    if rm_path and rm_meta is None:
-        raise FileNotFoundError(f"{rm_path} is not a reward model (no {META}); train one with `frugal rm`")
+    rm_meta = reward_meta(rm_path)
     quantize = check_format(cfg.quantize_base, cfg.lora_rank)
-    # the reward adapter shares the base only if it was trained on the same base, quantized alike
-    rm_on_base = rm_meta is not None and bool(rm_meta["adapter"]) and not rm_meta["base_in_artifact"] and \
-        _same_base(rm_meta["base"], cfg.model) and rm_meta.get("quantize_base", "none") == quantize
+    rm_on_base = on_base(rm_meta, cfg.model, quantize)
     if not cfg.lora_rank:
         return _separate_full(cfg, dtype, with_critic)
     hf, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code, quantize)
     lm = SharedLM(hf)
     lm.add_adapter("actor", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     actor = Actor(lm, "actor")
-    reward = load_reward_model(rm_path, shared=lm if rm_on_base else None, dtype=dtype) if rm_path else None
-    if rm_path and not rm_on_base:
-        log.info("reward model base %s (quantized: %s) differs from %s (%s): loading it separately", rm_meta["base"],
-                 rm_meta.get("quantize_base", "none"), cfg.model, quantize)
+    reward = reward_beside(lm, rm_path, cfg.model, quantize, dtype)
     if not with_critic:
         critic = None
     elif cfg.critic_model:

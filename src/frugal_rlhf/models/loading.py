@@ -31,7 +31,7 @@ from .quantize import check_format, layers_to_quantize, quantize_model, random_q
 
 log = logging.getLogger("frugal_rlhf")
 
-# Used for tokenizers without a chat template (documented in the README): ChatML, the
+# Used for tokenizers without a chat template (documented in docs/data.md): ChatML, the
 # format SmolLM2 and many open chat models use. The generation prompt opens the assistant turn.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
