@@ -246,7 +246,7 @@ def test_ppo_scores_responses_as_the_reward_model_was_trained(tmp_path):
     rmask = torch.tensor([[1] * len(cut) + [0] * (width - len(cut)), [1] * len(done) + [0] * (width - len(done))])
     seq, attn = torch.cat([batch["input_ids"], resp], 1), torch.cat([batch["attention_mask"], rmask], 1)
     with torch.no_grad():
-        got, parts = trainer.reward_fn(seq, attn, batch["input_ids"].shape[1])
+        got, parts = trainer.scorer(seq, attn, batch["input_ids"].shape[1])
         expected = rm.score(prompts, ["hello wor", "ok"])
         unclosed = rm(seq, attn)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -136,8 +136,8 @@ def test_rm_component_is_the_reward_models_score_weighted(tmp_path):
     seq = torch.cat([batch["input_ids"].repeat(2, 1), resp], 1)
     attn = torch.cat([batch["attention_mask"].repeat(2, 1), (resp != tok.pad_token_id).long()], 1)
     with torch.no_grad():
-        alone, _ = plain.reward_fn(seq, attn, batch["input_ids"].shape[1])
-        both, parts = mixed.reward_fn(seq, attn, batch["input_ids"].shape[1], rows)
+        alone, _ = plain.scorer(seq, attn, batch["input_ids"].shape[1])
+        both, parts = mixed.scorer(seq, attn, batch["input_ids"].shape[1], rows)
     length = torch.tensor([1.0, 0.5])  # 4 and 2 tokens against the target 4
     torch.testing.assert_close(both, 2 * alone + length)
     torch.testing.assert_close(parts["reward_rm"], alone)

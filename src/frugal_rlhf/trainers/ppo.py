@@ -18,7 +18,7 @@ import torch
 from ..config import PPOConfig
 from ..data.formats import load_dataset_file
 from ..data.loader import LazyEncoded, split_rows
-from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt, last_token_index,
+from ..data.tokenize import (IGNORE, PromptCollator, SFTCollator, encode_conversation, encode_prompt, 
                              stop_tokens)
 from ..device import reset_phase_peak
 from ..generation import SampleConfig
@@ -29,7 +29,8 @@ from ..rl import losses as L
 from ..rl.algorithms import check_estimator, estimator
 from ..rl.experience import RolloutSettings, RunningMoments, make_experience
 from ..rl.kl import AdaptiveKLController, FixedKLController
-from ..rl.rewards import RewardSet, prompt_texts
+from ..rl.rewards import RewardSet
+from ..rl.scoring import Scorer
 from .base import Trainer, make_optimizer, make_scheduler
 
 log = logging.getLogger("frugal_rlhf")
@@ -46,19 +47,6 @@ class GeneratorState:
 
     def load_state_dict(self, state):
         self.generator.set_state(state["state"])
-
-
-def close_turns(seq, attn, stop_ids, eos_id, pad_id):
-    """Append `eos_id` after the last real token of rows that do not end in a stop token
-    (real tokens are contiguous: prompts padded on the left, responses on the right)."""
-    last = last_token_index(attn)
-    rows = torch.arange(seq.shape[0], device=seq.device)
-    open_rows = ~torch.isin(seq[rows, last], torch.tensor(stop_ids, device=seq.device))
-    seq = torch.cat([seq, seq.new_full((seq.shape[0], 1), pad_id)], 1)
-    attn = torch.cat([attn, attn.new_zeros((attn.shape[0], 1))], 1)
-    seq[rows[open_rows], last[open_rows] + 1] = eos_id
-    attn[rows[open_rows], last[open_rows] + 1] = 1
-    return seq, attn
 
 
 class PPOTrainer(Trainer):
@@ -86,9 +74,6 @@ class PPOTrainer(Trainer):
         self.actor, self.actor_optim = trained["actor"]
         self.critic, self.critic_optim = trained.get("critic", (None, None))
         self.reward_model, self.reference = strategy.prepare(reward_model, reference)
-        # A programmatic reward (sequences, attention_mask, prompt_length) -> [B] replaces the model;
-        # a RewardSet (rl/rewards.py: --reward specs) scores decoded responses against their rows.
-        self.custom_reward, self.rewards, self.reward_names = reward_fn, rewards, set()
         # name -> fn(prompts, answers) -> scores: logged on held-out answers as eval_<name>, never
         # a reward (the app gives the demo's hidden gold judge here).
         self.held_out_scorers = {}
@@ -106,6 +91,8 @@ class PPOTrainer(Trainer):
                          self.tokenizer.pad_token_id),
             cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.reward_clip, cfg.normalize_reward, cfg.whiten_advantages,
             cfg.advantage, cfg.group_size, cfg.scale_rewards)
+        self.scorer = Scorer(self.tokenizer, self.reward_model, rewards, reward_fn, cfg.group_size,
+                             self.settings.sample.eos_token_ids, cfg.max_new_tokens, cfg.overlong_penalty)
         self.stateful = {**{f"sched_{k}": v for k, v in self.schedulers.items()}, "kl": self.kl_ctl,
                          "moments": self.moments, "generator": self.gen}
         self.ptx_loader = None
@@ -142,41 +129,6 @@ class PPOTrainer(Trainer):
         if prompts is not None:
             self.set_prompts(prompts, eval_prompts)
         return super().fit(stop_at=stop_at)
-
-    def reward_fn(self, seq, attn, prompt_length, rows=None):
-        """The score [B] of each response and its components {name: [B]} (raw, per row)."""
-        parts = {}
-        if self.custom_reward is not None:
-            score = self.custom_reward(seq, attn, prompt_length)
-        elif self.rewards is not None:
-            score, parts = self.program_rewards(seq, attn, prompt_length, rows)
-        else:
-            score = self.model_score(seq, attn, prompt_length)
-        if self.config.overlong_penalty:
-            penalty = L.overlong_penalty(attn[:, prompt_length:].sum(1), self.config.max_new_tokens,
-                                         self.config.overlong_penalty)
-            parts["reward_overlong"] = penalty.cpu()
-            score = score + penalty.to(score.device, score.dtype)
-        self.reward_names.update(parts)
-        return score, parts
-
-    def program_rewards(self, seq, attn, prompt_length, rows):
-        rows = [r for r in rows for _ in range(self.settings.group_size)]  # a group's copies are adjacent
-        resp, resp_mask = seq[:, prompt_length:], attn[:, prompt_length:]
-        completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
-        model = self.model_score(seq, attn, prompt_length) if self.rewards.model_path else None
-        total, parts = self.rewards(prompt_texts(rows), completions, rows, resp_mask.sum(1).tolist(), model)
-        return total.to(seq.device), parts
-
-    def model_score(self, seq, attn, prompt_length):
-        # The reward model learned to score at an end-of-turn token (every training answer ends
-        # with one); a response cut at max_new_tokens gets one appended so it is scored the same
-        # way, instead of at an arbitrary mid-answer token the head never saw.
-        seq, attn = close_turns(seq, attn, self.settings.sample.eos_token_ids, self.tokenizer.eos_token_id,
-                                self.tokenizer.pad_token_id)
-        answer = attn.bool()
-        answer[:, :prompt_length] = False  # prompts are left-padded to prompt_length columns
-        return self.reward_model(seq, attn, (self.settings.group_size, prompt_length - 1), answer_mask=answer)
 
     @classmethod
     def from_config(cls, strategy, cfg):
@@ -253,7 +205,7 @@ class PPOTrainer(Trainer):
         return out
 
     def with_rows(self, rows):
-        return lambda seq, attn, prompt_length: self.reward_fn(seq, attn, prompt_length, rows)
+        return lambda seq, attn, prompt_length: self.scorer(seq, attn, prompt_length, rows)
 
     def informative(self, exp):
         """Dynamic sampling (DAPO): the update sees only groups whose scores differ (logged)."""
@@ -398,8 +350,8 @@ class PPOTrainer(Trainer):
         if self.strategy.is_rank0:
             self.run.plot(["reward", "eval_reward", "kl", "response_length"], "ppo.png", "PPO")
             self.run.plot(["value_loss", "explained_variance", "clipfrac", "entropy"], "ppo_diagnostics.png")
-            if self.reward_names:
-                self.run.plot(sorted(self.reward_names), "rewards.png", "reward components")
+            if self.scorer.names:
+                self.run.plot(sorted(self.scorer.names), "rewards.png", "reward components")
             self.export_policy(self.estimator.method)
         self.engine.close()  # its copy of the policy (made again if the trainer samples after)
 
