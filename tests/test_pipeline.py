@@ -206,8 +206,24 @@ def test_quick_pipeline_on_an_nf4_base_requantizes_the_sft_merge_and_shares_it(t
         assert stage_cfg["quantize_base"] == "nf4" and stage_cfg["gradient_checkpointing"] is True
     assert done.stderr.count("is quantized again to nf4 for this stage") == 2  # rm and ppo
     assert "roles on one shared base" in done.stderr
+    # each stage in its own process (the lowest-memory demo's default), each peak recorded
+    assert done.stderr.count("(its own process)") == 6
+    assert list(json.loads((tmp_path / "run" / "memory.json").read_text())) == ["split", "sft", "prefs", "rm",
+                                                                                 "ppo", "report"]
     assert json.loads((tmp_path / "run" / "rm" / "reward_model.json").read_text())["quantize_base"] == "nf4"
     with safe_open(str(tmp_path / "run" / "sft" / "final" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.layers.0.self_attn.q_proj.weight" in keys and not any("qweight" in k for k in keys)
     assert (tmp_path / "run" / "report.md").exists()
+
+
+def test_an_isolated_stage_that_fails_stops_the_pipeline_with_its_exit_code(tmp_path, capsys):
+    cfg = yaml.safe_load(packaged_config("quick").read_text())
+    cfg["output"] = str(tmp_path / "run")
+    cfg["sft"]["lr"] = -1.0  # refused when the stage builds its config, inside its own process
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(path), "--isolate-stages"]) == 2
+    err = capsys.readouterr().err
+    assert "the sft stage stopped (exit code 2)" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "sft" / "final").exists()

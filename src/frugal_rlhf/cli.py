@@ -133,6 +133,9 @@ def add_pipeline_args(p):
                    help="every trained stage recomputes activations in backward: less memory, more time")
     p.add_argument("--memory-budget", help="every stage's memory plan: auto (what is free), a size (4GiB) or off; "
                    "overrides the config's (default: auto)")
+    p.add_argument("--isolate-stages", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each stage in a process of its own (no heap carried from one stage to the next); "
+                        "default: on with --quantize-base")
     p.add_argument("--report-to", help="experiment trackers of every stage: tensorboard,wandb,mlflow or none")
     p.add_argument("--advantage", help="the PPO stage's advantage estimator (gae: the critic; group: GRPO's, the "
                    "same samples); overrides the config's")

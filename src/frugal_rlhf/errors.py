@@ -25,3 +25,11 @@ class Interrupted(FrugalError):
     """Ctrl-C (SIGINT): the run stopped after a step's checkpoint; exit 130 as a shell's would be."""
 
     exit_code = 130
+
+
+class StageFailed(FrugalError):
+    """A pipeline stage run in its own process stopped; it has said why, this carries its exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code if exit_code > 0 else 1  # a signal's negative code: a failure all the same

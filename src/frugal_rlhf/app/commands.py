@@ -109,7 +109,7 @@ def cmd_pipeline(args, default_config=None):
     cfg = load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
                                       "dtype": args.dtype, "quantize_base": args.quantize_base,
                                       "gradient_checkpointing": args.gradient_checkpointing,
-                                      "memory_budget": args.memory_budget,
+                                      "memory_budget": args.memory_budget, "isolate_stages": args.isolate_stages,
                                       "report_to": args.report_to, "rollout_engine": args.rollout_engine,
                                       "rollout_quant": args.rollout_quant})
     if args.advantage:

@@ -12,6 +12,9 @@ import dataclasses
 import gc
 import json
 import logging
+import multiprocessing
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,6 +26,7 @@ from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig, from_
 from ..data.formats import load_dataset_file
 from ..data.loader import split_rows
 from ..device import compute_dtype, default_device, peak_memory_bytes, release_free_memory, reset_run_peak
+from ..errors import FrugalError, StageFailed
 from ..generation.engines import check_engine
 from ..models.loading import load_model
 from ..rundir import atomic_write
@@ -58,6 +62,7 @@ class PipelineConfig:
     quantize_base: str = "none"  # none | int8 | nf4 | int4: every stage's frozen base (QLoRA; stages need lora_rank)
     gradient_checkpointing: bool = False  # every trained stage recomputes activations in backward (a section may say otherwise)
     memory_budget: str = "auto"  # every stage's memory plan: auto, a size (4GiB) or off (a section may say otherwise)
+    isolate_stages: bool | None = None  # each stage in its own process; unset: when quantize_base is set
     strategy: str = "naive"
     zero_stage: int = 3         # fsdp | deepspeed (as the stages' own field)
     offload: str = "none"       # none | cpu
@@ -139,39 +144,55 @@ class Pipeline:
         check_engine(self.cfg.rollout_engine)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
-        data = self.out / "data"
-        self._stage("split", lambda: write_split(self.cfg, data), data / "sft.jsonl")
-        self._stage("sft", self.run_sft, self.out / "sft" / "final" / "config.json")
-        self._stage("prefs", self.run_prefs, self.out / "prefs.jsonl")
+        self._stage("split", "run_split", self.out / "data" / "sft.jsonl")
+        self._stage("sft", "run_sft", self.out / "sft" / "final" / "config.json")
+        self._stage("prefs", "run_prefs", self.out / "prefs.jsonl")
         if self.cfg.method == "dpo":
-            self._stage("dpo", self.run_dpo, self.out / "dpo" / "final" / "config.json")
-            self._stage("dpo report", lambda: write_dpo_report(self.out, self.cfg), self.out / "dpo_report.md")
+            self._stage("dpo", "run_dpo", self.out / "dpo" / "final" / "config.json")
+            self._stage("dpo report", "run_dpo_report", self.out / "dpo_report.md")
             return json.loads((self.out / "dpo_summary.json").read_text())
-        self._stage("rm", self.run_rm, self.out / "rm" / "reward_model.json")
-        self._stage("ppo", self.run_ppo, self.out / "ppo" / "final" / "config.json")
-        self._stage("report", self.run_report, self.out / "report.md")
+        self._stage("rm", "run_rm", self.out / "rm" / "reward_model.json")
+        self._stage("ppo", "run_ppo", self.out / "ppo" / "final" / "config.json")
+        self._stage("report", "run_report", self.out / "report.md")
         return json.loads((self.out / "summary.json").read_text())
 
-    def _stage(self, name, fn, done_marker: Path):
+    @property
+    def isolated(self) -> bool:
+        """Each stage in a process of its own: unset, when the base is quantized (the
+        lowest-memory demo), where one process's heap would carry one stage's pages into the next."""
+        c = self.cfg
+        return c.isolate_stages if c.isolate_stages is not None else c.quantize_base != "none"
+
+    def _stage(self, name, method: str, done_marker: Path):
         if done_marker.exists():
             log.info("== %s: already complete (%s), skipped", name, done_marker)
             return
-        log.info("== %s", name)
-        # The stages share one process: the last stage's objects are freed (peft's modules hold
-        # reference cycles, hence the collection), but the C heap keeps their pages unless asked,
-        # and they would count in this stage's peak (measured on the demo with an nf4 base:
-        # PPO's update at 3.6 GB in the pipeline, 2.0 GB on its own).
-        gc.collect()
-        release_free_memory()
-        reset_run_peak()
+        log.info("== %s%s", name, " (its own process)" if self.isolated else "")
         t0 = time.perf_counter()
-        fn()
+        if self.isolated:
+            peak = run_isolated(self, method)
+        else:
+            # The stages share one process: the last stage's objects are freed (peft's modules hold
+            # reference cycles, hence the collection), but the C heap keeps their pages unless asked,
+            # and they would count in this stage's peak (measured on the demo with an nf4 base:
+            # PPO's update at 3.6 GB in the pipeline, 2.0 GB on its own).
+            gc.collect()
+            release_free_memory()
+            reset_run_peak()
+            getattr(self, method)()
+            peak = peak_memory_bytes()
         self.timings[name] = round(time.perf_counter() - t0, 1)
-        self.peaks[name] = round(peak_memory_bytes() / 2**30, 2)
+        self.peaks[name] = round(peak / 2**30, 2)
         for file, values in (("timings.json", self.timings), ("memory.json", self.peaks)):
             path = self.out / file
             saved = json.loads(path.read_text()) if path.exists() else {}
             path.write_text(json.dumps({**saved, **values}, indent=2) + "\n")
+
+    def run_split(self):
+        write_split(self.cfg, self.out / "data")
+
+    def run_dpo_report(self):
+        write_dpo_report(self.out, self.cfg)
 
     def run_sft(self):
         cfg = _stage_config(SFTConfig, {**self.common(), "model": self.cfg.model, "output": str(self.out / "sft"),
@@ -222,3 +243,31 @@ class Pipeline:
 
     def run_report(self):
         write_report(self.out, self.cfg)
+
+
+def run_isolated(pipeline: Pipeline, method: str) -> int:
+    """Run `pipeline.<method>()` in a fresh process (spawned: no heap, no threads inherited) and
+    return its peak memory in bytes. A stage that stops on an error has said why on stderr; this
+    process then stops with the same exit code."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        child = multiprocessing.get_context("spawn").Process(target=_stage_child, args=(pipeline, method, peak_file))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise StageFailed(f"the {method.removeprefix('run_')} stage stopped (exit code {child.exitcode})",
+                              child.exitcode)
+        return int(peak_file.read_text())
+
+
+def _stage_child(pipeline: Pipeline, method: str, peak_file: Path):
+    setup_logging()
+    try:
+        getattr(pipeline, method)()
+    except FrugalError as e:
+        print(f"frugal: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"frugal: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    peak_file.write_text(str(peak_memory_bytes()))
