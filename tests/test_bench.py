@@ -154,3 +154,130 @@ def test_compare_runs_our_side_of_each_stage(tmp_path, stage):
              "rejected": "I do not know."} for i in range(6)]
     rates = _frugal(stage, "tiny-llama", _write_rows(rows, tmp_path), 3, 2, 64, 4, "fp32", 4)
     assert len(rates) == 2 and all(r > 0 for r in rates)  # 3 steps, the first one warm-up
+
+
+GRPO_SETTINGS = dict(steps=2, batch_size=4, max_length=64, lora_rank=4, dtype="fp32", new_tokens=4, reward="rm",
+                     gradient_checkpointing=False, rollout_quant="f16")
+
+
+@pytest.mark.parametrize("name", ["frugal", "frugal-llamacpp", "frugal-vllm", "trl", "trl-vllm"])
+def test_compare_grpo_row_runs_the_workload(tmp_path, name):
+    """Each row of `bench compare --stage grpo`, run as the command runs it (its own process, in
+    its own environment for trl-vllm), on a tiny workload; rows whose engine, package or
+    environment is missing here skip with how to install it. Every completion must be exactly
+    new_tokens long (the runners check it: ours without a stop token, TRL with min_new_tokens or
+    vLLM's min_tokens), so a row that ran did the workload. No timing is asserted."""
+    from frugal_rlhf.bench.compare import _commands, _run, missing
+    from frugal_rlhf.bench.peers import math_rows
+    from frugal_rlhf.models.loading import load_model
+
+    why = missing(name)
+    if why:
+        pytest.skip(why)
+    _, tok = load_model("tiny-llama")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in math_rows(8)))
+    (argv, env), = _commands([name], "grpo", "tiny-llama", tok, rows, tmp_path, GRPO_SETTINGS).values()
+    rate, peak_gb = _run(name, "grpo", argv, env)
+    assert rate > 0 and peak_gb > 0
+
+
+def test_compare_grpo_says_how_to_install_a_missing_row(tmp_path, monkeypatch, capsys):
+    """A row whose engine, package or environment is missing is a row saying how to install it,
+    in the table and the JSON, not a crash, and the rows that can run still do; with no peer row
+    to compare with, the ratios are empty."""
+    import importlib.util
+
+    from frugal_rlhf.bench import compare
+    from frugal_rlhf.generation import engines
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    monkeypatch.setattr(engines, "vllm_python", lambda: None)
+    monkeypatch.setattr(compare, "trl_vllm_python", lambda: None)
+    monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
+    out = tmp_path / "cmp.json"
+    assert main(["bench", "compare", "--stage", "grpo", "--model", "tiny-llama", "--rollout-engine", "torch,vllm",
+                 "--steps", "2", "--batch-size", "4", "--new-tokens", "4", "--repeats", "1", "--reward", "math",
+                 "--dtype", "fp32", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["rows"] == ["frugal", "frugal-vllm", "trl", "trl-vllm"] and r["ratio"] is None and r["best"] is None
+    assert r["frugal"]["n"] == 1 and r["frugal"]["median"] > 0 and r["frugal"]["peak_mem_gb"] > 0
+    assert "make vllm-env" in r["frugal-vllm"]["not_installed"]
+    assert "pip install -e .[peers]" in r["trl"]["not_installed"]
+    assert "make trl-vllm-env" in r["trl-vllm"]["not_installed"]
+    table = capsys.readouterr().out.splitlines()
+    assert len([line for line in table if "not installed: " in line]) == 3
+    assert any(line.startswith("| frugal-rlhf, torch engine | ") and "GiB" in line for line in table)
+    with pytest.raises(SystemExit):  # an engine name it does not know, refused at parse time
+        main(["bench", "compare", "--stage", "grpo", "--rollout-engine", "torch,llama"])
+    assert "--rollout-engine" in capsys.readouterr().err
+
+
+# Run in TRL's vLLM environment by the test below: an adapter the size of a trained one, TRL's
+# weight sync (bench/trl_grpo.py's, on CPU), then vLLM's greedy answer against the trainer's forward.
+SYNC_PROBE = '''
+import json, sys
+import torch
+from vllm import SamplingParams
+from frugal_rlhf.bench.trl_grpo import grpo_trainer
+
+trainer, _, _ = grpo_trainer(json.loads(open(sys.argv[1]).read()))
+model = trainer.model
+gen = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+trainer.vllm_generation.sync_weights()
+prompt = [72, 101, 108, 108, 111, 32, 119]
+ids = list(prompt)
+model.eval()
+with torch.no_grad():  # the trainer's greedy answer, one full forward per token
+    for _ in range(8):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1].float()
+sample = trainer.vllm_generation.llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+    max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+top2 = logits.topk(2, -1).values
+print("PROBE " + json.dumps({
+    "trainer_ids": ids[len(prompt):], "vllm_ids": list(sample.token_ids),
+    "trainer": torch.log_softmax(logits, -1).gather(1, torch.tensor([ids[len(prompt):]]).T)[:, 0].tolist(),
+    "vllm": [s[t].logprob for s, t in zip(sample.logprobs, sample.token_ids)],
+    "gap": float((top2[:, 0] - top2[:, 1]).min()), "max_logit": float(logits.abs().max())}))
+'''
+
+
+def test_trl_vllm_samples_from_the_weights_trl_syncs(tmp_path):
+    """TRL's own colocated weight sync fails on vLLM's CPU build; bench/trl_grpo.py syncs the same
+    merged weights through vLLM's reload. After a sync of an adapter the size of a trained one,
+    vLLM's greedy tokens equal the trainer's (no near-tie on the path: checked) and its log-probs
+    equal the trainer's forward within the fp32 rounding bound. A sync that did not reach vLLM
+    fails both (its greedy answer differed from the first token on, when tried)."""
+    import subprocess
+
+    from conftest import fp32_logprob_bound
+    from frugal_rlhf.bench.compare import _package_only_path, _trl_model
+    from frugal_rlhf.bench.peers import math_rows
+    from frugal_rlhf.bench.trl_grpo import TRL_VLLM_INSTALL, trl_vllm_python
+    from frugal_rlhf.models.loading import load_model
+
+    if trl_vllm_python() is None:
+        pytest.skip(f"no TRL + vLLM environment: {TRL_VLLM_INSTALL}")
+    lm, tok = load_model("tiny-llama")
+    model_dir, tok_dir = _trl_model("tiny-llama", tok, tmp_path)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in math_rows(4)))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**GRPO_SETTINGS, "rows": str(rows), "model": model_dir, "tokenizer": tok_dir,
+                                "use_vllm": True, "output": str(tmp_path / "out")}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(SYNC_PROBE)
+    proc = subprocess.run([trl_vllm_python(), str(probe), str(spec)], capture_output=True, text=True,
+                          env=_package_only_path(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p = json.loads(next(line[6:] for line in proc.stdout.splitlines() if line.startswith("PROBE ")))
+    bound = fp32_logprob_bound(lm.config, p["max_logit"])
+    assert p["gap"] > bound, f"the greedy path has a near-tie (gap {p['gap']:.2e}, bound {bound:.2e})"
+    assert p["vllm_ids"] == p["trainer_ids"]
+    assert max(abs(a - b) for a, b in zip(p["vllm"], p["trainer"])) <= bound

@@ -180,7 +180,8 @@ def test_bench_compare_math_reward_is_ours_on_both_sides(tmp_path):
     """`bench compare --stage grpo --reward math`: TRL's reward function is our lenient math
     reward in TRL's calling form (same numbers on the same completions), and our side runs
     GRPO on the recipe's problems with that reward and no reward model (no timing asserted)."""
-    from frugal_rlhf.bench.peers import _frugal, math_reward, math_rows
+    from frugal_rlhf.bench.peers import _frugal, math_rows
+    from frugal_rlhf.bench.trl_grpo import math_reward
     from frugal_rlhf.rl.rewards import RewardSet
 
     rows = math_rows(8)

@@ -1,6 +1,7 @@
 """`frugal bench`: its arguments, the table each workload prints, and the JSON it writes."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from ..serve.bench import bench_serve
 from ..serve.bench import format_table as serve_table
 from ..serve.bench_mixed import bench_serve_mixed
 from ..serve.bench_mixed import format_table as mixed_table
-from .peers import compare
+from .compare import ENGINE_ROWS, compare
+from .compare import format_table as compare_table
 from .quantize import bench_quantize, format_table
 from .strategies import bench_strategies
 from .strategies import format_table as strategies_table
@@ -70,10 +72,23 @@ def add_bench_args(p):
                    help="generate: the rollout engine(s) to time (torch: ours and HF generate; llamacpp: our llama.cpp "
                         "engine and llama.cpp alone; vllm: the vLLM server; all: every installed one)")
     p.add_argument("--rollout-quant", default="f16", choices=["f16", "q8_0", "q4_0", "base"],
-                   help="generate --engine llamacpp|all: the weight format of llama.cpp's copy")
+                   help="generate --engine llamacpp|all, compare grpo: the weight format of llama.cpp's copy")
+    p.add_argument("--rollout-engine", default="all", type=_engine_list, metavar="ENGINES",
+                   help="compare --stage grpo: our side's rollout engines, comma-separated (torch, llamacpp, vllm) or "
+                        "all: a row for each (one not installed says how to install it), beside TRL's rows with and "
+                        "without vLLM")
     p.add_argument("--reward", default="rm", choices=["rm", "math"],
                    help="compare grpo: rm = a reward model on both sides; math = the verifiable math reward "
                         "(two-digit addition problems, `frugal recipe math`'s) as a plain function on both sides")
+
+
+def _engine_list(value: str) -> list[str]:
+    names = list(ENGINE_ROWS) if value == "all" else list(dict.fromkeys(value.split(",")))  # in order, once each
+    unknown = [n for n in names if n not in ENGINE_ROWS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected all or a comma-separated list of {', '.join(ENGINE_ROWS)}; "
+                                         f"got {', '.join(unknown)}")
+    return names
 
 
 def _row(r) -> str:
@@ -118,17 +133,14 @@ def _compare(args, kw):
     if args.stage == "generate":  # our sampler vs HF generate, same run: the generate workload itself
         r = bench_generate(**kw)
         return r, _table([r])
-    r = compare(args.peer, args.stage, prompt_tokens=args.prompt_tokens, reward=args.reward, **kw)
+    r = compare(args.peer, args.stage, prompt_tokens=args.prompt_tokens, reward=args.reward,
+                rollout_engines=args.rollout_engine, rollout_quant=args.rollout_quant, **kw)
     shape = (f"{r['batch_size']} completions of {r['new_tokens']} tokens, reward {r['reward']}"
              if r["stage"] == "grpo" else
              f"batch {r['batch_size']} x {r['length']} tokens"
              + (f", prompts of ~{r['prompt_tokens']}" if r["prompt_tokens"] else "")) + (
                  ", gradient checkpointing in both" if r["gradient_checkpointing"] else "")
-    return r, (f"| {r['stage']} | {r['model']} lora {r['lora_rank']}, {shape} "
-               f"| frugal {r['frugal']['median']:.3f} [{r['frugal']['min']:.3f}-{r['frugal']['max']:.3f}] "
-               f"| {r['peer']} {r[r['peer']]['median']:.3f} [{r[r['peer']]['min']:.3f}-{r[r['peer']]['max']:.3f}] "
-               f"| x{r['ratio']:.2f} ({r['unit']}) | peak {r['frugal']['peak_mem_gb']:.2f} vs "
-               f"{r[r['peer']]['peak_mem_gb']:.2f} GiB |")
+    return r, f"{r['stage']}: {r['model']} lora {r['lora_rank']}, {shape}\n" + compare_table(r)
 
 
 def _serve(args, kw):

@@ -1,8 +1,8 @@
-"""`frugal bench compare --peer trl --stage sft|rm|grpo|dpo`: one workload run by frugal-rlhf and by TRL.
+"""`frugal bench compare --peer trl --stage sft|rm|grpo|dpo`: one workload, and the runners that do it
+in frugal-rlhf and in TRL (bench/compare.py starts each run in a process of its own).
 
 Same model, same rows, same lengths, batch size, LoRA rank and targets, dtype and thread count;
-each (tool, repeat) in its own process; the first step of every run is warm-up and excluded;
-the median over repeats of each run's median step rate is reported with min/max, and the ratio.
+the first step of every run is warm-up and excluded.
 
 The rows are built so both tools do the same work per step whatever their truncation and
 padding rules: every conversation is cut to the same token count, below `max_length`, so no
@@ -13,18 +13,18 @@ GRPO (`--stage grpo`): TRL 1.16 has GRPOTrainer and no PPO trainer. Each step sa
 GROUP completions for each of batch_size / GROUP prompts, scores them with a reward model (a
 fresh one on the same base: its cost, not its scores, is measured), computes log-probs under
 the reference (KL weight 0.04 on both sides, so both run the reference forward) and takes one
-optimizer step. Every completion is `new_tokens` long on both sides (TRL: min_new_tokens; ours:
-no stop token), so both do the same work; rates are completions per second of the whole step.
-With `--reward math` the prompts are `frugal recipe math`'s two-digit additions and both sides
-score completions with the same plain function (our lenient math reward), no reward model.
+optimizer step. Every completion is `new_tokens` long on both sides (TRL: min_new_tokens, or
+vLLM's min_tokens; ours: no stop token), so both do the same work; rates are completions per
+second of the whole step. Ours samples with any rollout engine (`engine`); TRL's side, with or
+without vLLM, is bench/trl_grpo.py. With `--reward math` the prompts are `frugal recipe math`'s
+two-digit additions and both sides score completions with the same plain function (our lenient
+math reward), no reward model.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
-import subprocess
-import sys
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +36,12 @@ from ..data.formats import load_dataset_file
 from ..data.math_problems import generate
 from ..device import compute_dtype, peak_memory_bytes
 from ..models.loading import load_model, resolve_spec
-from ..rl.rewards import parse_reward
 from ..trainers.ppo import PPOTrainer
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer
 from ..trainers.supervised import SFTTrainer
-from .common import fresh_reward_model, stats
+from .common import fresh_reward_model
+from .trl_grpo import GROUP, KL_WEIGHT, LR
 from .workloads import train_bench
 
 
@@ -99,29 +99,19 @@ def _write_rows(rows, tmp: Path) -> Path:
     return path
 
 
-GROUP = 4        # GRPO completions per prompt
-KL_WEIGHT = 0.04  # GRPO's KL loss weight, > 0 on both sides so both compute reference log-probs
-
-
 def math_rows(n: int) -> list[dict]:
     """n two-digit addition problems (the math recipe's level 2), prompts as one user message."""
     return [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
             for r in generate(n, level=2, seed=0, split="train")]
 
 
-def math_reward(completions, answer, **_) -> list[float]:
-    """Our lenient math reward (1 if the last number is the answer) in TRL's reward-function form."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return parse_reward("math").fn(None, texts, [{"answer": a} for a in answer], None)
-
-
 def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
-            reward="rm", gradient_checkpointing=False) -> list[float]:
+            reward="rm", gradient_checkpointing=False, engine="torch", rollout_quant="f16") -> list[float]:
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "grpo":
             return _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, Path(tmp), reward,
-                                gradient_checkpointing)
+                                gradient_checkpointing, engine, rollout_quant)
         # The run writes into a directory of its own: the SFT rows file beside it would make
         # the run-safety check refuse the directory as holding another run.
         common = dict(model=model, output=str(Path(tmp) / "run"), max_steps=steps, batch_size=batch_size,
@@ -146,7 +136,7 @@ def _frugal(stage, model, rows_file, steps, batch_size, max_length, lora_rank, d
 
 
 def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, tmp: Path, reward="rm",
-                 gradient_checkpointing=False) -> list[float]:
+                 gradient_checkpointing=False, engine="torch", rollout_quant="f16") -> list[float]:
     prompts = tmp / "prompts.jsonl"
     if reward == "math":
         prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows))
@@ -156,8 +146,9 @@ def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, t
         scoring = {"reward_model": fresh_reward_model(model, lora_rank, dtype, tmp / "rm")}
     cfg = PPOConfig(model=model, **scoring, prompts=str(prompts), output=str(tmp / "grpo"), max_steps=steps, advantage="group",
                     group_size=GROUP, rollout_batch_size=batch_size // GROUP, batch_size=batch_size,
-                    max_new_tokens=new_tokens, kl_coef=KL_WEIGHT, lora_rank=lora_rank, lr=1e-4, save_every=0,
-                    eval_every=0, eval_prompts=0, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+                    max_new_tokens=new_tokens, kl_coef=KL_WEIGHT, lora_rank=lora_rank, lr=LR, save_every=0,
+                    eval_every=0, eval_prompts=0, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                    rollout_engine=engine, rollout_quant=rollout_quant)
 
     def build(strategy, c):
         trainer = PPOTrainer.from_config(strategy, c)
@@ -172,7 +163,8 @@ def _frugal_grpo(model, rows, steps, batch_size, lora_rank, dtype, new_tokens, t
 
 
 def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
-         reward="rm", gradient_checkpointing=False) -> list[float]:
+         reward="rm", gradient_checkpointing=False, **_) -> list[float]:
+    """TRL's SFT, reward and DPO trainers on the workload (its GRPO: bench/trl_grpo.py)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -204,31 +196,6 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
                                  processing_class=tok,
                                  peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
                                  callbacks=[StepTimer()])
-        elif stage == "grpo":
-            from trl import GRPOConfig, GRPOTrainer
-
-            if reward == "math":
-                rm = math_reward
-            else:
-                rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dt)
-                rm.config.pad_token_id = tok.pad_token_id
-            lengths = []
-
-            class Lengths(TrainerCallback):  # every completion must be new_tokens long, as ours
-                def on_log(self, args, state, control, logs=None, **kw):
-                    lengths.append(logs.get("completions/mean_length"))
-
-            common["logging_steps"] = 1
-            del common["max_length"]  # GRPO bounds the completion (max_completion_length), not the row
-            trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=dt), reward_funcs=rm,
-                                  args=GRPOConfig(output_dir=tmp, num_generations=GROUP, max_completion_length=new_tokens,
-                                                  beta=KL_WEIGHT, generation_kwargs={"min_new_tokens": new_tokens},
-                                                  **common),
-                                  train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r.get("answer", "")}
-                                                                   for r in rows]),
-                                  processing_class=tok, reward_processing_classes=None if reward == "math" else tok,
-                                  peft_config=LoraConfig(r=lora_rank, target_modules="all-linear"),
-                                  callbacks=[StepTimer(), Lengths()])
         elif stage == "dpo":
             from trl import DPOConfig, DPOTrainer
 
@@ -250,8 +217,6 @@ def _trl(stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtyp
                                                            task_type="SEQ_CLS"),
                                     callbacks=[StepTimer()])
         trainer.train()
-    if stage == "grpo":
-        assert all(n is None or n == new_tokens for n in lengths), lengths
     return [batch_size / t for t in times[1:]]  # the first step is warm-up
 
 
@@ -264,50 +229,13 @@ def _trl_pairs(dataset_cls, rows):
 RUNNERS = {"frugal": _frugal, "trl": _trl}
 
 
-def run_one(tool, stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens, reward="rm",
-            gradient_checkpointing=False):
-    """Child-process entry: print the per-step rates as JSON."""
+def run_one(tool, stage, model, rows_file, settings: dict):
+    """Child-process entry (bench/compare.py starts it): print the peak memory and the per-step
+    rates as JSON. `settings`: the keyword arguments of RUNNERS[tool]."""
     torch.manual_seed(0)
-
-    rates = RUNNERS[tool](stage, model, rows_file, steps, batch_size, max_length, lora_rank, dtype, new_tokens,
-                          reward, gradient_checkpointing)
-    print(f"PEAK {peak_memory_bytes()}")  # this process's peak: each (tool, repeat) runs in its own
+    rates = RUNNERS[tool](stage, model, rows_file, **settings)
+    peak = peak_memory_bytes()  # this process's peak: each (row, repeat) runs in its own
+    if settings.get("engine") == "vllm":  # its server is a child process, ended and waited for by now
+        peak += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    print(f"PEAK {peak}")
     print("RATES " + json.dumps(rates))
-
-
-def compare(peer="trl", stage="sft", model="default", steps=6, batch_size=8, max_length=256, lora_rank=8,
-            dtype="auto", repeats=3, new_tokens=32, prompt_tokens=0, reward="rm", gradient_checkpointing=False, **_):
-    if stage not in ("sft", "rm", "grpo", "dpo"):
-        raise SystemExit(f"bench compare: stage '{stage}' is not implemented (sft, rm, grpo, dpo); see docs/benchmarks.md")
-    if stage == "grpo" and batch_size % GROUP:
-        raise SystemExit(f"bench compare grpo: --batch-size must be a multiple of {GROUP} (completions per prompt)")
-    if reward == "math" and stage != "grpo":
-        raise SystemExit("bench compare: --reward math is for --stage grpo")
-    _, tok = load_model(model)
-    rows = (math_rows(batch_size * steps) if reward == "math" else
-            equal_length_rows(tok, batch_size * steps, max_length - 8, prompt_tokens))
-    medians = {"frugal": [], peer: []}
-    peaks = {"frugal": [], peer: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        rows_file = _write_rows(rows, Path(tmp))
-        for r in range(repeats):
-            for tool in medians:  # alternate the tools so drift in the machine hits both
-                code = (f"from frugal_rlhf.bench.peers import run_one; run_one({tool!r}, {stage!r}, {model!r}, "
-                        f"{str(rows_file)!r}, {steps}, {batch_size}, {max_length}, {lora_rank}, {dtype!r}, {new_tokens}, "
-                        f"{reward!r}, {gradient_checkpointing})")
-                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"bench compare: {tool} {stage} failed:\n{proc.stderr[-3000:]}")
-                rates = json.loads(proc.stdout.split("RATES ")[-1])
-                peaks[tool].append(int(proc.stdout.split("PEAK ")[-1].split()[0]) / 2**30)
-                medians[tool].append(statistics.median(rates))
-                print(f"{tool} {stage} repeat {r + 1}: {medians[tool][-1]:.3f}/s", file=sys.stderr)
-    unit = {"sft": "samples_per_s", "rm": "pairs_per_s", "grpo": "completions_per_s", "dpo": "pairs_per_s"}[stage]
-    result = {"workload": "compare", "peer": peer, "stage": stage, "model": model, "batch_size": batch_size,
-              "length": max_length - 8, "prompt_tokens": prompt_tokens or None, "lora_rank": lora_rank,
-              "dtype": dtype, "threads": torch.get_num_threads(), "gradient_checkpointing": gradient_checkpointing,
-              "unit": unit, "repeats": repeats, **({"new_tokens": new_tokens, "group": GROUP, "reward": reward} if stage == "grpo" else {})}
-    for tool, values in medians.items():
-        result[tool] = {**stats(values), "peak_mem_gb": max(peaks[tool])}
-    result["ratio"] = result["frugal"]["median"] / result[peer]["median"]
-    return result
