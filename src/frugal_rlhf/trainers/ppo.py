@@ -60,6 +60,8 @@ class PPOTrainer(Trainer):
         cfg = self.config
         check_estimator(cfg, critic is not None, strategy.world_size)
         self.estimator = estimator(cfg.advantage)
+        # the critic's warm-up: without a critic there is nothing to warm up (`frugal demo --advantage group`)
+        self.warmup_steps = cfg.critic_warmup_steps if critic is not None else 0
         check_rollout_engine(cfg)
         self.tokenizer = tokenizer or actor.tokenizer
         self.reward_model, self.reference = reward_model, reference
@@ -169,11 +171,11 @@ class PPOTrainer(Trainer):
         memory = {"mem_rollout_gb": reset_phase_peak(dev) / 2**30}  # generation and scoring
         t0 = time.perf_counter()
         parts = {k: float(v.mean()) for k, v in exp.reward_parts.items()}
-        stats = self.update(self.informative(exp), actor_moves=step > self.config.critic_warmup_steps)
+        stats = self.update(self.informative(exp), actor_moves=step > self.warmup_steps)
         timing["time_update"] = time.perf_counter() - t0
         memory["mem_update_gb"] = reset_phase_peak(dev) / 2**30
         for name, sched in self.schedulers.items():
-            if name != "actor" or step > self.config.critic_warmup_steps:  # the actor's schedule starts when it moves
+            if name != "actor" or step > self.warmup_steps:  # the actor's schedule starts when it moves
                 sched.step()
         self.engine.sync(self.policy())  # the next rollout samples from the updated actor
         mask = exp.action_mask
