@@ -23,6 +23,26 @@ def test_frugal_dtype_forces_what_auto_resolves_to(monkeypatch):
     assert compute_dtype(cpu) in (torch.bfloat16, torch.float32)  # the hardware's choice
 
 
+def test_auto_picks_bf16_only_where_its_matmul_is_measured_faster(monkeypatch):
+    """The CPU's flags are not enough: where torch's bf16 GEMM is not oneDNN's, a prefill-sized
+    bf16 matmul ran 100x slower than fp32 here (oneDNN off), and the bf16 prefill 7x (issue 34).
+    The decision reads the measured times (given here; no test times anything)."""
+    from frugal_rlhf import device
+
+    assert device.bf16_pays(0.001, 0.006) and not device.bf16_pays(0.74, 0.006)
+    assert not device.bf16_pays(0.0095, 0.01)  # within 10%: fp32 keeps its precision
+    monkeypatch.delenv("FRUGAL_DTYPE", raising=False)
+    monkeypatch.setattr(device, "default_device", lambda: torch.device("cpu"))
+    for bf16_seconds, want in ((0.001, torch.bfloat16), (0.74, torch.float32)):
+        device._cpu_has_fast_bf16.cache_clear()
+        monkeypatch.setattr(device, "_matmul_seconds", lambda dtype, s=bf16_seconds: s if dtype == torch.bfloat16
+                            else 0.006)
+        flags = open("/proc/cpuinfo").read()
+        expect = want if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+        assert device.compute_dtype(torch.device("cpu")) == expect
+    device._cpu_has_fast_bf16.cache_clear()
+
+
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="the peak RSS can be reset on Linux only")
 def test_a_new_run_forgets_the_peaks_before_it():
     """The pipeline's stages share one process: each reports its own peak, not an earlier

@@ -11,6 +11,7 @@ import ctypes.util
 import functools
 import os
 import resource
+import time
 
 import torch
 
@@ -24,14 +25,37 @@ def default_device() -> torch.device:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_has_fast_bf16() -> bool:
-    # AVX512-BF16 / AMX make bf16 matmuls ~2x the fp32 rate; without them bf16 on CPU is
-    # emulated and slower than fp32, so we only pick it when the flags are present.
+    """Whether bf16 matmuls run faster than fp32 ones on this CPU: the flags say whether the
+    hardware can (AVX512-BF16 / AMX; without them bf16 is emulated), a measurement whether
+    torch's kernels do. Where torch's bf16 GEMM is not oneDNN's, a prefill-sized bf16 matmul
+    runs ~7x slower than fp32 (reproduced here with oneDNN off: 8 prompts of 256 tokens of the
+    embedded default, 9 s in fp32 against 56-70 s in bf16), which `dtype: auto` then picked."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    return bf16_pays(_matmul_seconds(torch.bfloat16), _matmul_seconds(torch.float32))
+
+
+def bf16_pays(bf16: float, fp32: float) -> bool:
+    """bf16 when its matmul takes at most 90% of fp32's (a decode step is mostly matmuls)."""
+    return bf16 <= 0.9 * fp32
+
+
+def _matmul_seconds(dtype: torch.dtype, rows: int = 512, inner: int = 576, cols: int = 1536) -> float:
+    """The best of a few runs of a prefill-sized matmul (SmolLM2-135M's MLP shape) in `dtype`,
+    on this thread count: ~0.1 s once per process."""
+    x, w = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+    x @ w  # warm-up: kernel selection, packing
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x @ w
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
