@@ -45,6 +45,12 @@ LOGIT_COPIES = 4                 # fp32 chunk logits, their exp, their gradient 
 # above the other parts was 1.62x the probe's saved bytes at 8 x 256 tokens (sft and rm) and
 # 1.77x (sft, 4 x 512), 1.85x (rm, 4 x 512): the largest, so that a plan errs on the safe side.
 ACTIVATION_RSS = 1.85
+# With checkpointing (a plan that checkpoints also holds the heap lean, device.use_lean_heap): RSS
+# per byte saved. Measured (`frugal bench rm --model default --dtype fp32 --gradient-checkpointing`,
+# lean heap, LoRA 8, 8 pairs x 256 tokens): 1.37 GiB against 2.00 predicted with 1.85, i.e. ~0.8x
+# the probe's bytes (each recomputed layer's tensors are freed at once and leave the process);
+# 1.0 keeps the prediction above the measurement (1.48 GiB).
+ACTIVATION_RSS_LEAN = 1.0
 ADAM_BYTES = 12                  # per trained element: fp32 gradient and Adam's two moments
 # `auto` on a CPU: the smallest micro-batch of at least this many tokens (accumulated exactly to
 # the configured batch). Measured (docs/benchmarks.md, "The defaults"): a CPU's matmuls run at
@@ -110,7 +116,7 @@ def estimate(shape: Shape, costs: Costs, work: Work, micro: int, checkpointing: 
     seqs = micro * (2 if work.stage in ("rm", "dpo") else 1)
     one_layer = layer_activations(costs, seqs, work.seq_len)
     if checkpointing:  # every layer's input kept, one layer recomputed with its gradients in flight
-        act = ACTIVATION_RSS * (shape.layers * seqs * work.seq_len * costs.checkpointed + 2 * one_layer)
+        act = ACTIVATION_RSS_LEAN * (shape.layers * seqs * work.seq_len * costs.checkpointed + 2 * one_layer)
     else:
         act = ACTIVATION_RSS * (shape.layers + 1) * one_layer
     logit_tokens = 0 if work.stage == "rm" else min(LOGIT_CHUNK, seqs * work.seq_len)
