@@ -37,8 +37,11 @@ def main():
     pairs = []
     for i, row in enumerate(rows):
         msgs = row["messages"]
-        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+        roles = [m["role"] for m in msgs]
+        if len(msgs) < 2 or roles != ["user", "assistant"] * (len(msgs) // 2):  # HH alternates, Human first
             continue
+        if any("\n\nHuman:" in m["content"] or "\n\nAssistant:" in m["content"] for m in msgs):
+            continue  # a turn marker inside a message would split it
         chosen = transcript(msgs)
         rejected = transcript(msgs[:-1] + [{"role": "assistant", "content": answers[(i * 7 + 3) % len(answers)]}])
         lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in (chosen, rejected)]
