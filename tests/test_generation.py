@@ -340,8 +340,8 @@ def test_engine_choice_auto_and_a_missing_extra(monkeypatch):
     (["--rollout-engine", "tensorrt"], "--rollout-engine: expected one of torch, llamacpp, vllm, auto"),
     (["--rollout-engine", "vllm"], r"--rollout-engine vllm needs vLLM in its own environment: run `make vllm-env`"),
     (["--rollout-quant", "q5_k"], "--rollout-quant: expected one of f16, q8_0, q4_0, base"),
-    (["--tis-cap", "0"], "--tis-cap: expected a finite number > 0"),
-    (["--tis-cap", "nan"], "--tis-cap: expected a finite number > 0"),
+    (["--tis-cap", "0"], "--tis-cap must be > 0, not 0.0"),
+    (["--tis-cap", "nan"], "--tis-cap must be a finite number, not nan"),
 ])
 def test_rollout_flags_are_checked_before_anything_loads(tmp_path, capsys, monkeypatch, flags, message):
     import re
