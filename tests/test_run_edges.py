@@ -270,3 +270,22 @@ def test_a_full_disk_in_a_checkpoints_safetensors_is_one_line(tmp_path, capsys, 
     assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0]
     assert errors[0].startswith(f"frugal sft: error: could not write checkpoint {out / 'checkpoints'}")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]
+
+
+def test_logs_follow_stderr_when_it_is_redirected_after_setup():
+    """The handler is made once per process: bound to the stderr of that moment, a later
+    redirect (a notebook, another test's capture) lost every log line."""
+    import contextlib
+    import io
+    import logging
+
+    from frugal_rlhf.runlog import log, setup_logging
+
+    setup_logging(logging.INFO)
+    first, second = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(first):
+        log.warning("to the first")
+    with contextlib.redirect_stderr(second):
+        log.warning("to the second")
+    assert "to the first" in first.getvalue() and "to the first" not in second.getvalue()
+    assert "to the second" in second.getvalue()

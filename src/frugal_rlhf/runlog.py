@@ -20,11 +20,25 @@ from .rundir import atomic_write
 log = logging.getLogger("frugal_rlhf")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record is emitted, not as it was at setup: a caller
+    that redirects stderr later (a notebook cell, contextlib.redirect_stderr, pytest's capture)
+    still sees the logs instead of a closed stream receiving them."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging(level=logging.INFO):
     """Logs go to stderr; results go to files. Python warnings (deprecations inside torch,
     transformers, peft: nothing a user can act on) reach the terminal only with -v (DEBUG)."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
