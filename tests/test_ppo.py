@@ -440,3 +440,26 @@ def test_rollout_and_scoring_run_without_dropout(tmp_path):
     for m in metrics:
         assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clipfrac"] == 0.0, m
     assert metrics[-1]["policy_loss"] != 0.0  # the updates happened (the adapters moved)
+
+
+def test_evaluation_samples_the_held_out_prompts_in_wide_batches_where_they_fit(tmp_path, monkeypatch):
+    """Held-out prompts decode EVAL_SAMPLES answers at a time, not a rollout batch at a time (the
+    demo's evaluations took 320 of its PPO stage's 806 s at 8 answers a call); each prompt is
+    sampled once; where memory is short the batch falls back to the rollout batch."""
+    import frugal_rlhf.models.memory as memory
+    import frugal_rlhf.trainers.ppo as ppo
+
+    trainer, _ = run_ppo(tmp_path, max_steps=1, rollout_batch_size=2, advantage="group", group_size=2)
+    calls, real = [], ppo.make_experience
+
+    def counted(actor, critic, reward_fn, reference, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        return real(actor, critic, reward_fn, reference, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "make_experience", counted)
+    assert ppo.EVAL_SAMPLES // 2 >= 8 and set(trainer.evaluate()) >= {"eval_reward", "eval_kl"}
+    assert calls == [8]  # the 8 held-out prompts in one call (x2 answers each inside it)
+    calls.clear()
+    monkeypatch.setattr(memory, "free_bytes", lambda: 1)  # no room for more than the training batch
+    trainer.evaluate()
+    assert calls == [2, 2, 2, 2]
