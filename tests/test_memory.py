@@ -108,6 +108,19 @@ def test_tight_budget_accumulates_and_checkpoints_with_the_same_loss_curve(tmp_p
         assert b["loss"] == pytest.approx(a["loss"], rel=a["tokens"] * torch.finfo(torch.float32).eps)
 
 
+def test_a_given_budget_holds_the_heap_lean_even_without_checkpointing(tmp_path, monkeypatch):
+    """A size is a ceiling: the nf4 demo's reward-model stage, planned at 1.23 GiB without
+    checkpointing under --memory-budget 1.5GiB, peaked at 2.28 GiB on a heap left to glibc.
+    `auto` (a plan for what is free) leaves the heap alone unless its plan checkpoints."""
+    held = []
+    monkeypatch.setattr(M, "use_lean_heap", lambda: held.append(True))
+    planned, _ = sft_run(tmp_path / "roomy", mixed_rows(), "20GiB")
+    assert not planned.gradient_checkpointing and held == [True]
+    held.clear()
+    planned, _ = sft_run(tmp_path / "auto", mixed_rows(), "auto")
+    assert not planned.gradient_checkpointing and not held
+
+
 def test_budget_too_small_refuses_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["sft", "--model", "tiny-llama", "--data", "unused.jsonl", "--output", str(out),

@@ -29,6 +29,7 @@ from ..device import compute_dtype, default_device, peak_memory_bytes, release_f
 from ..errors import FrugalError, StageFailed
 from ..generation.engines import check_engine
 from ..models.loading import load_model
+from ..models.memory import hold_budget
 from ..rundir import atomic_write
 from ..runlog import setup_logging
 from ..trainers.preference import PreferenceTrainer
@@ -200,6 +201,7 @@ class Pipeline:
         run_stage(cfg, SFTTrainer)
 
     def run_prefs(self):
+        hold_budget(self.cfg.memory_budget)  # sampling is not planned, but a given ceiling holds here too
         device = default_device()
         dtype = compute_dtype(device, self.cfg.dtype)
         model, tok = load_model(str(self.out / "sft" / "final"), dtype, quantize=self.cfg.quantize_base)
@@ -242,6 +244,7 @@ class Pipeline:
         run_stage(cfg, PreferenceTrainer)
 
     def run_report(self):
+        hold_budget(self.cfg.memory_budget)
         write_report(self.out, self.cfg)
 
 
