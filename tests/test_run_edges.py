@@ -289,3 +289,34 @@ def test_logs_follow_stderr_when_it_is_redirected_after_setup():
         log.warning("to the second")
     assert "to the first" in first.getvalue() and "to the first" not in second.getvalue()
     assert "to the second" in second.getvalue()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_an_isolated_stage_stops_when_its_pipeline_is_killed(tmp_path):
+    """A pipeline killed from outside (a scheduler's SIGKILL) left its stage's process training
+    on as an orphan; the stage now dies with it."""
+    pid_file = tmp_path / "stage.pid"
+    script = tmp_path / "pipeline_like.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from frugal_rlhf.app.pipeline import run_isolated\n"
+        "class Stages:\n"
+        "    def run_sleep(self):\n"
+        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "        time.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    run_isolated(Stages(), 'run_sleep')\n")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stage = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{stage}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{stage}").exists(), "the stage outlived its pipeline"
+    finally:
+        parent.kill()

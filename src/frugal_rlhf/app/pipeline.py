@@ -8,11 +8,13 @@ stage resumes from its last checkpoint, so rerunning an interrupted pipeline con
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import json
 import logging
 import multiprocessing
+import signal
 import sys
 import tempfile
 import time
@@ -41,6 +43,7 @@ from .report import write_report
 from .report_dpo import write_dpo_report
 from .stages import build_ppo, run_stage
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 log = logging.getLogger("frugal_rlhf")
 
 
@@ -256,14 +259,28 @@ def run_isolated(pipeline: Pipeline, method: str) -> int:
         peak_file = Path(tmp) / "peak"
         child = multiprocessing.get_context("spawn").Process(target=_stage_child, args=(pipeline, method, peak_file))
         child.start()
-        child.join()
+        try:
+            child.join()
+        finally:  # stopped by an exception here (Ctrl-C, a signal turned into one): the stage stops too
+            if child.is_alive():
+                child.terminate()
+                child.join()
         if child.exitcode != 0:
             raise StageFailed(f"the {method.removeprefix('run_')} stage stopped (exit code {child.exitcode})",
                               child.exitcode)
         return int(peak_file.read_text())
 
 
+def _die_with_parent():
+    """Linux: this process gets SIGTERM when the pipeline's process dies, however it dies. A
+    pipeline killed by a scheduler (SIGTERM, SIGKILL) left its stage training on as an orphan."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "prctl"):
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _stage_child(pipeline: Pipeline, method: str, peak_file: Path):
+    _die_with_parent()
     setup_logging()
     try:
         getattr(pipeline, method)()
