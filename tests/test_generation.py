@@ -336,6 +336,9 @@ def test_engine_choice_auto_and_a_missing_extra(monkeypatch):
     # auto: the installed engines in the measured order for the device
     assert E.resolve_engine("auto", "cpu") == "llamacpp" and E.resolve_engine("auto", "cuda") == "torch"
     assert E.resolve_engine("auto", "mps") == "torch" and E.resolve_engine("torch", "cpu") == "torch"
+    # a CPU where our engine computes in bf16 on fast kernels decoded faster than llama.cpp's f16
+    assert E.resolve_engine("auto", "cpu", torch.bfloat16) == "torch"
+    assert E.resolve_engine("auto", "cpu", torch.float32) == "llamacpp"
     with pytest.raises(UserError, match=r"--rollout-engine vllm needs vLLM in its own environment: run `make vllm"):
         E.make_engine("vllm")
     monkeypatch.setenv("FRUGAL_ROLLOUT_SERVER", "http://127.0.0.1:8100")  # a server elsewhere counts as installed

@@ -56,7 +56,7 @@ def sampling_engine(name: str, quant: str, tokenizer, device, dtype) -> RolloutE
     """The rollout engine of a command that samples (--rollout-engine, --rollout-quant), computing
     in `dtype` on `device` where it runs our own model."""
     return make_engine(name, autocast=functools.partial(autocast_for, device, dtype), tokenizer=tokenizer, quant=quant,
-                       device_type=device.type)
+                       device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()

