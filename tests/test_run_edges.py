@@ -281,12 +281,17 @@ def test_logs_follow_stderr_when_it_is_redirected_after_setup():
 
     from frugal_rlhf.runlog import log, setup_logging
 
-    setup_logging(logging.INFO)
-    first, second = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(first):
-        log.warning("to the first")
-    with contextlib.redirect_stderr(second):
-        log.warning("to the second")
+    saved = log.handlers[:]
+    log.handlers.clear()  # the handler this process's first setup makes: the one under test
+    try:
+        setup_logging(logging.INFO)
+        first, second = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(first):
+            log.warning("to the first")
+        with contextlib.redirect_stderr(second):
+            log.warning("to the second")
+    finally:
+        log.handlers[:] = saved
     assert "to the first" in first.getvalue() and "to the first" not in second.getvalue()
     assert "to the second" in second.getvalue()
 
