@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import resource
+import signal
 import time
 
 import torch
@@ -164,6 +165,17 @@ def release_free_memory():
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent():
+    """Linux: this process gets SIGTERM when its parent dies, however it dies (a pipeline killed
+    by a scheduler with SIGKILL had left its stage's process training on as an orphan)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "prctl"):
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 _run_peak = 0  # the process's peak before the last reset_phase_peak()

@@ -8,13 +8,11 @@ stage resumes from its last checkpoint, so rerunning an interrupted pipeline con
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import json
 import logging
 import multiprocessing
-import signal
 import sys
 import tempfile
 import time
@@ -27,7 +25,8 @@ import yaml
 from ..config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig, from_dict
 from ..data.formats import load_dataset_file
 from ..data.loader import split_rows
-from ..device import compute_dtype, default_device, peak_memory_bytes, release_free_memory, reset_run_peak
+from ..device import (compute_dtype, default_device, die_with_parent, peak_memory_bytes, release_free_memory,
+                      reset_run_peak)
 from ..errors import FrugalError, StageFailed
 from ..generation.engines import check_engine
 from ..models.loading import load_model
@@ -43,7 +42,6 @@ from .report import write_report
 from .report_dpo import write_dpo_report
 from .stages import build_ppo, run_stage
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 log = logging.getLogger("frugal_rlhf")
 
 
@@ -271,16 +269,8 @@ def run_isolated(pipeline: Pipeline, method: str) -> int:
         return int(peak_file.read_text())
 
 
-def _die_with_parent():
-    """Linux: this process gets SIGTERM when the pipeline's process dies, however it dies. A
-    pipeline killed by a scheduler (SIGTERM, SIGKILL) left its stage training on as an orphan."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if hasattr(libc, "prctl"):
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _stage_child(pipeline: Pipeline, method: str, peak_file: Path):
-    _die_with_parent()
+    die_with_parent()
     setup_logging()
     try:
         getattr(pipeline, method)()
