@@ -227,3 +227,23 @@ def test_an_isolated_stage_that_fails_stops_the_pipeline_with_its_exit_code(tmp_
     err = capsys.readouterr().err
     assert "the sft stage stopped (exit code 2)" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "sft" / "final").exists()
+
+
+def test_a_second_pipeline_on_a_busy_directory_is_refused(tmp_path):
+    """The pipeline's own files (pairs, timings, report) are under its run lock, as each stage's
+    are: a second pipeline in the same --output stops before it writes anything."""
+    import fcntl
+
+    from frugal_rlhf.app.pipeline import Pipeline, PipelineConfig
+    from frugal_rlhf.errors import UserError
+
+    out = tmp_path / "p"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # the first pipeline's lock, still held
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(UserError, match="in use by another run"):
+            Pipeline(PipelineConfig(model=str(tmp_path / "no-model"), output=str(out), memory_budget="off")).run()
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

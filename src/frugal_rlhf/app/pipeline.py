@@ -31,7 +31,7 @@ from ..errors import FrugalError, StageFailed
 from ..generation.engines import check_engine
 from ..models.loading import load_model
 from ..models.memory import hold_budget
-from ..rundir import atomic_write
+from ..rundir import atomic_write, lock_run
 from ..runlog import setup_logging
 from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer
@@ -145,6 +145,7 @@ class Pipeline:
             raise ValueError(f"method: expected 'ppo' or 'dpo', got {self.cfg.method!r}")
         check_engine(self.cfg.rollout_engine)
         self.out.mkdir(parents=True, exist_ok=True)
+        lock_run(self.out)  # its own files (pairs, timings, the report): two pipelines here would mix them
         (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
         self._stage("split", "run_split", self.out / "data" / "sft.jsonl")
         self._stage("sft", "run_sft", self.out / "sft" / "final" / "config.json")
