@@ -20,8 +20,8 @@ import torch
 # torch's bf16 matmuls on a CPU run through oneDNN, which keeps each matmul shape's compiled
 # primitive in two caches of 1024 entries (ideep's LRU_CACHE_CAPACITY, oneDNN's own). Training
 # meets a new shape with every sequence length, and each kept primitive holds its buffers: the
-# reward model's defaults on HH-length pairs grew ~90 MiB a step (peak 4.04 GiB after 10 steps,
-# in-use heap growing while live tensors stayed flat) and held at 2.58 GiB with 64 entries each,
+# reward model's defaults on HH-length pairs grew ~90 MiB a step (peak RSS 4.04 GiB after 10 steps,
+# in-use heap growing while live tensors stayed flat) and peaked at 2.66 GiB with 64 entries each,
 # steps as fast. One step's working set is a few dozen shapes. Both are read at the first bf16
 # matmul, so setting them at import is in time; a user's own setting wins.
 MATMUL_CACHE_ENTRIES = 64
