@@ -16,7 +16,7 @@ def test_bench_generate_times_every_installed_engine(tmp_path):
     assert main(["bench", "generate", "--model", "tiny-llama", "--engine", "all", "--new-tokens", "2",
                  "--batch-size", "2", "--repeats", "1", "--dtype", "fp32", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    from frugal_rlhf.generation.engines import installed
+    from frugal_rlhf.engine_choice import installed
 
     llama = ["llamacpp", "llamacpp_standalone"] if importlib.util.find_spec("llama_cpp") else []
     vllm = ["vllm"] if installed("vllm") else []
@@ -189,11 +189,11 @@ def test_compare_grpo_says_how_to_install_a_missing_row(tmp_path, monkeypatch, c
     import importlib.util
 
     from frugal_rlhf.bench import compare
-    from frugal_rlhf.generation import engines
+    from frugal_rlhf import engine_choice
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
-    monkeypatch.setattr(engines, "vllm_python", lambda: None)
+    monkeypatch.setattr(engine_choice, "vllm_python", lambda: None)
     monkeypatch.setattr(compare, "trl_vllm_python", lambda: None)
     monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
     out = tmp_path / "cmp.json"

@@ -323,6 +323,7 @@ def test_compiled_decode_step_gives_the_eager_tokens(monkeypatch):
 
 # ---- the rollout engines' registry (generation/engines.py) -----------------------------------
 def test_engine_choice_auto_and_a_missing_extra(monkeypatch):
+    import frugal_rlhf.engine_choice as C
     import frugal_rlhf.generation.engines as E
     from frugal_rlhf.errors import UserError
 
@@ -330,8 +331,8 @@ def test_engine_choice_auto_and_a_missing_extra(monkeypatch):
     with pytest.raises(UserError, match="expected one of torch, llamacpp, vllm, auto, got 'tensorrt'"):
         E.make_engine("tensorrt")
     present = {"llama_cpp"}
-    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: object() if name in present else None)
-    monkeypatch.setattr(E, "vllm_python", lambda: None)  # vLLM runs in its own environment: none here
+    monkeypatch.setattr(C.importlib.util, "find_spec", lambda name: object() if name in present else None)
+    monkeypatch.setattr(C, "vllm_python", lambda: None)  # vLLM runs in its own environment: none here
     monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
     # auto: the installed engines in the measured order for the device
     assert E.resolve_engine("auto", "cpu") == "llamacpp" and E.resolve_engine("auto", "cuda") == "torch"
@@ -366,11 +367,11 @@ def test_engine_choice_auto_and_a_missing_extra(monkeypatch):
 def test_rollout_flags_are_checked_before_anything_loads(tmp_path, capsys, monkeypatch, flags, message):
     import re
 
-    import frugal_rlhf.generation.engines as E
+    import frugal_rlhf.engine_choice as C
     from test_run_safety import run_cli
 
-    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: object() if name == "llama_cpp" else None)
-    monkeypatch.setattr(E, "vllm_python", lambda: None)
+    monkeypatch.setattr(C.importlib.util, "find_spec", lambda name: object() if name == "llama_cpp" else None)
+    monkeypatch.setattr(C, "vllm_python", lambda: None)
     monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
     code, _, errors = run_cli(capsys, "ppo", "--model", "tiny-llama", "--output", tmp_path / "ppo", "--reward", "math",
                               "--advantage", "group", "--group-size", "2", *flags)

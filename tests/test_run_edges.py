@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import arithmetic_rows
 from frugal_rlhf.config import SFTConfig
+from frugal_rlhf.checkpoints import checkpoint_problem
 from frugal_rlhf.errors import UserError
-from frugal_rlhf.rundir import checkpoint_problem
 from frugal_rlhf.strategies import NaiveStrategy
 from frugal_rlhf.trainers.supervised import SFTTrainer
 from test_run_safety import SRC, TINY, pref_rows, run_cli, sft, write_jsonl
@@ -296,6 +296,18 @@ def test_logs_follow_stderr_when_it_is_redirected_after_setup():
     assert "to the second" in second.getvalue()
 
 
+def test_transformers_imported_after_logging_is_set_up_stays_quiet():
+    """setup_logging no longer imports transformers (the pipeline's own process stays without
+    it); transformers imported later still shows no per-load progress bars or advisories."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    code = ("import sys\nfrom frugal_rlhf.runlog import setup_logging\nsetup_logging()\n"
+            "assert 'transformers' not in sys.modules\n"
+            "from transformers.utils import logging\n"
+            "print(logging.is_progress_bar_enabled(), logging.get_verbosity() == logging.ERROR)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
 def test_an_isolated_stage_stops_when_its_pipeline_is_killed(tmp_path):
     """A pipeline killed from outside (a scheduler's SIGKILL) left its stage's process training
@@ -305,12 +317,11 @@ def test_an_isolated_stage_stops_when_its_pipeline_is_killed(tmp_path):
     script.write_text(
         "import os, sys, time\n"
         "from frugal_rlhf.app.pipeline import run_isolated\n"
-        "class Stages:\n"
-        "    def run_sleep(self):\n"
-        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-        "        time.sleep(600)\n"
+        "def sleep_stage():\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(600)\n"
         "if __name__ == '__main__':\n"
-        "    run_isolated(Stages(), 'run_sleep')\n")
+        "    run_isolated('sleep', sleep_stage)\n")
     parent = subprocess.Popen([sys.executable, str(script)])
     try:
         deadline = time.monotonic() + 120

@@ -12,7 +12,8 @@ import torch
 from conftest import fp32_logprob_bound
 from frugal_rlhf.errors import FrugalError, UserError
 from frugal_rlhf.generation import SampleConfig
-from frugal_rlhf.generation.engines import VLLM_INSTALL, TorchEngine, make_engine, vllm_python
+from frugal_rlhf.engine_choice import VLLM_INSTALL, vllm_python
+from frugal_rlhf.generation.engines import TorchEngine, make_engine
 from frugal_rlhf.generation import vllm_engine
 from frugal_rlhf.generation.vllm_engine import VLLMEngine, to_rollout
 from frugal_rlhf.models.roles import Actor
@@ -220,9 +221,9 @@ def test_answers_become_a_rollout_like_the_torch_engines():
 
 
 def test_a_missing_vllm_environment_is_one_line_naming_the_install(monkeypatch):
-    import frugal_rlhf.generation.engines as engines
+    from frugal_rlhf import engine_choice
 
-    monkeypatch.setattr(engines, "vllm_python", lambda: None)
+    monkeypatch.setattr(engine_choice, "vllm_python", lambda: None)
     monkeypatch.delenv("FRUGAL_ROLLOUT_SERVER", raising=False)
     with pytest.raises(UserError, match="make vllm-env") as err:
         make_engine("vllm")

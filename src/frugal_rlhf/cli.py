@@ -13,6 +13,7 @@ import types
 import typing
 
 from .config import STAGE_CONFIGS, from_dict, load_yaml
+from .engine_choice import CHOICES, ROLLOUT_QUANTS
 from .errors import FrugalError
 from .runlog import setup_logging
 
@@ -110,10 +111,10 @@ def add_prefs_args(p):
 
 def add_engine_args(p, default=None):
     """--rollout-engine and --rollout-quant of the commands that sample (the stage configs have them as fields)."""
-    p.add_argument("--rollout-engine", default=default, choices=["torch", "llamacpp", "vllm", "auto"],
+    p.add_argument("--rollout-engine", default=default, choices=CHOICES,
                    help="what samples the answers: torch (ours), llamacpp, vllm (optional extras), auto (the fastest "
                         "installed for the device)" + (f"; default {default}" if default else ""))
-    p.add_argument("--rollout-quant", default="f16" if default else None, choices=["f16", "q8_0", "q4_0", "base"],
+    p.add_argument("--rollout-quant", default="f16" if default else None, choices=ROLLOUT_QUANTS,
                    help="llamacpp: its copy of the weights (base: the format nearest the base's --quantize-base)")
 
 
@@ -203,8 +204,8 @@ COMMANDS = {
     "kto": ("app.commands:cmd_dpo", "KTO on unpaired rows (prompt, completion, label) or on pairs", "kto"),
     "prefs": ("app.commands:cmd_prefs", "build preference pairs with the simulated labeler", add_prefs_args),
     "ppo": ("app.commands:cmd_ppo", "PPO against a reward model, four roles on one base", "ppo"),
-    "pipeline": ("app.commands:cmd_pipeline", "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
-    "demo": ("app.commands:cmd_demo", "the whole pipeline on the embedded default model and data", add_pipeline_args),
+    "pipeline": ("app.pipeline:cmd_pipeline", "SFT -> prefs -> RM -> PPO -> report from one YAML", add_pipeline_args),
+    "demo": ("app.pipeline:cmd_demo", "the whole pipeline on the embedded default model and data", add_pipeline_args),
     "eval": ("app.commands:cmd_eval", "compare a model with a baseline on held-out prompts", add_eval_args),
     "export": ("app.commands:cmd_export", "write a model as a GGUF file for llama.cpp and Ollama", add_export_args),
     "data": ("app.commands:cmd_data", "generate data: arithmetic problems with exact answers (held-out split apart)",

@@ -6,16 +6,15 @@ Rule: compute in bf16 where the hardware runs it fast, keep trained parameters i
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import logging
 import os
 import resource
-import signal
 import time
 
 import torch
+
+from .libc import libc
 
 # torch's bf16 matmuls on a CPU run through oneDNN, which keeps each matmul shape's compiled
 # primitive in two caches of 1024 entries (ideep's LRU_CACHE_CAPACITY, oneDNN's own). Training
@@ -124,15 +123,6 @@ def fused_int8_matmul(device: torch.device, dtype: torch.dtype) -> bool:
         hasattr(torch, "_weight_int8pack_mm")
 
 
-@functools.lru_cache(maxsize=None)
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
 # The lean heap (opt-in: FRUGAL_LEAN_HEAP=1, and chosen by a memory plan that checkpoints).
 # glibc's mallopt threshold: allocations of at least this many bytes are mapped on their own
 # and unmapped when freed. Its default moves up to the largest block freed (to 32 MiB), after
@@ -150,11 +140,11 @@ def use_lean_heap():
     """Hold glibc's mmap threshold (unless MALLOC_MMAP_THRESHOLD_ sets it) and trim the heap at
     every phase end (reset_phase_peak); a no-op without glibc."""
     global _lean
-    libc = _libc()
-    if libc is None:
+    lib = libc()
+    if lib is None:
         return
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        lib.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     _lean = True
 
 
@@ -162,20 +152,9 @@ def release_free_memory():
     """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
     Building a large model piece by piece leaves freed temporaries between the pieces kept:
     without this, a quantized dummy model's peak RSS was 2.5x its size (measured on 'm')."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent():
-    """Linux: this process gets SIGTERM when its parent dies, however it dies (a pipeline killed
-    by a scheduler with SIGKILL had left its stage's process training on as an orphan)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "prctl"):
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    lib = libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 _run_peak = 0  # the process's peak before the last reset_phase_peak()

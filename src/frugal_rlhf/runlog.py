@@ -6,12 +6,10 @@ import dataclasses
 import json
 import logging
 import math
-import random
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
 from .errors import UserError
@@ -47,11 +45,16 @@ def setup_logging(level=logging.INFO):
     warnings_log.handlers = log.handlers
     warnings_log.propagate = False
     warnings_log.setLevel(logging.WARNING if level <= logging.DEBUG else logging.CRITICAL + 1)
-    # Our own progress bars say what runs; transformers' per-load bars would drown them.
-    from transformers.utils import logging as hf_logging
+    # Our own progress bars say what runs; transformers' per-load bars would drown them. Said
+    # through the environment it reads when imported (a user's own setting wins), and at once if
+    # it is imported: importing it here would cost the pipeline's own process 0.2 GiB (app/pipeline.py).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules or "huggingface_hub" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 class RunDir:
@@ -170,18 +173,3 @@ def make_progress(enabled: bool = True):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

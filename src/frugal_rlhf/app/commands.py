@@ -10,7 +10,7 @@ from ..data.math_problems import generate, write_jsonl
 from ..data.tokenize import stop_tokens
 from ..device import autocast, compute_dtype, default_device
 from ..generation import SampleConfig
-from ..generation.engines import check_engine
+from ..engine_choice import check_engine
 from ..models.gguf_writer import write_gguf
 from ..models.loading import load_model
 from ..models.reward_io import load_reward_model
@@ -19,7 +19,7 @@ from ..trainers.preference import PreferenceTrainer
 from ..trainers.reward import RewardTrainer, evaluate_reward_model
 from ..trainers.supervised import SFTTrainer
 from .evaluation import compare_models, load_policy, sampling_engine, summary_markdown, write_comparison
-from .pipeline import Pipeline, load_pipeline_config, packaged_config
+from .pipeline_config import packaged_config
 from .prefs import build_pairs
 from .recipes import load_recipe_config, run_math_recipe
 from .report import edge_window, first_mean, last_mean
@@ -99,28 +99,6 @@ def cmd_prefs(args):
         engine.close()
     print(f"prefs: {summary['pairs']} pairs from {summary['prompts']} prompts in {summary['seconds']} s "
           f"({summary['pairs_per_s']} pairs/s) -> {args.output}")
-
-
-def cmd_pipeline(args, default_config=None):
-    path = args.config or (packaged_config("quick" if args.quick else default_config) if default_config or
-                           args.quick else None)
-    if path is None:
-        raise ValueError("frugal pipeline needs --config FILE (see configs/example.yaml)")
-    cfg = load_pipeline_config(path, {"output": args.output, "method": args.method, "seed": args.seed,
-                                      "dtype": args.dtype, "quantize_base": args.quantize_base,
-                                      "gradient_checkpointing": args.gradient_checkpointing,
-                                      "memory_budget": args.memory_budget, "isolate_stages": args.isolate_stages,
-                                      "report_to": args.report_to, "rollout_engine": args.rollout_engine,
-                                      "rollout_quant": args.rollout_quant})
-    if args.advantage:
-        cfg.ppo = {**cfg.ppo, "advantage": args.advantage}
-    Pipeline(cfg).run()
-
-
-def cmd_demo(args):
-    if not args.output:
-        args.output = "runs/demo-quick" if args.quick else "runs/demo"
-    cmd_pipeline(args, default_config="demo")
 
 
 def _run_dir_of(model: str) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..device import DTYPES, compute_dtype
-from ..generation import engines
+from ..engine_choice import missing as engine_missing
 from ..models.loading import load_model, resolve_spec
 from .common import stats
 from .peers import equal_length_rows, math_rows
@@ -44,7 +44,7 @@ def row_names(stage: str, rollout_engines=tuple(ENGINE_ROWS)) -> list[str]:
 def missing(name: str) -> str | None:
     """Why row `name` cannot run here, and how to install what it needs; None when it can."""
     if name in ("frugal-llamacpp", "frugal-vllm"):
-        return engines.missing(name.removeprefix("frugal-"))
+        return engine_missing(name.removeprefix("frugal-"))
     if name == "trl" and importlib.util.find_spec("trl") is None:
         return "trl is not installed: pip install -e .[peers]"
     if name == "trl-vllm" and trl_vllm_python() is None:

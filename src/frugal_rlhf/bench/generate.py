@@ -19,7 +19,8 @@ import torch
 from ..data.tokenize import PromptCollator, encode_prompt
 from ..device import compute_dtype, default_device, peak_memory_bytes
 from ..generation import SampleConfig, sample
-from ..generation.engines import installed, make_engine
+from ..engine_choice import installed
+from ..generation.engines import make_engine
 from ..generation.vllm_engine import VLLMEngine
 from ..models.loading import load_model
 from ..models.roles import Actor, SharedLM

@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ..engine_choice import ENGINES, ROLLOUT_QUANTS, check_engine, installed
 from ..errors import UserError
 from .rollout import Rollout, sample
 from .sampling import SampleConfig
@@ -77,11 +74,6 @@ class TorchEngine(RolloutEngine):
             return sample(model, input_ids, attention_mask, config, generator, group=group)
 
 
-# name -> "module:class" under this package (imported when chosen: the extras are optional)
-ENGINES = {"torch": "engines:TorchEngine", "llamacpp": "llamacpp:LlamaCppEngine", "vllm": "vllm_engine:VLLMEngine"}
-# name -> (the package it imports, the extra that installs it); vLLM is no package of this
-# environment but a server in its own (vllm_python() finds that environment)
-EXTRAS = {"llamacpp": ("llama_cpp", "llamacpp")}
 # --rollout-engine auto: the installed engines in the order of their decode speed per device type.
 # CPU (docs/benchmarks.md, SmolLM2-135M, batch 8): where our torch engine computes in fp32,
 # llama.cpp decoded ~2x faster (74.6 against 34.3 tok/s, AVX2); where it computes in bf16 on
@@ -89,40 +81,6 @@ EXTRAS = {"llamacpp": ("llama_cpp", "llamacpp")}
 # against 95 tok/s), so torch comes first there (cpu_bf16). vLLM's CPU build runs in its own
 # environment and is not chosen on CPU. CUDA: vLLM, as every peer recommends (not measured here).
 AUTO = {"cpu": ("llamacpp", "torch"), "cpu_bf16": ("torch",), "cuda": ("vllm", "torch")}
-CHOICES = (*ENGINES, "auto")
-# --rollout-quant: an engine's own copy of the weights (llama.cpp's formats; base: nearest --quantize-base)
-ROLLOUT_QUANTS = ("f16", "q8_0", "q4_0", "base")
-
-
-VLLM_INSTALL = ("run `make vllm-env` (its own virtualenv, .venv-vllm), set FRUGAL_VLLM_PYTHON to a python with "
-                "vLLM, or FRUGAL_ROLLOUT_SERVER to the URL of a running server")
-
-
-def vllm_python() -> str | None:
-    """The python of vLLM's own environment: FRUGAL_VLLM_PYTHON, else .venv-vllm here or in the
-    source checkout, else this one if it has vLLM; None when there is none."""
-    if os.environ.get("FRUGAL_VLLM_PYTHON"):
-        return os.environ["FRUGAL_VLLM_PYTHON"]
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        if (root / ".venv-vllm" / "bin" / "python").exists():
-            return str(root / ".venv-vllm" / "bin" / "python")
-    return sys.executable if importlib.util.find_spec("vllm") else None
-
-
-def missing(name: str) -> str | None:
-    """Why engine `name` cannot run here, as a one-line install hint; None when it can."""
-    if name == "vllm":
-        if os.environ.get("FRUGAL_ROLLOUT_SERVER") or vllm_python() is not None:
-            return None
-        return f"--rollout-engine vllm needs vLLM in its own environment: {VLLM_INSTALL}"
-    if name in EXTRAS and importlib.util.find_spec(EXTRAS[name][0]) is None:
-        package, extra = EXTRAS[name]
-        return f"--rollout-engine {name} needs the {package} package: pip install -e .[{extra}]"
-    return None
-
-
-def installed(name: str) -> bool:
-    return missing(name) is None
 
 
 def resolve_engine(name: str, device_type: str = "cpu", dtype: torch.dtype | None = None) -> str:
@@ -132,15 +90,6 @@ def resolve_engine(name: str, device_type: str = "cpu", dtype: torch.dtype | Non
         key = "cpu_bf16" if device_type == "cpu" and dtype == torch.bfloat16 else device_type
         return next(e for e in AUTO.get(key, ("torch",)) if installed(e))
     return name
-
-
-def check_engine(name: str) -> None:
-    """A known engine (or auto) whose extra is installed, else a one-line error naming the extra."""
-    if name not in CHOICES:
-        raise UserError(f"--rollout-engine: expected one of {', '.join(CHOICES)}, got {name!r}")
-    problem = missing(name)
-    if problem:
-        raise UserError(problem)
 
 
 def check_rollout_engine(cfg) -> None:

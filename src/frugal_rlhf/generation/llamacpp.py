@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine_choice import ROLLOUT_QUANTS as QUANTS
 from ..errors import UserError
 from ..models.export import export_gguf_base, export_gguf_lora
 from ..models.quantize import quantize_base
-from .engines import ROLLOUT_QUANTS as QUANTS
 from .engines import RolloutEngine
 from .rollout import Rollout, decode_loop
 

@@ -35,9 +35,9 @@ from types import SimpleNamespace
 
 import torch
 
+from .. import engine_choice
 from ..errors import FrugalError, UserError
 from ..models.export import export_adapter, export_merged
-from . import engines
 from .engines import RolloutEngine
 from .rollout import Rollout
 
@@ -93,9 +93,9 @@ class VLLMEngine(RolloutEngine):
             raise UserError(f"rollout server: expected a URL like http://host:port, got {self.url!r}")
         # A server started here gets a fresh key; one given by URL the key its owner set (if any).
         self.key = os.environ.get("FRUGAL_ROLLOUT_KEY") if self.remote else secrets.token_hex(16)
-        self.python = None if self.remote else engines.vllm_python()
+        self.python = None if self.remote else engine_choice.vllm_python()
         if not self.remote and self.python is None:
-            raise UserError(engines.missing("vllm"))
+            raise UserError(engine_choice.missing("vllm"))
         self.enforce_eager, self.sleep, self.start_timeout = enforce_eager, sleep, start_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix="frugal-vllm-"))
         self.proc = None

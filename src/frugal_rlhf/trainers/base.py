@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -19,15 +20,15 @@ import torch
 from safetensors import SafetensorError
 
 from ..config import validate
+from ..checkpoints import checkpoint_meta, latest_complete
 from ..device import peak_memory_bytes
 from ..errors import Interrupted, NonFiniteError, UserError
 from ..models.card import write_model_card
 from ..models.export import export_adapter, export_gguf, export_merged
 from ..models.gguf_writer import QUANTS, gguf_problem
-from ..rundir import (check_apart, check_free_space, checkpoint_meta, clean_temporaries, clear_run, fsync_dir,
-                      fsync_tree, holds_a_run, latest_complete, lock_run, prepare_output, reconcile, release_run,
-                      run_identity)
-from ..runlog import RunDir, make_progress, rng_state, set_rng_state
+from ..rundir import (check_apart, check_free_space, clean_temporaries, clear_run, fsync_dir, fsync_tree, holds_a_run,
+                      lock_run, prepare_output, reconcile, release_run, run_identity)
+from ..runlog import RunDir, make_progress
 from ..trackers import Trackers
 from .stopping import StopRequest
 
@@ -64,16 +65,21 @@ def make_scheduler(optim, config):
 
 def _portable_rng() -> dict:
     # numpy's RNG state holds an ndarray, which weights_only loading refuses: store a list.
-    state = rng_state()
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    state["numpy"] = [kind, keys.tolist(), pos, has_gauss, cached]
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _restore_rng(state: dict):
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    state["numpy"] = (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
-    set_rng_state(state)
+    random.setstate(state["python"])
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 
