@@ -9,8 +9,8 @@ from ..data.formats import load_dataset_file
 from ..data.math_problems import generate, write_jsonl
 from ..data.tokenize import stop_tokens
 from ..device import autocast, compute_dtype, default_device
-from ..generation import SampleConfig
 from ..engine_choice import check_engine
+from ..generation import SampleConfig
 from ..models.gguf_writer import write_gguf
 from ..models.loading import load_model
 from ..models.reward_io import load_reward_model

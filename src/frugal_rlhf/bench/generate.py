@@ -18,8 +18,8 @@ import torch
 
 from ..data.tokenize import PromptCollator, encode_prompt
 from ..device import compute_dtype, default_device, peak_memory_bytes
-from ..generation import SampleConfig, sample
 from ..engine_choice import installed
+from ..generation import SampleConfig, sample
 from ..generation.engines import make_engine
 from ..generation.vllm_engine import VLLMEngine
 from ..models.loading import load_model

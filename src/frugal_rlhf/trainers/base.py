@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from ..config import validate
 from ..checkpoints import checkpoint_meta, latest_complete
+from ..config import validate
 from ..device import peak_memory_bytes
 from ..errors import Interrupted, NonFiniteError, UserError
 from ..models.card import write_model_card
