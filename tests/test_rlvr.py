@@ -169,11 +169,40 @@ def test_recipe_math_runs_end_to_end_on_a_tiny_model(tmp_path):
     result = run_math_recipe(cfg)
     assert result["n_eval"] == 8 and result["steps"] == 2
     assert {"before", "after", "change", "change_se"} <= set(result["lenient"]) and result["verdict"]
+    for mode in ("strict", "lenient"):  # each problem's correctness, for paired comparisons between runs
+        per = result["correct"][mode]
+        assert len(per["before"]) == len(per["after"]) == 8 and sum(per["after"]) / 8 == result[mode]["after"]
     report = (tmp_path / "report.md").read_text()
     assert "| lenient |" in report and "| strict |" in report and (tmp_path / "grpo" / "rlvr.png").exists()
     train = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()}
     test = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()}
     assert not train & test
+
+
+def test_recipe_accuracy_is_the_trained_weights_whatever_engine_sampled_the_rollouts(tmp_path):
+    """Accuracy greedily decodes the trainer's own weights (the torch engine), not the rollout
+    engine: another engine's rounding would flip greedy answers and measure the engine too."""
+    from frugal_rlhf.app.prefs import generate_responses
+    from frugal_rlhf.app.recipes import accuracy
+    from frugal_rlhf.data.formats import load_dataset_file
+    from frugal_rlhf.data.math_problems import generate, write_jsonl
+    from frugal_rlhf.data.tokenize import stop_tokens
+    from frugal_rlhf.generation import SampleConfig
+    from frugal_rlhf.generation.engines import RolloutEngine, make_engine
+
+    class Refuses(RolloutEngine):  # stands for llama.cpp or vLLM
+        def generate(self, *args, **kw):
+            raise AssertionError("accuracy sampled from the rollout engine")
+
+    trainer, _ = run_rl(tmp_path, advantage="group", group_size=2, rollout_batch_size=2, max_steps=1)
+    trainer.engine = Refuses()
+    rows = load_dataset_file(str(write_jsonl(generate(6, 2, 0, "test"), tmp_path / "test.jsonl")), "prompt")
+    got = accuracy(trainer, rows, 6, 4)
+    tok = trainer.tokenizer
+    cfg = SampleConfig(6, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)
+    torch_answers = generate_responses(make_engine("torch", autocast=trainer.strategy.autocast), trainer.policy(),
+                                       tok, [r["prompt"] for r in rows], cfg, 4, 256, 0, trainer.strategy.device)
+    assert got["answers"] == torch_answers and len(got["lenient"]) == 6
 
 
 def test_bench_compare_math_reward_is_ours_on_both_sides(tmp_path):

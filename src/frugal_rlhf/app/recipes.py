@@ -6,7 +6,9 @@
 
 Held-out accuracy is measured greedily, strict (the answer in a recognised form) and lenient
 (the last number), with the same adapter before (its LoRA starts at zero: the base model) and
-after training. A lenient gain says the model got more answers right; a strict gain with
+after training, always on the trainer's own weights (the torch engine), whichever engine sampled
+the rollouts: runs on different engines are then measured alike, problem by problem
+(result.json keeps each problem's correctness, for paired comparisons between runs). A lenient gain says the model got more answers right; a strict gain with
 lenient flat says it only learned to state the answer in the expected form.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..data.formats import load_dataset_file
 from ..data.math_problems import generate, write_jsonl
 from ..data.tokenize import stop_tokens
 from ..generation import SampleConfig
+from ..generation.engines import make_engine
 from ..rl.rewards import parse_reward
 from .prefs import generate_responses
 from .stages import build_ppo, run_stage
@@ -54,12 +57,14 @@ def load_recipe_config(path, overrides: dict) -> MathRecipeConfig:
 
 
 def accuracy(trainer, rows, max_new_tokens: int, batch_size: int) -> dict:
-    """Greedy answers of the trainer's actor to `rows`, sampled by the trainer's rollout engine:
-    strict and lenient correctness per row, judged by the math reward functions themselves (what
-    training rewards is what is measured)."""
+    """Greedy answers of the trainer's actor to `rows` by its own weights: strict and lenient
+    correctness per row, judged by the math reward functions themselves (what training rewards is
+    what is measured). Not by the rollout engine: a greedy answer flips where two tokens' logits
+    are within rounding, so another engine's numbers would measure the engine along with the model."""
     tok = trainer.tokenizer
     cfg = SampleConfig(max_new_tokens, 0.0, 0, 1.0, stop_tokens(tok), tok.pad_token_id)
-    answers = generate_responses(trainer.engine, trainer.policy(), tok, [r["prompt"] for r in rows], cfg, batch_size,
+    engine = make_engine("torch", autocast=trainer.strategy.autocast)
+    answers = generate_responses(engine, trainer.policy(), tok, [r["prompt"] for r in rows], cfg, batch_size,
                                  256, 0, trainer.strategy.device)
     correct = lambda spec: parse_reward(spec).fn(None, answers, rows, None)  # noqa: E731
     return {"strict": correct("math:strict"), "lenient": correct("math"), "answers": answers}
@@ -120,6 +125,7 @@ def run_math_recipe(cfg: MathRecipeConfig) -> dict:
     result = {"config": dataclasses.asdict(cfg), "n_eval": len(held_out), **compare(before, after),
               "wall_seconds": round(time.time() - t0, 1), "steps": len([m for m in metrics if m["step"] > 0])}
     result["verdict"] = verdict(result)
+    result["correct"] = {mode: {"before": before[mode], "after": after[mode]} for mode in ("strict", "lenient")}
     result["examples"] = [{"prompt": r["prompt"][-1]["content"], "answer": r["answer"], "before": b, "after": a}
                           for r, b, a in list(zip(held_out, before["answers"], after["answers"]))[:8]]
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -131,8 +137,9 @@ def report_markdown(result: dict, metrics: list[dict]) -> str:
     steps = [m for m in metrics if m["step"] > 0]
     lines = [f"# Math recipe: GRPO on a verifiable reward (level {result['config']['level']})", "",
              f"{result['steps']} steps, {result['n_eval']} held-out problems (greedy), "
-             f"wall time {result['wall_seconds'] / 60:.1f} min, rollouts and accuracy sampled by the "
-             f"{result['config']['ppo'].get('rollout_engine', 'torch')} engine.", "",
+             f"wall time {result['wall_seconds'] / 60:.1f} min, rollouts sampled by the "
+             f"{result['config']['ppo'].get('rollout_engine', 'torch')} engine, accuracy by the trained weights "
+             "(the torch engine).", "",
              "| accuracy | before | after | change |", "|---|---|---|---|"]
     for mode in ("strict", "lenient"):
         r = result[mode]
