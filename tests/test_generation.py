@@ -247,6 +247,28 @@ def test_engine_logprobs_equal_the_trainers_forward(model):
     assert torch.all(r.logprobs[~act] == 0) and torch.all(r.logprobs[act] < 0)
 
 
+def test_a_logged_entropy_carries_no_graph_and_changes_no_gradient():
+    """PPO logs the actor's entropy without training on it (entropy_coef 0): then it is computed
+    without a graph (its softmax would be kept through the LM head's backward), with the same
+    values, and the log-probs' gradients are those of a run that trains on nothing else."""
+    from frugal_rlhf.models.roles import LOGIT_CHUNK, token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, LOGIT_CHUNK // 2 + 3, 16)  # two chunks: the second one short
+    targets = torch.randint(0, 50, hidden.shape[:2])
+    runs = {}
+    for grad in (True, False):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        logp, ent = token_logprobs(h, head, targets, 0.7, with_entropy=True, entropy_grad=grad)
+        logp.sum().backward()
+        runs[grad] = (logp.detach(), ent, h.grad, head.weight.grad.clone())
+    assert runs[True][1].requires_grad and not runs[False][1].requires_grad
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
 def _alone(model, prompt, steps):
     r = sample(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
                SampleConfig(max_new_tokens=steps, temperature=0.0, pad_token_id=PAD))

@@ -270,7 +270,8 @@ class PPOTrainer(Trainer):
         cfg, n = self.config, mb.num_actions
         with self.strategy.autocast():
             logp, entropy = self.actor(mb.sequences, mb.attention_mask, n, temperature=self.temperature,
-                                       with_entropy=True, shared_prefix=shared)
+                                       with_entropy=True, shared_prefix=shared,
+                                       entropy_grad=cfg.entropy_coef != 0)
             old = mb.logprobs if mb.logprobs is not None else logp.detach().float()
             # Truncated importance weights where the engine samples from other numbers than the
             # trainer's (rl/losses.py); none where it runs the trainer's own.
