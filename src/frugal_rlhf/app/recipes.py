@@ -8,8 +8,9 @@ Held-out accuracy is measured greedily, strict (the answer in a recognised form)
 (the last number), with the same adapter before (its LoRA starts at zero: the base model) and
 after training, always on the trainer's own weights (the torch engine), whichever engine sampled
 the rollouts: runs on different engines are then measured alike, problem by problem
-(result.json keeps each problem's correctness, for paired comparisons between runs). A lenient gain says the model got more answers right; a strict gain with
-lenient flat says it only learned to state the answer in the expected form.
+(result.json keeps each problem's correctness, for paired comparisons between runs). A lenient
+gain says the model got more answers right; a strict gain with lenient flat says it only
+learned to state the answer in the expected form.
 """
 from __future__ import annotations
 
