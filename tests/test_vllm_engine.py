@@ -80,7 +80,7 @@ def _assert_same_as_torch(engine, policy, config, generator_seed=None):
 
 @pytest.fixture(scope="module")
 def lora_engine():
-    engine = VLLMEngine(enforce_eager=True, adapters=True)  # the adapter path (CUDA's default), here on CPU
+    engine = VLLMEngine(enforce_eager=True)
     yield engine
     engine.close()
 
@@ -136,13 +136,13 @@ def test_an_adapter_pushed_to_a_remote_server_is_uploaded(lora_engine, monkeypat
     _set_adapter(policy, 7)
     lora_engine.generate(policy, *_batch(), _config(steps=1))  # the server is up
     monkeypatch.setenv("FRUGAL_ROLLOUT_KEY", lora_engine.key)  # as its owner would on the trainer's machine
-    remote = VLLMEngine(server=lora_engine.url, adapters=True)
+    remote = VLLMEngine(server=lora_engine.url)
     try:
         _assert_same_as_torch(remote, policy, _config())
     finally:
         remote.close()
     wide = Actor("tiny-llama", lora_rank=16, dtype="fp32")  # the server serves ranks up to 8 (4, rounded up)
-    remote = VLLMEngine(server=lora_engine.url, adapters=True)
+    remote = VLLMEngine(server=lora_engine.url)
     with pytest.raises(UserError, match="max-lora-rank >= 16"):
         remote.generate(wide, *_batch(), _config(steps=1))
     remote.close()
@@ -179,25 +179,6 @@ def test_the_server_refuses_an_upload_that_escapes_its_folder(lora_engine):
         tar.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(FrugalError, match="not a readable tar"):
         lora_engine._call("/load", data=buf.getvalue(), headers={"X-Kind": "adapter", "X-Name": "bad"})
-
-
-@needs_vllm
-def test_on_cpu_a_lora_policy_is_pushed_merged_and_its_update_reaches_the_engine():
-    """CPU's default: vLLM serves plain weights, the adapter merged into them at every push (one
-    more fp32 rounding per weight: within the same rounding bound as the adapter path)."""
-    policy = _lora_policy()
-    _set_adapter(policy, 2)
-    engine = VLLMEngine(enforce_eager=True)
-    try:
-        before = _assert_same_as_torch(engine, policy, _config())
-        assert engine.adapters is False and engine.adapter is None and engine.pushes == 1
-        _set_adapter(policy, 3)  # the update
-        engine.sync(policy)
-        after = _assert_same_as_torch(engine, policy, _config())
-        assert engine.pushes == 2
-        assert not torch.equal(before.sequences, after.sequences), "the update must change the greedy rollout"
-    finally:
-        engine.close()
 
 
 @needs_vllm
@@ -280,15 +261,15 @@ def test_a_server_that_fails_to_start_is_one_line_with_its_reason(monkeypatch):
 
 
 @needs_vllm
-def test_grpo_samples_on_vllm_with_the_actor_pushed_every_step_and_logs_mismatch_and_tis(tmp_path):
+def test_grpo_samples_on_vllm_with_a_new_adapter_every_step_and_logs_mismatch_and_tis(tmp_path):
     from test_ppo import run_ppo
 
     trainer, metrics = run_ppo(tmp_path, advantage="group", group_size=4, rollout_batch_size=4, batch_size=16,
                                ppo_epochs=1, max_steps=2, rollout_engine="vllm", tis_cap=2.0, dtype="fp32")
     engine = trainer.engine
     assert engine.name == "vllm" and not engine.matches_trainer
-    # The actor's adapter (on CPU merged into the weights) as it starts (for the baseline evaluation and
-    # the first rollout), then after each update: the second rollout's, and the final evaluation's.
+    # The adapter as it starts (for the baseline evaluation and the first rollout), then one after each
+    # update: the second rollout's, and the final evaluation's.
     assert engine.pushes == 3
     assert engine.proc is None and not engine.workdir.exists(), "the trainer's end stops the server"
     for m in metrics:

@@ -8,10 +8,7 @@ FRUGAL_ROLLOUT_SERVER). Only the standard library is used on this side.
 - The server loads the frozen base once (written from the policy, adapters off, as a Hugging Face
   checkpoint). Each `sync` after an update makes the next rollout push the actor's LoRA adapter as
   a new adapter (a new name and id: vLLM caches adapters by id); a policy without an adapter
-  (full fine-tuning) pushes its weights instead, loaded in place. On CPU the adapter is pushed
-  merged into the weights, also loaded in place: vLLM's CPU build applies LoRA with plain torch
-  ops that copy each adapter matrix once per token (vllm/lora/ops/torch_ops), which made the math
-  recipe's rollouts several times slower than the same weights merged (docs/benchmarks.md).
+  (full fine-tuning) pushes its weights instead, loaded in place.
 - Prompts go as token ids, answers come back as token ids with vLLM's log-prob of each sampled
   token (the server's docstring says which distribution that is).
 - Sampling seeds are drawn from the run's generator: a resumed run draws the same ones.
@@ -82,13 +79,10 @@ class VLLMEngine(RolloutEngine):
     matches_trainer = False  # other kernels (and, on a quantized base, de-quantized weights)
 
     def __init__(self, server: str | None = None, autocast=None, tokenizer=None, quant: str = "f16",
-                 enforce_eager: bool | None = None, sleep: bool | None = None, adapters: bool | None = None,
-                 start_timeout: float = 1800.0):
+                 enforce_eager: bool | None = None, sleep: bool | None = None, start_timeout: float = 1800.0):
         """`server`: URL of a running server (default FRUGAL_ROLLOUT_SERVER; none: start one here).
         `enforce_eager` (default: on CPU) skips torch.compile and CUDA graphs; `sleep` (default:
-        on CUDA, for a server started here) frees its GPU memory between rollouts; `adapters`
-        (default: on CUDA) pushes a LoRA policy's adapter, off its weights with the adapter merged
-        (see the module docstring). `autocast` and
+        on CUDA, for a server started here) frees its GPU memory between rollouts. `autocast` and
         `tokenizer` are unused (vLLM computes in the dtype of the weights it is given, on token ids);
         `quant` is llama.cpp's choice of weight format: vLLM serves the base's own dtype."""
         if quant not in ("f16", "base"):  # f16: the flag's default, which every engine is given
@@ -102,7 +96,7 @@ class VLLMEngine(RolloutEngine):
         self.python = None if self.remote else engine_choice.vllm_python()
         if not self.remote and self.python is None:
             raise UserError(engine_choice.missing("vllm"))
-        self.enforce_eager, self.sleep, self.adapters, self.start_timeout = enforce_eager, sleep, adapters, start_timeout
+        self.enforce_eager, self.sleep, self.start_timeout = enforce_eager, sleep, start_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix="frugal-vllm-"))
         self.proc = None
         self.stale = True  # the server has not got the policy's current weights yet
@@ -152,9 +146,7 @@ class VLLMEngine(RolloutEngine):
 
     # ---- the server --------------------------------------------------------------------------
     def _ready(self, policy):
-        if self.adapters is None:
-            self.adapters = next(policy.parameters()).device.type == "cuda"
-        lora = _lora_rank(policy) if self.adapters else 0  # 0: weights pushed whole, adapter merged
+        lora = _lora_rank(policy)
         if self.url is None:
             self._start(policy, lora)
         elif self.pushes == 0 and self.remote:
@@ -193,7 +185,7 @@ class VLLMEngine(RolloutEngine):
                 raise FrugalError(f"vllm server {why}: {tail[0] if tail else 'no output'}")
             time.sleep(0.5)
         self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
-        self.stale = _lora_rank(policy) > 0  # it serves the base: an adapter (merged or not) is pushed next
+        self.stale = bool(lora)  # without LoRA it was started from the policy's current weights
 
     def _check_remote(self, policy, lora: int):
         health = self._call("/health")
@@ -206,7 +198,7 @@ class VLLMEngine(RolloutEngine):
                             f"it serves {health['max_lora_rank']}")
 
     def _push(self, policy, lora: int):
-        """Write the policy's adapter (`lora` 0: its weights, any adapter merged) and have the server load it."""
+        """Write the policy's adapter (or, without one, its weights) and have the server load it."""
         self.pushes += 1
         # A name no other engine on a shared server uses: the server checks a rollout's adapter by name.
         kind, name = ("adapter" if lora else "weights"), f"{self.workdir.name}-{self.pushes}"
