@@ -128,6 +128,12 @@ def test_two_nodes_killed_and_resumed_equal_the_uninterrupted_run(tmp_path, stra
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     two_nodes(args(whole), logs, "whole")
     assert killed_mid_run(args(cut), logs) != 0  # the survivor fails on the lost peer
+    # ... in one line that says what to do, not gloo's traceback (torchrun's own report follows it)
+    said = (logs / "killed-a.log").read_text()
+    assert "[rank0]: Traceback" not in said, said[-3000:]
+    assert ("frugal sft: error: sft: another process of the run stopped or cannot be reached (Connection closed by "
+            f"peer" in said and f"its last complete checkpoint is {cut / 'checkpoints' / 'step-0000003'}: when every "
+            "node is back, run the same command with --resume on each" in said), said[-3000:]
     assert not (cut / "final").exists()
     assert sorted(p.name for p in (cut / "checkpoints").glob("step-*")) == [f"step-{s:07d}" for s in range(1, STALL_AT)]
     if "sharded" in strategy:  # each node wrote its own shard into the shared directory

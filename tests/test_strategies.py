@@ -390,3 +390,18 @@ def test_fsdp_bf16_mixed_precision_lora(naive, tmp_path):
     assert got[-1] < got[0]
     saved = load_file(tmp_path / "sft.safetensors")
     assert saved and all(".lora_" in k and v.dtype == torch.float32 for k, v in saved.items())
+
+
+def test_only_a_failing_process_group_reads_as_a_lost_peer():
+    """A lost peer stops the run with one line saying how to resume (tests/test_multinode.py
+    kills a node); any other error, in one process or many, keeps its own message."""
+    from frugal_rlhf.strategies.base import NaiveStrategy
+    from frugal_rlhf.strategies.ddp import DistributedStrategy
+    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:15271. This is typically caused by a remote worker crashing.")
+    ours = DistributedStrategy()
+    assert ours.lost_peer(gloo) == "Connection closed by peer [127.0.0.1]:15271"
+    assert ours.lost_peer(torch.distributed.DistBackendError("NCCL communicator was aborted")) == \
+        "NCCL communicator was aborted"
+    assert ours.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert NaiveStrategy().lost_peer(gloo) is None

@@ -21,6 +21,10 @@ class NonFiniteError(FrugalError):
     """Training produced non-finite numbers more often than the run allows."""
 
 
+class PeerLost(FrugalError):
+    """Another process of a multi-process run stopped or cannot be reached (a node died)."""
+
+
 class Interrupted(FrugalError):
     """Ctrl-C (SIGINT): the run stopped after a step's checkpoint; exit 130 as a shell's would be."""
 

@@ -108,6 +108,11 @@ class NaiveStrategy:
     def barrier(self):
         pass
 
+    def lost_peer(self, error: BaseException) -> str | None:
+        """Why the process group failed, when `error` is that (another process gone or
+        unreachable); None for any other error. One process has no peers."""
+        return None
+
     def setup_dataloader(self, dataset, batch_size, collate_fn, shuffle=True, drop_last=True, accum=1):
         return ResumableLoader(dataset, batch_size, collate_fn, shuffle, self.seed, self.rank, self.world_size,
                                drop_last, accum)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -23,6 +24,9 @@ from ..device import default_device
 from .base import NaiveStrategy, set_seed
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How gloo says a peer is gone: it raises a plain RuntimeError (NCCL raises dist.DistError),
+# e.g. "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:15271. This is ..."
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting")
 
 
 def trainable_params(model: nn.Module) -> list[nn.Parameter]:
@@ -78,6 +82,14 @@ class DistributedStrategy(NaiveStrategy):
     def barrier(self):
         if dist.is_initialized():
             dist.barrier()
+
+    def lost_peer(self, error: BaseException) -> str | None:
+        text = str(error)
+        if not isinstance(error, dist.DistError) and not any(s in text for s in PEER_GONE):
+            return None
+        # Its first sentence, without gloo's source location.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+        return first.split(". ")[0] or type(error).__name__
 
     def _comm_device(self):
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from ..checkpoints import checkpoint_meta, latest_complete
 from ..config import validate
 from ..device import peak_memory_bytes
-from ..errors import Interrupted, NonFiniteError, UserError
+from ..errors import Interrupted, NonFiniteError, PeerLost, UserError
 from ..models.card import write_model_card
 from ..models.export import export_adapter, export_gguf, export_merged
 from ..models.gguf_writer import QUANTS, gguf_problem
@@ -216,8 +216,22 @@ class Trainer:
             finally:
                 self.trackers.close()
                 self.trackers = None
+        except RuntimeError as e:
+            why = self.strategy.lost_peer(e)
+            if why is None:
+                raise
+            raise PeerLost(self.peer_lost_message(why)) from None
         finally:
             release_run(self.out)
+
+    def peer_lost_message(self, why: str) -> str:
+        """What a process of a multi-node run says when another is gone: what failed, and how
+        to go on (every node must start again; the checkpoints hold everything a step reads)."""
+        ckpts = self.checkpoints()
+        again = (f"its last complete checkpoint is {ckpts[-1]}: when every node is back, run the same command "
+                 "with --resume on each" if ckpts else
+                 "no checkpoint was complete yet: when every node is back, run the same command again on each")
+        return f"{self.stage}: another process of the run stopped or cannot be reached ({why}); {again}"
 
     def _fit(self, start: int, stop_at: int | None):
         cfg = self.config
